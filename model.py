@@ -1,0 +1,560 @@
+"""
+Our own decoder-only transformer for the Hugging Face checkpoints Patcher is run on
+(Llama 2/3/3.1/3.2, SmolLM, Mistral, Qwen2/2.5, Qwen3), plus:
+
+- load_model(): config.json + safetensors -> Transformer, also straight into FSDP2 shards
+- save_model(): Transformer (plain or FSDP2-sharded) -> Hugging Face checkpoint directory
+- generate():   batched KV-cache generation for left-padded prompts (greedy or sampled)
+
+Module names equal Hugging Face parameter names (model.layers.{i}.self_attn.q_proj.weight, ...),
+so a checkpoint loads and exports with no renaming table at all.
+"""
+import json
+import math
+import os
+import shutil
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# -----------------------------------------------------------------------------
+# Configuration: read only from the checkpoint's config.json, fields named as Hugging Face names them
+
+
+@dataclass
+class ModelConfig:
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: dict | None  # None, or the llama3 parameters (factor, low/high_freq_factor, ...)
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    attention_bias: bool  # q/k/v biases (always on for qwen2)
+    mlp_bias: bool
+    qk_norm: bool  # qwen3: RMSNorm over each head's q and k before RoPE
+    torch_dtype: str = "bfloat16"  # the checkpoint's storage dtype; the default export dtype
+    hf: dict = field(default_factory=dict, repr=False)  # the raw config.json, written back on export
+
+    @classmethod
+    def from_hf(cls, hf: dict, source: str = "config.json") -> "ModelConfig":
+        def need(key):
+            if key not in hf:
+                raise ValueError(f"{source}: missing field '{key}'")
+            return hf[key]
+
+        model_type = need("model_type")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(f"{source}: unsupported model_type '{model_type}' (supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
+        if hf.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"{source}: unsupported hidden_act '{hf['hidden_act']}' (only 'silu')")
+        # transformers 4.x writes rope_theta + rope_scaling; 5.x writes rope_parameters = {rope_type, rope_theta, ...}
+        rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+        rope_theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in ("default", "llama3"):
+            field_name = "rope_parameters" if "rope_parameters" in hf else "rope_scaling"
+            raise ValueError(f"{source}: unsupported {field_name}.rope_type '{rope_type}' (supported: default, llama3)")
+        # A sliding window only changes the computation once sequences exceed it; we implement full attention.
+        window = hf.get("sliding_window")
+        active = hf.get("use_sliding_window", model_type == "mistral") and window is not None
+        if active and window < hf.get("max_position_embeddings", 0):
+            raise ValueError(f"{source}: unsupported sliding_window {window} (active sliding-window attention)")
+        n_heads = need("num_attention_heads")
+        hidden = need("hidden_size")
+        dtype = hf.get("torch_dtype") or hf.get("dtype") or "bfloat16"
+        return cls(
+            model_type=model_type,
+            vocab_size=need("vocab_size"),
+            hidden_size=hidden,
+            intermediate_size=need("intermediate_size"),
+            num_hidden_layers=need("num_hidden_layers"),
+            num_attention_heads=n_heads,
+            num_key_value_heads=hf.get("num_key_value_heads") or n_heads,
+            head_dim=hf.get("head_dim") or hidden // n_heads,
+            rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+            rope_theta=float(rope_theta),
+            rope_scaling=rope if rope_type == "llama3" else None,
+            max_position_embeddings=hf.get("max_position_embeddings", 4096),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            attention_bias=model_type == "qwen2" or bool(hf.get("attention_bias", False)),
+            mlp_bias=bool(hf.get("mlp_bias", False)),
+            qk_norm=model_type == "qwen3",
+            torch_dtype=dtype if dtype in DTYPES else "bfloat16",
+            hf=dict(hf),
+        )
+
+
+def read_config(path) -> ModelConfig:
+    path = Path(path)
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{config_file}: no config.json in the checkpoint directory {path}")
+    try:
+        hf = json.loads(config_file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{config_file}: not valid JSON ({e})") from None
+    return ModelConfig.from_hf(hf, source=str(config_file))
+
+
+# -----------------------------------------------------------------------------
+# Rotary position embedding (rotate-half, the Hugging Face convention: no Q/K permutation on load)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+    """Inverse frequencies (head_dim/2,) in fp32, computed on the CPU exactly as transformers does."""
+    dim = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
+    if cfg.rope_scaling is None:
+        return inv_freq
+    # Llama 3.1: keep high frequencies, divide low ones by `factor`, interpolate smoothly in between.
+    s = cfg.rope_scaling
+    factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+    old_len = s.get("original_max_position_embeddings", cfg.max_position_embeddings)
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < old_len / high) & ~(wavelen > old_len / low)
+    return torch.where(medium, smoothed, scaled)
+
+
+def apply_rope(x, cos, sin):
+    # x: (B, nh, T, hd); cos, sin: (B, 1, T, hd)
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+# -----------------------------------------------------------------------------
+# The transformer
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # normalise in fp32 and scale in the input dtype, as transformers does (this matters in bf16)
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        bias = cfg.attention_bias
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_head * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv_head * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv_head * self.head_dim, bias=bias)
+        # qwen2 has biases on q/k/v only; llama/qwen3 with attention_bias have one on o_proj too
+        self.o_proj = nn.Linear(self.n_head * self.head_dim, cfg.hidden_size, bias=bias and cfg.model_type != "qwen2")
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+
+    def forward(self, x, cos, sin, mask=None, kv=None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim)
+        if hasattr(self, "q_norm"):  # qwen3 normalises each head before RoPE
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, nh, T, hd)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if kv is not None:  # generation: append to this layer's cache, attend over everything so far
+            k_cache, v_cache, pos = kv
+            k_cache[:, :, pos:pos + T] = k
+            v_cache[:, :, pos:pos + T] = v
+            k, v = k_cache[:, :, :pos + T], v_cache[:, :, :pos + T]
+        # SDPA picks flash/memory-efficient kernels; enable_gqa shares each K/V head across its query
+        # group without materialising repeated K/V. Training passes no mask: plain causal attention.
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                           enable_gqa=self.n_kv_head != self.n_head)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, mask=None, kv=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Decoder(nn.Module):
+    """The `model.` prefix of Hugging Face names: embeddings, blocks, final norm."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = Decoder(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight  # one Parameter, listed once by named_parameters()
+        # Not a checkpoint tensor (persistent=False); meta-device flows must call reset_rope() after to_empty().
+        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+
+    @torch.no_grad()
+    def reset_rope(self):
+        self.inv_freq.copy_(rope_inv_freq(self.config))
+
+    @torch.no_grad()
+    def init_weights(self, std=0.02):
+        """Random init for models trained from scratch (the built-in demo): as transformers initialises."""
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                nn.init.ones_(p)
+            elif name.endswith(".bias"):
+                nn.init.zeros_(p)
+            else:
+                nn.init.normal_(p, std=std)
+        self.reset_rope()
+
+    def forward(self, idx, cache=None, last_only=False):
+        """idx: (B, T) token ids -> logits (B, T, vocab), or (B, 1, vocab) with last_only.
+
+        Training calls model(idx): positions 0..T-1 and plain causal attention, nothing cached.
+        Generation passes a KVCache, which supplies positions and the left-padding mask."""
+        B, T = idx.shape
+        if cache is None:
+            pos = torch.arange(T, device=idx.device).unsqueeze(0)  # (1, T)
+            mask = None
+        else:
+            pos, mask = cache.positions_and_mask(T)  # (B, T), (B, 1, T, S)
+        freqs = pos.unsqueeze(-1).float() * self.inv_freq.float()  # fp32, as transformers does
+        emb = torch.cat((freqs, freqs), dim=-1).unsqueeze(1)  # (B, 1, T, hd)
+        x = self.model.embed_tokens(idx)
+        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        for i, block in enumerate(self.model.layers):
+            kv = None if cache is None else (cache.k[i], cache.v[i], cache.pos)
+            x = block(x, cos, sin, mask, kv)
+        if cache is not None:
+            cache.pos += T
+        x = self.model.norm(x)
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(x)
+
+
+def compile_blocks(model: Transformer):
+    """torch.compile each block in place (after fully_shard, as torchtitan does); names stay unchanged."""
+    for block in model.model.layers:
+        block.compile()
+    return model
+
+
+# -----------------------------------------------------------------------------
+# Loading from a Hugging Face checkpoint directory (safetensors only: nothing is ever unpickled)
+
+
+def checkpoint_files(path: Path) -> dict[str, Path]:
+    """Map every tensor name in the checkpoint to the safetensors file that holds it."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = {name: path / f for name, f in weight_map.items()}
+        for f in sorted(set(files.values())):
+            if not f.is_file():
+                raise FileNotFoundError(f"{f}: shard listed in {index} is missing")
+        return files
+    single = path / "model.safetensors"
+    if not single.is_file():
+        raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json "
+                                "(only safetensors checkpoints are read; .bin/.pt files are never unpickled)")
+    with safe_open(single, framework="pt") as f:
+        return {name: single for name in f.keys()}
+
+
+def local_rows(p: torch.Tensor) -> slice:
+    """The dim-0 rows of a parameter that this rank holds: all of them, or its FSDP2 shard.
+
+    FSDP2 shards dim 0 like torch.chunk over each mesh dimension with a Shard(0) placement
+    (Replicate dimensions, as in HSDP, keep the full extent)."""
+    start, stop = 0, p.shape[0]
+    if hasattr(p, "placements"):  # a DTensor
+        for mesh_dim, placement in enumerate(p.placements):
+            if placement.is_shard():
+                assert placement.dim == 0, "only dim-0 sharding (FSDP2) is supported"
+                n = p.device_mesh.size(mesh_dim)
+                chunk = -(-(stop - start) // n)
+                lo = start + chunk * p.device_mesh.get_local_rank(mesh_dim)
+                start, stop = min(lo, stop), min(lo + chunk, stop)
+    return slice(start, stop)
+
+
+@torch.no_grad()
+def load_weights(model: Transformer, path, files: dict[str, Path] | None = None):
+    """Copy checkpoint tensors into the model's (possibly sharded) parameters, strictly.
+
+    Each rank reads only its own rows through safetensors' memory map, so host memory per rank
+    stays about one shard of one tensor, whatever the world size."""
+    path = Path(path)
+    files = files or checkpoint_files(path)
+    params = dict(model.named_parameters())
+    expected = set(params)
+    tied = model.config.tie_word_embeddings
+    for name in expected - set(files):
+        raise KeyError(f"{path}: checkpoint has no tensor '{name}'")
+    for name in set(files) - expected:
+        if not (name == "lm_head.weight" and tied) and not name.endswith("rotary_emb.inv_freq"):
+            raise KeyError(f"{path}: unexpected tensor '{name}' in {files[name].name} (not in a {model.config.model_type} model)")
+    by_file = {}
+    for name in expected:
+        by_file.setdefault(files[name], []).append(name)
+    for file, names in by_file.items():
+        with safe_open(file, framework="pt") as f:
+            for name in names:
+                p = params[name]
+                sl = f.get_slice(name)
+                shape = tuple(sl.get_shape())
+                if shape != tuple(p.shape):
+                    raise ValueError(f"{file}: tensor '{name}' has shape {list(shape)}, the config implies {list(p.shape)}")
+                rows = local_rows(p)
+                local = p.to_local() if hasattr(p, "to_local") else p
+                if rows.stop > rows.start:  # a rank past the last row of a tiny tensor holds nothing
+                    local.copy_(sl[rows.start:rows.stop])
+
+
+def load_model(path, device="cpu", dtype=torch.float32, shard=None) -> Transformer:
+    """Load a Hugging Face checkpoint directory into our Transformer.
+
+    dtype is the dtype of the parameters (keep fp32 master weights for training). `shard`, if given,
+    is called on the meta-device model to apply FSDP2 (fully_shard per block, then the root)."""
+    path = Path(path)
+    cfg = read_config(path)
+    files = checkpoint_files(path)  # fail on a missing shard before allocating anything
+    if "lm_head.weight" not in files and not cfg.tie_word_embeddings:
+        cfg.tie_word_embeddings = True  # no separate head in the checkpoint: it is the embedding
+    # 1. Build on the meta device: shapes only, no memory.
+    with torch.device("meta"):
+        model = Transformer(cfg).to(dtype)
+    # 2. Shard (FSDP2): each parameter becomes a DTensor whose local part is this rank's rows.
+    if shard is not None:
+        shard(model)
+    # 3. Allocate only the local shards on the target device (uninitialised memory).
+    model.to_empty(device=device)
+    if cfg.tie_word_embeddings:  # to_empty() re-creates unsharded parameters one module at a time,
+        model.lm_head.weight = model.model.embed_tokens.weight  # which unties them (FSDP2 keeps the tie)
+    # 4. Fill each local shard from the checkpoint, reading just those rows from disk.
+    load_weights(model, path, files)
+    # 5. Rebuild the non-checkpoint rotary buffer, which to_empty() left uninitialised.
+    model.reset_rope()
+    return model
+
+
+# -----------------------------------------------------------------------------
+# Export to a Hugging Face checkpoint directory (loads in transformers and vLLM)
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+NOT_COPIED = ("config.json", "model.safetensors.index.json")
+
+
+def _plan_shards(sizes: dict[str, int], max_shard_bytes: int) -> list[list[str]]:
+    shards, current, used = [], [], 0
+    for name, nbytes in sizes.items():
+        if current and used + nbytes > max_shard_bytes:
+            shards.append(current)
+            current, used = [], 0
+        current.append(name)
+        used += nbytes
+    return shards + [current]
+
+
+@torch.no_grad()
+def save_model(model: Transformer, out_dir, like=None, dtype=None, max_shard_bytes=5 * 10**9):
+    """Write `model` as a Hugging Face checkpoint directory, atomically.
+
+    - config.json (the source's fields, dtype and tying updated), safetensors split at about
+      `max_shard_bytes` with model.safetensors.index.json when there is more than one file,
+    - every tokenizer/generation file of the checkpoint directory `like`, copied unchanged.
+    Works on plain and FSDP2-sharded models: all ranks must call it; each tensor is gathered in
+    turn, moved to rank 0's CPU and written out a shard file at a time, so neither GPU nor host
+    memory ever holds more than one tensor plus one shard file. Only rank 0 writes."""
+    cfg = model.config
+    dtype = dtype or DTYPES[cfg.torch_dtype]
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    out_dir = Path(out_dir)
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
+    params = dict(model.named_parameters())  # tied lm_head is listed once, as the embedding
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    sizes = {name: p.numel() * itemsize for name, p in params.items()}
+    shards = _plan_shards(sizes, max_shard_bytes)
+    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    if len(shards) == 1:
+        names = ["model.safetensors"]
+    if rank == 0:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
+    weight_map = {}
+    for file, shard_names in zip(names, shards):
+        tensors = {}
+        for name in shard_names:
+            p = params[name]
+            full = p.full_tensor() if hasattr(p, "full_tensor") else p  # collective on sharded models
+            if rank == 0:
+                tensors[name] = full.detach().to("cpu", dtype).contiguous()
+                weight_map[name] = file
+            del full
+        if rank == 0:
+            save_file(tensors, tmp / file, metadata={"format": "pt"})
+        del tensors
+    if rank == 0:
+        hf = dict(cfg.hf)
+        dtype_key = "dtype" if "dtype" in hf and "torch_dtype" not in hf else "torch_dtype"
+        hf[dtype_key] = str(dtype).removeprefix("torch.")
+        hf["tie_word_embeddings"] = cfg.tie_word_embeddings
+        (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+        if len(shards) > 1:
+            index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        if like is not None:
+            for f in sorted(Path(like).iterdir()):
+                if f.is_file() and f.name not in NOT_COPIED and not f.name.endswith(WEIGHT_SUFFIXES):
+                    shutil.copy2(f, tmp / f.name)
+        # Swap in the finished directory. An existing export is moved aside first and deleted only
+        # after the new one is in place, so a crash leaves either the old or the new one, whole.
+        old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
+        if out_dir.exists():
+            os.rename(out_dir, old)
+        os.rename(tmp, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    return out_dir
+
+
+# -----------------------------------------------------------------------------
+# Generation with a KV cache (outside the trainable forward)
+
+
+class KVCache:
+    """Preallocated keys/values for all layers, plus which slots hold real (non-pad) tokens."""
+
+    def __init__(self, cfg: ModelConfig, batch, max_len, device, dtype):
+        shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)  # set by the caller
+        self.pos = 0  # slots [0, pos) are filled
+
+    def positions_and_mask(self, T):
+        """Positions of the next T tokens (real tokens counted from each row's first one, as
+        transformers counts them for left padding) and the attention mask over slots [0, pos+T)."""
+        end = self.pos + T
+        valid = self.valid[:, :end]
+        positions = (valid.long().cumsum(-1) - 1).clamp(min=0)[:, self.pos:]  # (B, T)
+        q_slot = torch.arange(self.pos, end, device=valid.device)[:, None]  # (T, 1)
+        k_slot = torch.arange(end, device=valid.device)[None, :]  # (1, S)
+        causal = k_slot <= q_slot
+        # A pad query may see only itself: an all-masked row would give NaN, which would then leak
+        # through its cached K/V (0 * NaN) into real tokens.
+        mask = (causal & valid[:, None, :]) | (k_slot == q_slot)  # (B, T, S)
+        return positions, mask.unsqueeze(1)
+
+
+def sample_next(logits, history, history_mask, temperature=0.0, top_p=1.0, repetition_penalty=1.0, generator=None):
+    """Pick the next token per row from logits (B, V), applying the processors in transformers' order:
+    repetition penalty over the tokens seen so far, then temperature, then top-p (nucleus)."""
+    logits = logits.float()
+    if repetition_penalty != 1.0:
+        seen = logits.gather(1, history)
+        seen = torch.where(seen < 0, seen * repetition_penalty, seen / repetition_penalty)
+        # pads are not part of the text; scatter them onto their own current value (no-op)
+        seen = torch.where(history_mask, seen, logits.gather(1, history))
+        logits = logits.scatter(1, history, seen)
+    if temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(-1)  # ascending
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum <= 1 - top_p
+        drop[:, -1] = False  # always keep the most likely token
+        logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
+@torch.inference_mode()
+def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, stop_ids, pad_id: int,
+             temperature=0.0, top_p=1.0, repetition_penalty=1.0, seed=None) -> list[list[int]]:
+    """Generate for a batch of token-id prompts of different lengths (left-padded internally).
+
+    temperature 0 is greedy. Each row stops at the first token in `stop_ids`; the returned lists
+    hold the new tokens up to and including that stop token (or max_new_tokens tokens)."""
+    device = model.lm_head.weight.device
+    dtype = model.lm_head.weight.dtype
+    B, T0 = len(prompts), max(len(p) for p in prompts)
+    idx = torch.full((B, T0), pad_id, dtype=torch.long, device=device)
+    real = torch.zeros(B, T0, dtype=torch.bool, device=device)
+    for i, p in enumerate(prompts):
+        idx[i, T0 - len(p):] = torch.tensor(p, dtype=torch.long)
+        real[i, T0 - len(p):] = True
+    cache = KVCache(model.config, B, T0 + max_new_tokens, device, dtype)
+    cache.valid[:, :T0] = real
+    cache.valid[:, T0:] = True
+    stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=device).manual_seed(seed)
+    history, history_mask = idx, real
+    finished = torch.zeros(B, dtype=torch.bool, device=device)
+    out = []
+    logits = model(idx, cache=cache, last_only=True)[:, -1]
+    for _ in range(max_new_tokens):
+        nxt = sample_next(logits, history, history_mask, temperature, top_p, repetition_penalty, generator)
+        nxt = torch.where(finished, pad_id, nxt)
+        out.append(nxt)
+        finished |= torch.isin(nxt, stop)
+        if finished.all():
+            break
+        history = torch.cat([history, nxt[:, None]], 1)
+        history_mask = torch.cat([history_mask, ~finished[:, None]], 1)
+        logits = model(nxt[:, None], cache=cache)[:, -1]
+    stop_set = set(stop_ids)
+    results = []
+    for row in torch.stack(out, 1).tolist():
+        end = next((j + 1 for j, t in enumerate(row) if t in stop_set), len(row))
+        results.append(row[:end])
+    return results

@@ -1,0 +1,292 @@
+"""model.py against transformers' own implementations: logits, generation, export, errors.
+
+Random small checkpoints are written by transformers itself (save_pretrained), so every field
+and tensor name is exactly what a real checkpoint of that model_type holds."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from conftest import ROOT  # noqa: E402
+from model import generate, load_model, read_config, save_model  # noqa: E402
+
+LLAMA31_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 32}
+SMALL = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, max_position_embeddings=256)
+
+# name -> (config class, fields). Together they cover GQA, tied and untied heads, Llama-3.1 rope
+# scaling, Qwen2 q/k/v biases, Qwen3 q/k norms with head_dim != hidden_size / num_attention_heads.
+CASES = {
+    "llama-gqa-untied": ("LlamaConfig", dict(num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)),
+    "llama31-rope-tied": ("LlamaConfig", dict(num_attention_heads=4, num_key_value_heads=1, tie_word_embeddings=True,
+                                               rope_theta=500000.0, rope_scaling=LLAMA31_ROPE)),
+    "llama-attention-bias-mha": ("LlamaConfig", dict(num_attention_heads=4, num_key_value_heads=4, attention_bias=True,
+                                                      mlp_bias=True)),
+    "mistral-gqa": ("MistralConfig", dict(num_attention_heads=8, num_key_value_heads=2, sliding_window=None)),
+    "qwen2-bias-tied": ("Qwen2Config", dict(num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)),
+    "qwen2-bias-untied": ("Qwen2Config", dict(num_attention_heads=8, num_key_value_heads=4, tie_word_embeddings=False)),
+    "qwen3-qknorm-headdim": ("Qwen3Config", dict(num_attention_heads=4, num_key_value_heads=2, head_dim=24,
+                                                  tie_word_embeddings=True)),
+    "qwen3-qknorm-untied": ("Qwen3Config", dict(num_attention_heads=8, num_key_value_heads=2, head_dim=16,
+                                                 tie_word_embeddings=False)),
+}
+
+
+def make_checkpoint(case: str, out: Path, seed=0) -> Path:
+    """A random checkpoint written by transformers; all weights perturbed so biases and norms matter."""
+    cls_name, fields = CASES[case]
+    cfg = getattr(transformers, cls_name)(**SMALL, **fields)
+    torch.manual_seed(seed)
+    hf = transformers.AutoModelForCausalLM.from_config(cfg)
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    hf.save_pretrained(out)
+    return out
+
+
+def hf_logits(path, idx, dtype=torch.float32):
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+    with torch.no_grad():
+        return hf(idx).logits
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_logits_match_transformers(case, tmp_path):
+    path = make_checkpoint(case, tmp_path / case)
+    idx = torch.randint(0, SMALL["vocab_size"], (2, 40), generator=torch.Generator().manual_seed(1))
+    ours = load_model(path).eval()
+    with torch.no_grad():
+        got = ours(idx)
+    want = hf_logits(path, idx)
+    assert got.shape == (2, 40, SMALL["vocab_size"])
+    assert (got - want).abs().max().item() <= 1e-4
+    # tied exactly when transformers ties
+    assert (ours.lm_head.weight is ours.model.embed_tokens.weight) == CASES[case][1].get("tie_word_embeddings", False)
+
+
+def test_transformers4_config_layout(tmp_path):
+    """rope_theta + rope_scaling (4.x) and rope_parameters (5.x) describe the same model."""
+    path = make_checkpoint("llama31-rope-tied", tmp_path / "v5")
+    idx = torch.randint(0, SMALL["vocab_size"], (1, 64))
+    with torch.no_grad():
+        want = load_model(path)(idx)
+    hf = json.loads((path / "config.json").read_text())
+    assert "rope_parameters" in hf
+    rope = hf.pop("rope_parameters")
+    hf["rope_theta"] = rope.pop("rope_theta")
+    hf["rope_scaling"] = {"type" if k == "rope_type" else k: v for k, v in rope.items()}  # oldest spelling
+    hf["torch_dtype"] = hf.pop("dtype")
+    (path / "config.json").write_text(json.dumps(hf))
+    cfg = read_config(path)
+    assert cfg.rope_theta == 500000.0 and cfg.rope_scaling["factor"] == 8.0
+    with torch.no_grad():
+        assert torch.equal(load_model(path)(idx), want)
+
+
+def test_lm_head_tied_when_checkpoint_has_none(tmp_path):
+    path = make_checkpoint("llama-gqa-untied", tmp_path / "c")
+    from safetensors.torch import load_file, save_file
+    tensors = load_file(path / "model.safetensors")
+    tensors.pop("lm_head.weight")
+    save_file(tensors, path / "model.safetensors")
+    model = load_model(path)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+
+
+def test_real_smollm2_logits(smollm2_dir):
+    tok = json.loads((smollm2_dir / "tokenizer.json").read_text())
+    assert tok["model"]["type"] == "BPE"
+    idx = torch.randint(0, 49152, (2, 48), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got = load_model(smollm2_dir).eval()(idx)
+    want = hf_logits(smollm2_dir, idx)
+    assert (got - want).abs().max().item() <= 1e-4
+
+
+def test_real_smollm2_greedy_generation_matches_transformers(smollm2_dir):
+    model = load_model(smollm2_dir).eval()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
+    # four prompts of different lengths (real text token ids from the checkpoint's vocabulary)
+    tk = transformers.AutoTokenizer.from_pretrained(smollm2_dir)
+    texts = ["The capital of France is", "Write a short poem about the sea and the wind that blows over it:",
+             "1, 2, 3,", "Here is a Python function that reverses a list:\ndef"]
+    prompts = [tk(t, add_special_tokens=False)["input_ids"] for t in texts]
+    assert len({len(p) for p in prompts}) == 4
+    eos, pad = hf.generation_config.eos_token_id, tk.pad_token_id
+    stop = eos if isinstance(eos, list) else [eos]
+    ours = generate(model, prompts, max_new_tokens=32, stop_ids=stop, pad_id=pad)
+    T0 = max(map(len, prompts))
+    ids = torch.tensor([[pad] * (T0 - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (T0 - len(p)) + [1] * len(p) for p in prompts])
+    with torch.no_grad():
+        out = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=32, do_sample=False,
+                          eos_token_id=stop, pad_token_id=pad)[:, T0:].tolist()
+    for got, want in zip(ours, out):
+        end = next((j + 1 for j, t in enumerate(want) if t in stop), len(want))
+        assert got == want[:end]
+
+
+def test_sampling_is_seeded_and_stops(tmp_path):
+    model = load_model(make_checkpoint("qwen2-bias-tied", tmp_path / "c")).eval()
+    prompts = [[5, 6, 7], [9, 10, 11, 12, 13, 14], [3]]
+    kw = dict(max_new_tokens=20, stop_ids=[0], pad_id=1, temperature=0.6, top_p=0.9, repetition_penalty=1.2)
+    a = generate(model, prompts, seed=3, **kw)
+    assert a == generate(model, prompts, seed=3, **kw)
+    assert a != generate(model, prompts, seed=4, **kw)
+    # a row stops right after its stop token; force one by stopping on the greedy first token
+    first = generate(model, prompts, max_new_tokens=1, stop_ids=[0], pad_id=1)[0][0]
+    out = generate(model, prompts, max_new_tokens=10, stop_ids=[first], pad_id=1)
+    assert out[0] == [first]
+    assert all(len(r) <= 10 for r in out)
+
+
+def test_generation_leaves_model_trainable(tmp_path):
+    model = load_model(make_checkpoint("llama-gqa-untied", tmp_path / "c"))
+    generate(model, [[1, 2, 3]], max_new_tokens=4, stop_ids=[0], pad_id=0)
+    loss = model(torch.tensor([[1, 2, 3, 4]])).sum()
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+@pytest.mark.parametrize("case", ["llama31-rope-tied", "qwen2-bias-untied", "qwen3-qknorm-headdim"])
+def test_export_loads_in_transformers_and_round_trips(case, tmp_path):
+    src = make_checkpoint(case, tmp_path / "src")
+    (src / "tokenizer_config.json").write_text("{}")  # stands in for the tokenizer files to copy
+    model = load_model(src)
+    idx = torch.randint(0, SMALL["vocab_size"], (2, 33))
+    with torch.no_grad():
+        ours = model(idx)
+    out = save_model(model, tmp_path / "export", like=src, dtype=torch.float32)
+    assert (out / "tokenizer_config.json").exists() and (out / "generation_config.json").exists()
+    assert (hf_logits(out, idx) - ours).abs().max().item() <= 1e-4
+    again = load_model(out)
+    for (n, a), (m, b) in zip(model.state_dict().items(), again.state_dict().items()):
+        assert n == m and torch.equal(a, b), n
+    # default export dtype is the checkpoint's; bf16 -> load -> bf16 is bitwise
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["dtype"] = "bfloat16"
+    (src / "config.json").write_text(json.dumps(cfg))
+    b1 = save_model(load_model(src), tmp_path / "b1")
+    b2 = save_model(load_model(b1), tmp_path / "b2")
+    assert json.loads((b1 / "config.json").read_text())["dtype"] == "bfloat16"
+    assert (b1 / "model.safetensors").read_bytes() == (b2 / "model.safetensors").read_bytes()
+
+
+def test_sharded_export_and_load(tmp_path):
+    src = make_checkpoint("qwen2-bias-untied", tmp_path / "src")
+    model = load_model(src)
+    out = save_model(model, tmp_path / "sharded", dtype=torch.float32, max_shard_bytes=40_000)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    assert len(files) > 2 and files[0].endswith(f"-of-{len(files):05d}.safetensors")
+    idx = torch.randint(0, SMALL["vocab_size"], (1, 20))
+    with torch.no_grad():
+        assert torch.equal(load_model(out)(idx), model(idx))
+    assert (hf_logits(out, idx) - model(idx).detach()).abs().max().item() <= 1e-4
+    # export over an existing directory replaces it whole; no temporary directories are left behind
+    save_model(model, out, dtype=torch.float32)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sharded", "src"]
+    assert not (out / "model.safetensors.index.json").exists()
+
+
+# --- bad inputs name the culprit ------------------------------------------------------------------
+
+def test_missing_config(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        load_model(tmp_path)
+
+
+def test_missing_shard(tmp_path):
+    src = make_checkpoint("llama-gqa-untied", tmp_path / "src")
+    out = save_model(load_model(src), tmp_path / "sharded", max_shard_bytes=20_000)
+    second = sorted(set(json.loads((out / "model.safetensors.index.json").read_text())["weight_map"].values()))[1]
+    (out / second).unlink()
+    with pytest.raises(FileNotFoundError, match=second):
+        load_model(out)
+
+
+def test_wrong_shape_names_tensor(tmp_path):
+    path = make_checkpoint("llama-gqa-untied", tmp_path / "c")
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["intermediate_size"] = 100
+    (path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"model\.layers\.\d+\.mlp\.\w+_proj\.weight.*shape"):
+        load_model(path)
+
+
+def test_missing_and_unexpected_tensors_named(tmp_path):
+    from safetensors.torch import load_file, save_file
+    path = make_checkpoint("llama-gqa-untied", tmp_path / "c")
+    tensors = load_file(path / "model.safetensors")
+    tensors["model.layers.0.extra.weight"] = torch.zeros(1)
+    save_file(tensors, path / "model.safetensors")
+    with pytest.raises(KeyError, match="model.layers.0.extra.weight"):
+        load_model(path)
+    del tensors["model.layers.0.extra.weight"], tensors["model.layers.1.mlp.up_proj.weight"]
+    save_file(tensors, path / "model.safetensors")
+    with pytest.raises(KeyError, match="model.layers.1.mlp.up_proj.weight"):
+        load_model(path)
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("model_type", "gpt2", "model_type 'gpt2'"),
+    ("rope_parameters", {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}, "rope_type 'yarn'"),
+    ("hidden_act", "gelu", "hidden_act 'gelu'"),
+])
+def test_unsupported_config_named(tmp_path, field, value, match):
+    path = make_checkpoint("llama-gqa-untied", tmp_path / "c")
+    cfg = json.loads((path / "config.json").read_text())
+    cfg[field] = value
+    (path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=match):
+        load_model(path)
+
+
+def test_active_sliding_window_rejected(tmp_path):
+    path = make_checkpoint("mistral-gqa", tmp_path / "c")
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["sliding_window"] = 64
+    (path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="sliding_window 64"):
+        load_model(path)
+    cfg.update(model_type="qwen2", use_sliding_window=False)  # present but switched off: fine
+    (path / "config.json").write_text(json.dumps(cfg))
+    read_config(path)
+
+
+def test_no_pickles_read(tmp_path):
+    path = make_checkpoint("llama-gqa-untied", tmp_path / "c")
+    (path / "model.safetensors").rename(path / "pytorch_model.bin")
+    with pytest.raises(FileNotFoundError, match="never unpickled"):
+        load_model(path)
+
+
+# --- FSDP2 on two ranks ---------------------------------------------------------------------------
+
+def test_fsdp2_two_ranks_match_one_process(tmp_path):
+    src = make_checkpoint("qwen3-qknorm-headdim", tmp_path / "src")
+    idx = torch.randint(0, SMALL["vocab_size"], (2, 24), generator=torch.Generator().manual_seed(5))
+    torch.save(idx, tmp_path / "idx.pt")
+    model = load_model(src)
+    with torch.no_grad():
+        torch.save(model(idx), tmp_path / "want.pt")
+    save_model(model, tmp_path / "single", dtype=torch.float32)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / "tests" / "dist_model.py"), str(src), str(tmp_path)]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    want = torch.load(tmp_path / "want.pt", weights_only=True)
+    for rank in (0, 1):
+        got = torch.load(tmp_path / f"logits{rank}.pt", weights_only=True)
+        assert (got - want).abs().max().item() <= 1e-5
+    assert (tmp_path / "sharded" / "model.safetensors").read_bytes() == (tmp_path / "single" / "model.safetensors").read_bytes()
+    assert not any(p.name.startswith(".sharded") for p in tmp_path.iterdir())
