@@ -234,6 +234,7 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight  # one Parameter, listed once by named_parameters()
         # Not a checkpoint tensor (persistent=False); meta-device flows must call reset_rope() after to_empty().
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+        self.activation_checkpointing = False  # recompute each block in backward (saves activation memory)
 
     @torch.no_grad()
     def reset_rope(self):
@@ -268,7 +269,10 @@ class Transformer(nn.Module):
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
         for i, block in enumerate(self.model.layers):
             kv = None if cache is None else (cache.k[i], cache.v[i], cache.pos)
-            x = block(x, cos, sin, mask, kv)
+            if self.activation_checkpointing and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, mask, kv, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, mask, kv)
         if cache is not None:
             cache.pos += T
         x = self.model.norm(x)
@@ -408,15 +412,17 @@ def save_model(model: Transformer, out_dir, like=None, dtype=None, max_shard_byt
     - config.json (the source's fields, dtype and tying updated), safetensors split at about
       `max_shard_bytes` with model.safetensors.index.json when there is more than one file,
     - every tokenizer/generation file of the checkpoint directory `like`, copied unchanged.
-    Works on plain and FSDP2-sharded models: all ranks must call it; each tensor is gathered in
+    Works on plain and FSDP2-sharded models (then all ranks must call it): each tensor is gathered in
     turn, moved to rank 0's CPU and written out a shard file at a time, so neither GPU nor host
     memory ever holds more than one tensor plus one shard file. Only rank 0 writes."""
     cfg = model.config
     dtype = dtype or DTYPES[cfg.torch_dtype]
-    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    params = dict(model.named_parameters())  # tied lm_head is listed once, as the embedding
+    # A sharded model is gathered collectively and written by rank 0; a plain one by whoever calls.
+    sharded = any(hasattr(p, "full_tensor") for p in params.values())
+    rank = torch.distributed.get_rank() if sharded else 0
     out_dir = Path(out_dir)
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
-    params = dict(model.named_parameters())  # tied lm_head is listed once, as the embedding
     itemsize = torch.empty((), dtype=dtype).element_size()
     sizes = {name: p.numel() * itemsize for name, p in params.items()}
     shards = _plan_shards(sizes, max_shard_bytes)
@@ -459,7 +465,7 @@ def save_model(model: Transformer, out_dir, like=None, dtype=None, max_shard_byt
             os.rename(out_dir, old)
         os.rename(tmp, out_dir)
         shutil.rmtree(old, ignore_errors=True)
-    if torch.distributed.is_initialized():
+    if sharded:
         torch.distributed.barrier()
     return out_dir
 
