@@ -105,9 +105,14 @@ def sft_step(model, optimizer, batch, max_grad_norm=1.0):
 
 
 @torch.no_grad()
-def snapshot(model):
-    """A copy of this rank's part of every parameter (one extra sharded copy of theta)."""
-    return {n: p.detach().clone() for n, p in model.named_parameters()}
+def snapshot(model, into=None):
+    """A copy of this rank's part of every parameter (one extra sharded copy of theta), written
+    into the buffers of an earlier snapshot `into` when given, so that no new memory is allocated."""
+    if into is None:
+        return {n: p.detach().clone() for n, p in model.named_parameters()}
+    for n, p in model.named_parameters():
+        into[n].copy_(p)
+    return into
 
 
 @torch.no_grad()
@@ -121,15 +126,16 @@ def make_optimizer(model, lr, weight_decay=0.01, betas=(0.9, 0.999), eps=1e-8):
     return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=betas, eps=eps)
 
 
-def attack(model, batches, steps, lr, max_grad_norm=1.0, weight_decay=0.01, stats=None):
+def attack(model, batches, steps, lr, max_grad_norm=1.0, weight_decay=0.01, stats=None, theta_buffer=None):
     """The inner attack: `steps` (k1) steps of full-parameter SFT on D_unsafe from the current theta,
     with a fresh AdamW (constant lr) that is thrown away afterwards.
 
     Returns the attack vector delta = theta_att - theta as {name: tensor}, with names as in
     model.named_parameters() and tensors sharded like the parameters. The parameters end bitwise
     identical to how they started: they are copied back, never recomputed as theta_att - delta.
-    `stats`, if given, receives the attack loss of every step."""
-    theta = snapshot(model)
+    `stats`, if given, receives the attack loss of every step; `theta_buffer` (from snapshot()) is
+    reused for the copy of theta when given."""
+    theta = snapshot(model, into=theta_buffer)
     optimizer = make_optimizer(model, lr, weight_decay)
     losses = []
     for step in range(steps):
@@ -162,13 +168,9 @@ def defender_step(model, optimizer, batch, delta, alpha, max_grad_norm=1.0, thet
     check_finite(loss_clean, "defender step, L(theta)")
     metrics = {"loss_clean": loss_clean}
     if alpha > 0:
-        theta = theta_buffer if theta_buffer is not None else {}
+        theta = snapshot(model, into=theta_buffer)
         with torch.no_grad():
             for n, p in model.named_parameters():
-                if n in theta:
-                    theta[n].copy_(p)
-                else:
-                    theta[n] = p.detach().clone()
                 p.add_(delta[n])
         try:
             loss_adv, _ = forward_backward(model, batch, scale=alpha)
@@ -385,8 +387,9 @@ def run(args):
             # start of a round: the inner attack from the current theta gives this round's delta
             t = time.time()
             stats = {}
+            delta = None  # free the last round's attack vector before the attack allocates the next
             delta = attack(model, Accumulated(iters["attack"], args.grad_accum), args.attack_steps, args.attack_lr,
-                           args.attack_max_grad_norm, args.attack_weight_decay, stats)
+                           args.attack_max_grad_norm, args.attack_weight_decay, stats, theta_buffer)
             if args.reset_optimizer:
                 optimizer = make_optimizer(model, args.lr, args.weight_decay)
             losses = stats["attack_losses"]
