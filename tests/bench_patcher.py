@@ -13,7 +13,6 @@ On CUDA the memory numbers are torch.cuda.max_memory_allocated instead of reside
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -46,7 +45,11 @@ def make_batch(vocab):
 def peak_bytes():
     if dev.type == "cuda":
         return torch.cuda.max_memory_allocated()
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    # VmHWM: this process's peak resident memory. (ru_maxrss would not do: Linux carries it over
+    # from the parent across fork + exec, so a child would report the parent's peak.)
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
 
 
 model = load_model(args.model, device=dev, dtype=torch.float32)
