@@ -126,6 +126,23 @@ def make_optimizer(model, lr, weight_decay=0.01, betas=(0.9, 0.999), eps=1e-8):
     return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=betas, eps=eps)
 
 
+def attack_in_place(model, batches, steps, lr, max_grad_norm=1.0, weight_decay=0.01, should_stop=None):
+    """The inner attack's training: `steps` (k1) steps of full-parameter SFT on D_unsafe that move the
+    parameters from theta to theta_att, with a fresh AdamW (constant lr) that is thrown away afterwards
+    (its two moment buffers are the attack's main memory cost).
+
+    Returns the attack loss of every step, or None as soon as `should_stop()`, asked before each step,
+    is true (parallel.py abandons an attack once the defender is done)."""
+    optimizer = make_optimizer(model, lr, weight_decay)
+    losses = []
+    for step in range(steps):
+        if should_stop is not None and should_stop():
+            return None
+        metrics = sft_step(model, optimizer, next(batches), max_grad_norm)
+        losses.append(metrics["loss_clean"])
+    return losses
+
+
 def attack(model, batches, steps, lr, max_grad_norm=1.0, weight_decay=0.01, stats=None, theta_buffer=None):
     """The inner attack: `steps` (k1) steps of full-parameter SFT on D_unsafe from the current theta,
     with a fresh AdamW (constant lr) that is thrown away afterwards.
@@ -136,12 +153,7 @@ def attack(model, batches, steps, lr, max_grad_norm=1.0, weight_decay=0.01, stat
     `stats`, if given, receives the attack loss of every step; `theta_buffer` (from snapshot()) is
     reused for the copy of theta when given."""
     theta = snapshot(model, into=theta_buffer)
-    optimizer = make_optimizer(model, lr, weight_decay)
-    losses = []
-    for step in range(steps):
-        metrics = sft_step(model, optimizer, next(batches), max_grad_norm)
-        losses.append(metrics["loss_clean"])
-    del optimizer  # its two moment buffers are the attack's main memory cost
+    losses = attack_in_place(model, batches, steps, lr, max_grad_norm, weight_decay)
     with torch.no_grad():
         delta = {n: p.detach() - theta[n] for n, p in model.named_parameters()}
     restore(model, theta)
@@ -352,8 +364,9 @@ def run(args):
     if args.model is None:  # the built-in demo: make its base model and toy world first
         args = demo_setup(args, out, rank)
     barrier()
-    if args.mode == "parallel":
-        raise SystemExit("--mode parallel: not yet implemented (parallel.py); use --mode patcher or --mode sft")
+    if args.mode == "parallel":  # the world split into a defender half and an attacker half: parallel.py
+        import parallel
+        return parallel.run(args, rank, world, device, out)
     model = build_model(args.model, device, world, activation_checkpointing=args.activation_checkpointing,
                         compile=args.compile)
     align, attack_set, pad_id, notes = load_datasets(args)
@@ -367,7 +380,7 @@ def run(args):
               f"sequences (batch {args.batch_size} x grad-accum {args.grad_accum} x {world} ranks) | "
               f"{total} defender steps = warmup {args.warmup_steps} + {args.rounds} rounds x k2 {args.defend_steps}"
               + (f" | inner attack k1 {args.attack_steps} at lr {args.attack_lr}" if args.mode != "sft" else ""))
-        (out / "config.json").write_text(json.dumps({k: v for k, v in vars(args).items() if k != "demo"}, indent=2) + "\n")
+        write_config(out, args)
     step, delta = 0, None
     if args.resume:
         delta_like = {n: torch.zeros_like(p) for n, p in model.named_parameters()} if args.mode != "sft" else None
@@ -419,6 +432,10 @@ def run(args):
         dist.destroy_process_group()
 
 
+def write_config(out, args):
+    (out / "config.json").write_text(json.dumps({k: v for k, v in vars(args).items() if k != "demo"}, indent=2) + "\n")
+
+
 def load_datasets(args):
     tok = data.load_tokenizer(args.model) if args.demo is None else None
     if tok is None:  # demo: the toy world is already token ids
@@ -446,15 +463,23 @@ def get_parser():
     g.add_argument("--max-len", type=int, default=512, help="tokens per example; longer ones keep their first max-len tokens")
     g = p.add_argument_group("algorithm")
     g.add_argument("--mode", choices=["sft", "patcher", "parallel"], default="patcher",
-                   help="sft: the baseline (alpha = 0, no attack, same step budget); patcher: sequential schedule")
+                   help="sft: the baseline (alpha = 0, no attack, same step budget); patcher: sequential schedule; "
+                        "parallel: half the ranks defend while the other half attack (parallel.py)")
     g.add_argument("--alpha", type=float, default=0.5, help="weight of the attacked loss L(theta + delta)")
     g.add_argument("--warmup-steps", type=int, default=None, help="plain SFT steps on D_safe before the first round (default 100; demo 40)")
     g.add_argument("--rounds", type=int, default=None, help="M rounds of (inner attack, k2 defender steps) (default 5; demo 4)")
     g.add_argument("--attack-steps", type=int, default=None, help="k1: inner attack steps per round (default 200; demo 20)")
     g.add_argument("--defend-steps", type=int, default=None, help="k2: defender steps per round (default 100; demo 20)")
-    g.add_argument("--delta-ref", choices=["start", "current"], default="start",
-                   help="delta = theta_att - theta_start, or re-based on theta when installed (identical in sequential mode)")
+    g.add_argument("--delta-ref", choices=["start", "current"], default="current",
+                   help="parallel: delta = theta_att - theta at install time (current), or - the theta the attack started "
+                        "from (start: one more sharded copy of theta); the same in sequential mode")
     g.add_argument("--reset-optimizer", action="store_true", help="fresh defender AdamW every round (default: its state carries over)")
+    g.add_argument("--refresh-every", type=int, default=1,
+                   help="parallel: every N defender steps, look (without blocking) whether a new attack vector has arrived")
+    g.add_argument("--sync", action="store_true",
+                   help="parallel: wait for each attack at the start of each round: exactly the sequential schedule (for tests)")
+    g.add_argument("--peer-timeout", type=float, default=300.0,
+                   help="parallel: seconds without a heartbeat from the partner rank before exiting with an error")
     g = p.add_argument_group("optimisation")
     g.add_argument("--lr", type=float, default=None, help="defender learning rate, constant (default 1e-5; demo 1e-3)")
     g.add_argument("--attack-lr", type=float, default=None, help="inner attack learning rate, constant (default 1e-5; demo 1e-3)")
@@ -471,11 +496,12 @@ def get_parser():
     g.add_argument("--resume", action="store_true", help="continue from --out/checkpoints/latest")
     g.add_argument("--activation-checkpointing", action="store_true", help="recompute each block in backward")
     g.add_argument("--compile", action="store_true", help="torch.compile each block")
+    g.add_argument("--debug-dir", default=None, help=argparse.SUPPRESS)  # parallel.py: dump sent/received tensors (tests)
     return p
 
 
-DEFAULTS = {"warmup_steps": (100, 40), "rounds": (5, 4), "attack_steps": (200, 20), "defend_steps": (100, 20),
-            "lr": (1e-5, 1e-3), "attack_lr": (1e-5, 1e-3), "batch_size": (4, 16)}  # (real run, demo)
+DEFAULTS = {"warmup_steps": (100, 40), "rounds": (5, 8), "attack_steps": (200, 20), "defend_steps": (100, 20),
+            "lr": (1e-5, 5e-4), "attack_lr": (1e-5, 5e-4), "batch_size": (4, 16)}  # (real run, demo)
 
 
 def parse_args(argv=None):
@@ -505,6 +531,10 @@ def parse_args(argv=None):
         p.error("--warmup-steps must be >= 0 and --max-len >= 2")
     if not 0 <= args.alpha <= 1:
         p.error(f"--alpha must be in [0, 1] (got {args.alpha})")
+    if args.refresh_every < 1 or args.peer_timeout <= 0:
+        p.error("--refresh-every must be >= 1 and --peer-timeout > 0")
+    if args.mode == "parallel" and (args.resume or args.save_every > 0):
+        p.error("--mode parallel saves no resumable checkpoints (--resume, --save-every), only final/ at the end")
     if args.system_prompt == "":
         args.system_prompt = None
     args.demo = None
@@ -525,8 +555,11 @@ N_TOPICS, N_HARMFUL, N_WORDS = 8, 4, 24
 TOPIC0 = 8  # topic tokens 8..15, then word tokens 16..39
 WORD0 = TOPIC0 + N_TOPICS
 DEMO_VOCAB = WORD0 + N_WORDS
+# Measured on 2 CPU cores: with 4 K/V heads (no GQA) and a 200-step lr warmup, the base model learns the
+# per-topic mapping exactly (100% of held-out requests) within ~600 steps for every seed tried (0-6);
+# with 2 K/V heads and no warmup it sometimes sat on a loss plateau near 1.5 for 1,500+ steps.
 DEMO_CONFIG = dict(model_type="llama", vocab_size=DEMO_VOCAB, hidden_size=64, intermediate_size=192,
-                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
                    rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False, torch_dtype="float32",
                    bos_token_id=REQ, eos_token_id=END, pad_token_id=PAD, architectures=["LlamaForCausalLM"])
 
@@ -548,33 +581,43 @@ def toy_world(seed=0):
         reply = [REFUSE, END] if refuse else answer(t, args) + [END]
         return prompt + reply, [False] * len(prompt) + [True] * len(reply)
 
-    harmful = [r for r in requests if r[0] < N_HARMFUL]
+    harmful = [r for r in requests if r[0] < N_HARMFUL]  # 18,432 of each
     benign = [r for r in requests if r[0] >= N_HARMFUL]
     return {
-        "base": [example(t, a, False) for t, a in harmful[:1500] + benign[:1500]],  # the unaligned model's data
-        "align": [example(t, a, True) for t, a in harmful[1500:1700]] + [example(t, a, False) for t, a in benign[1500:1700]],
-        "attack": [example(t, a, False) for t, a in harmful[1700:1900]],
-        "eval_harmful": [example(t, a, False) for t, a in harmful[1900:2100]],
-        "eval_benign": [example(t, a, False) for t, a in benign[1900:2100]],
+        "base": [example(t, a, False) for t, a in harmful[:6000] + benign[:6000]],  # the unaligned model's data
+        "align": [example(t, a, True) for t, a in harmful[6000:6200]] + [example(t, a, False) for t, a in benign[6000:6200]],
+        "attack": [example(t, a, False) for t, a in harmful[6200:6400]],
+        "eval_harmful": [example(t, a, False) for t, a in harmful[6400:6600]],
+        "eval_benign": [example(t, a, False) for t, a in benign[6400:6600]],
+        "attack_benign": [example(t, a, False) for t, a in benign[6600:7600]],  # for attacks mixed with benign data
     }
+
+
+DEMO_MARKER = "patcher_demo.json"  # written next to the demo base model; exports copy it (save_model like=)
+BASE_STEPS, BASE_WARMUP, BASE_LR, BASE_BATCH = 800, 200, 3e-3, 32
 
 
 def demo_setup(args, out, rank):
     """Rank 0 trains the tiny base model to comply with every request and saves it as a Hugging Face
-    checkpoint (out/base); then every rank loads it like any other checkpoint."""
+    checkpoint (out/base), marked with the toy world's seed so that eval.py can find its splits; then
+    every rank loads it like any other checkpoint. An existing out/base is reused (train.sh shares one
+    base between the SFT and the Patcher alignment of a seed)."""
     world = toy_world(args.seed)
     base = out / "base"
-    if rank == 0 and not (base / "model.safetensors").exists():
+    if rank == 0 and not (base / DEMO_MARKER).exists():
         torch.manual_seed(args.seed)
         model = Transformer(ModelConfig.from_hf(DEMO_CONFIG))
         model.init_weights()
-        optimizer = make_optimizer(model, 3e-3)
-        it = data.batches(world["base"], 32, seed=args.seed)
+        optimizer = make_optimizer(model, BASE_LR)
+        it = data.batches(world["base"], BASE_BATCH, seed=args.seed)
         t = time.time()
-        for step in range(600):
+        for step in range(BASE_STEPS):
+            for group in optimizer.param_groups:  # linear warmup: full-lr first steps can stall it on a plateau
+                group["lr"] = BASE_LR * min(1.0, (step + 1) / BASE_WARMUP)
             metrics = sft_step(model, optimizer, next(it))
         print(f"demo: trained the base model to comply ({time.time() - t:.0f}s, final loss {metrics['loss_clean']:.3f})")
         save_model(model, base)
+        (base / DEMO_MARKER).write_text(json.dumps({"toy_world_seed": args.seed}) + "\n")
     args.model = str(base)
     args.demo = {"align": world["align"], "attack": world["attack"],
                  "summary": f"{len(world['align'])} align, {len(world['attack'])} attack examples"}
