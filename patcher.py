@@ -449,9 +449,16 @@ def load_datasets(args):
     return align, attack_set, tok.pad_id, notes
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, except None: those flags state their own (real run vs demo) default."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def get_parser():
     p = argparse.ArgumentParser(description="Patcher: alignment that survives fine-tuning attacks.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     g = p.add_argument_group("model and data")
     g.add_argument("--model", default=None, help="Hugging Face checkpoint directory (none: the built-in demo)")
     g.add_argument("--align-data", default=None, help="D_safe: harmful prompt -> refusal (.json/.jsonl[.gz|.xz]/.csv)")
