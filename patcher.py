@@ -474,7 +474,7 @@ def get_parser():
                         "parallel: half the ranks defend while the other half attack (parallel.py)")
     g.add_argument("--alpha", type=float, default=0.5, help="weight of the attacked loss L(theta + delta)")
     g.add_argument("--warmup-steps", type=int, default=None, help="plain SFT steps on D_safe before the first round (default 100; demo 40)")
-    g.add_argument("--rounds", type=int, default=None, help="M rounds of (inner attack, k2 defender steps) (default 5; demo 4)")
+    g.add_argument("--rounds", type=int, default=None, help="M rounds of (inner attack, k2 defender steps) (default 5; demo 8)")
     g.add_argument("--attack-steps", type=int, default=None, help="k1: inner attack steps per round (default 200; demo 20)")
     g.add_argument("--defend-steps", type=int, default=None, help="k2: defender steps per round (default 100; demo 20)")
     g.add_argument("--delta-ref", choices=["start", "current"], default="current",
@@ -488,8 +488,8 @@ def get_parser():
     g.add_argument("--peer-timeout", type=float, default=300.0,
                    help="parallel: seconds without a heartbeat from the partner rank before exiting with an error")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--lr", type=float, default=None, help="defender learning rate, constant (default 1e-5; demo 1e-3)")
-    g.add_argument("--attack-lr", type=float, default=None, help="inner attack learning rate, constant (default 1e-5; demo 1e-3)")
+    g.add_argument("--lr", type=float, default=None, help="defender learning rate, constant (default 1e-5; demo 5e-4)")
+    g.add_argument("--attack-lr", type=float, default=None, help="inner attack learning rate, constant (default 1e-5; demo 5e-4)")
     g.add_argument("--weight-decay", type=float, default=0.01, help="defender AdamW weight decay (torch default)")
     g.add_argument("--attack-weight-decay", type=float, default=0.01, help="inner attack AdamW weight decay (torch default)")
     g.add_argument("--max-grad-norm", type=float, default=1.0, help="defender grad-norm clipping (<= 0: none)")
@@ -631,6 +631,16 @@ def demo_setup(args, out, rank):
     return args
 
 
+def exit_cleanly():
+    """End a torchrun worker whose work is done and written. gloo's threads sometimes abort the
+    interpreter's own shutdown ("terminate called without an active exception", about 1 run in 10
+    here), which would turn a finished run into a failed one; os._exit skips that teardown."""
+    if "RANK" in os.environ:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+
+
 def main(argv=None):
     args = parse_args(argv)
     try:
@@ -638,6 +648,7 @@ def main(argv=None):
     except FloatingPointError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    exit_cleanly()
 
 
 if __name__ == "__main__":

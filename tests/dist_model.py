@@ -1,5 +1,6 @@
 """Run by test_model.py under torchrun (gloo): load a checkpoint straight into FSDP2 shards,
 compute logits, export. Usage: dist_model.py CHECKPOINT WORKDIR"""
+import os
 import sys
 from pathlib import Path
 
@@ -31,6 +32,8 @@ def main():
     torch.save(logits, work / f"logits{rank}.pt")
     save_model(model, work / "sharded", dtype=torch.float32)
     dist.destroy_process_group()
+    sys.stdout.flush()
+    os._exit(0)  # skip gloo's interpreter-exit teardown, which sometimes aborts (see patcher.exit_cleanly)
 
 
 if __name__ == "__main__":
