@@ -5,6 +5,7 @@ Real assets (SmolLM2-135M-Instruct, the Llama 3 and Qwen tokenizers) are built o
 need them skip with the reason below when they are absent.
 """
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -37,3 +38,15 @@ def llama3_tok_dir() -> Path:
 @pytest.fixture(scope="session")
 def qwen2_tok_dir() -> Path:
     return asset_dir("qwen2-tokenizer")
+
+
+def run_script(script, args, nproc=1, timeout=300, check=True, env=None):
+    """Run one of the project's programs (one process, or nproc ranks under torchrun) as a user would."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    cmd = [sys.executable, str(ROOT / script)]
+    if nproc > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(ROOT / script)]
+    r = subprocess.run(cmd + [str(a) for a in args], env=env, capture_output=True, text=True, timeout=timeout)
+    if check:
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+    return r

@@ -1,11 +1,7 @@
 """eval.py: the judges on fixed answers and against a fake OpenAI-compatible server, the attack set's
 exact poison ratio, --eval-at, the report's schema, and the LoRA attack (only LoRA factors change)."""
 import json
-import os
 import re
-import shutil
-import subprocess
-import sys
 import threading
 import time
 from argparse import Namespace
@@ -16,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT
+from conftest import ROOT, run_script
 import data
 import patcher
 from model import ModelConfig, Transformer, load_model, save_model
@@ -26,15 +22,7 @@ SAFETY = ROOT.parent / "shared" / "data" / "safety"
 
 
 def run_eval(args, nproc=1, timeout=300, check=True, env=None):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    if nproc == 1:
-        cmd = [sys.executable, str(ROOT / "eval.py")]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(ROOT / "eval.py")]
-    r = subprocess.run(cmd + [str(a) for a in args], env=env, capture_output=True, text=True, timeout=timeout)
-    if check:
-        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
-    return r
+    return run_script("eval.py", args, nproc, timeout, check, env)
 
 
 # --- the keyword judge ---------------------------------------------------------------------------

@@ -4,7 +4,6 @@ Random small checkpoints are written by transformers itself (save_pretrained), s
 and tensor name is exactly what a real checkpoint of that model_type holds."""
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path

@@ -116,7 +116,7 @@ def test_dead_attacker_stops_the_defenders(nproc, tmp_path, demo_base):
     """Kill an attacker rank mid-run: every other rank exits non-zero with a message, within --peer-timeout
     (plus slack), instead of hanging. Launched without torchrun, whose agent would kill the others itself."""
     out = with_base(tmp_path / "run", demo_base)
-    timeout, half = 4, nproc // 2
+    timeout = 4
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
            "WORLD_SIZE": str(nproc), "LOCAL_WORLD_SIZE": str(nproc)}
     # long attacks, so that the kill lands mid-attack and only the heartbeat can tell the defender

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from conftest import ROOT
+from conftest import ROOT, run_script
 import data
 import patcher
 from model import ModelConfig, Transformer
@@ -124,15 +124,7 @@ FAST = ["--warmup-steps", "3", "--rounds", "2", "--attack-steps", "3", "--defend
 
 
 def run_patcher(args, nproc=1, timeout=300, check=True):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    if nproc == 1:
-        cmd = [sys.executable, str(ROOT / "patcher.py")]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(ROOT / "patcher.py")]
-    r = subprocess.run(cmd + [str(a) for a in args], env=env, capture_output=True, text=True, timeout=timeout)
-    if check:
-        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
-    return r
+    return run_script("patcher.py", args, nproc, timeout, check)
 
 
 def rows(out, phase=None):
