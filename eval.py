@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 import data
 import patcher
-from model import DTYPES, Transformer, generate, local_rows, save_model
+from model import DTYPES, empty_model, generate, local_rows, save_model
 
 # -----------------------------------------------------------------------------
 # 1. Judges
@@ -373,12 +373,7 @@ def inference_copy(model, dtype, device):
     """A plain, unsharded copy of the (possibly FSDP2-sharded, possibly LoRA-augmented) model for
     generation, in `dtype`, with any LoRA update merged in. Every rank gets the whole model: a sharded
     model would need an all-gather per generated token, in lockstep across ranks."""
-    cfg = model.config
-    with torch.device("meta"):
-        copy = Transformer(cfg).to(dtype)
-    copy.to_empty(device=device)
-    if cfg.tie_word_embeddings:
-        copy.lm_head.weight = copy.model.embed_tokens.weight
+    copy = empty_model(model.config, device, dtype)
     dst, modules = dict(copy.named_parameters()), dict(model.named_modules())
     for name, p in model.named_parameters():
         if name not in dst:  # lora_A / lora_B

@@ -370,6 +370,16 @@ def load_model(path, device="cpu", dtype=torch.float32, shard=None) -> Transform
     files = checkpoint_files(path)  # fail on a missing shard before allocating anything
     if "lm_head.weight" not in files and not cfg.tie_word_embeddings:
         cfg.tie_word_embeddings = True  # no separate head in the checkpoint: it is the embedding
+    model = empty_model(cfg, device, dtype, shard)  # steps 1-3
+    # 4. Fill each local shard from the checkpoint, reading just those rows from disk.
+    load_weights(model, path, files)
+    # 5. Rebuild the non-checkpoint rotary buffer, which to_empty() left uninitialised.
+    model.reset_rope()
+    return model
+
+
+def empty_model(cfg: ModelConfig, device, dtype, shard=None) -> Transformer:
+    """A Transformer with uninitialised (possibly sharded) parameters on `device`, to be filled in."""
     # 1. Build on the meta device: shapes only, no memory.
     with torch.device("meta"):
         model = Transformer(cfg).to(dtype)
@@ -380,10 +390,6 @@ def load_model(path, device="cpu", dtype=torch.float32, shard=None) -> Transform
     model.to_empty(device=device)
     if cfg.tie_word_embeddings:  # to_empty() re-creates unsharded parameters one module at a time,
         model.lm_head.weight = model.model.embed_tokens.weight  # which unties them (FSDP2 keeps the tie)
-    # 4. Fill each local shard from the checkpoint, reading just those rows from disk.
-    load_weights(model, path, files)
-    # 5. Rebuild the non-checkpoint rotary buffer, which to_empty() left uninitialised.
-    model.reset_rope()
     return model
 
 
