@@ -9,6 +9,7 @@ Our own decoder-only transformer for the Hugging Face checkpoints Patcher is run
 Module names equal Hugging Face parameter names (model.layers.{i}.self_attn.q_proj.weight, ...),
 so a checkpoint loads and exports with no renaming table at all.
 """
+import ctypes
 import json
 import math
 import os
@@ -24,6 +25,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory or file we cannot use; the message names it (and the field or tensor)."""
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # -----------------------------------------------------------------------------
@@ -55,26 +61,26 @@ class ModelConfig:
     def from_hf(cls, hf: dict, source: str = "config.json") -> "ModelConfig":
         def need(key):
             if key not in hf:
-                raise ValueError(f"{source}: missing field '{key}'")
+                raise CheckpointError(f"{source}: missing field '{key}'")
             return hf[key]
 
         model_type = need("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
-            raise ValueError(f"{source}: unsupported model_type '{model_type}' (supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
+            raise CheckpointError(f"{source}: unsupported model_type '{model_type}' (supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
         if hf.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"{source}: unsupported hidden_act '{hf['hidden_act']}' (only 'silu')")
+            raise CheckpointError(f"{source}: unsupported hidden_act '{hf['hidden_act']}' (only 'silu')")
         # transformers 4.x writes rope_theta + rope_scaling; 5.x writes rope_parameters = {rope_type, rope_theta, ...}
         rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
         rope_theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type not in ("default", "llama3"):
             field_name = "rope_parameters" if "rope_parameters" in hf else "rope_scaling"
-            raise ValueError(f"{source}: unsupported {field_name}.rope_type '{rope_type}' (supported: default, llama3)")
+            raise CheckpointError(f"{source}: unsupported {field_name}.rope_type '{rope_type}' (supported: default, llama3)")
         # A sliding window only changes the computation once sequences exceed it; we implement full attention.
         window = hf.get("sliding_window")
         active = hf.get("use_sliding_window", model_type == "mistral") and window is not None
         if active and window < hf.get("max_position_embeddings", 0):
-            raise ValueError(f"{source}: unsupported sliding_window {window} (active sliding-window attention)")
+            raise CheckpointError(f"{source}: unsupported sliding_window {window} (active sliding-window attention)")
         n_heads = need("num_attention_heads")
         hidden = need("hidden_size")
         dtype = hf.get("torch_dtype") or hf.get("dtype") or "bfloat16"
@@ -104,11 +110,11 @@ def read_config(path) -> ModelConfig:
     path = Path(path)
     config_file = path / "config.json"
     if not config_file.is_file():
-        raise FileNotFoundError(f"{config_file}: no config.json in the checkpoint directory {path}")
+        raise CheckpointError(f"{config_file}: no config.json in the checkpoint directory {path}")
     try:
-        hf = json.loads(config_file.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{config_file}: not valid JSON ({e})") from None
+        hf = json.loads(config_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{config_file}: not valid JSON ({e})") from None
     return ModelConfig.from_hf(hf, source=str(config_file))
 
 
@@ -235,6 +241,16 @@ class Transformer(nn.Module):
         # Not a checkpoint tensor (persistent=False); meta-device flows must call reset_rope() after to_empty().
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
         self.activation_checkpointing = False  # recompute each block in backward (saves activation memory)
+        # weights that take part in a matmul (all but the embedding lookup; a tied lm_head counts once)
+        self.n_matmul_params = sum(p.numel() for n, p in self.named_parameters() if n != "model.embed_tokens.weight") \
+            + (cfg.vocab_size * cfg.hidden_size if cfg.tie_word_embeddings else 0)
+
+    def flops_per_token(self, seq_len, backward=True):
+        """Model flops for one token of a seq_len-token sequence, forward (+ backward: twice the forward):
+        2 per matmul weight plus attention's 4 * layers * heads * head_dim * seq_len (the PaLM count, as nanoGPT)."""
+        c = self.config
+        forward = 2 * self.n_matmul_params + 4 * c.num_hidden_layers * c.num_attention_heads * c.head_dim * seq_len
+        return forward * (3 if backward else 1)
 
     @torch.no_grad()
     def reset_rope(self):
@@ -252,10 +268,12 @@ class Transformer(nn.Module):
                 nn.init.normal_(p, std=std)
         self.reset_rope()
 
-    def forward(self, idx, cache=None, last_only=False):
-        """idx: (B, T) token ids -> logits (B, T, vocab), or (B, 1, vocab) with last_only.
+    def forward(self, idx, cache=None, last_only=False, only=None):
+        """idx: (B, T) token ids -> logits (B, T, vocab); (B, 1, vocab) with last_only; (N, vocab) for
+        the N positions where the (B, T) bool mask `only` is set.
 
-        Training calls model(idx): positions 0..T-1 and plain causal attention, nothing cached.
+        Training calls model(idx, only=scored): positions 0..T-1, plain causal attention, and the
+        vocabulary projection (a fifth of a small model's flops) only where the loss looks.
         Generation passes a KVCache, which supplies positions and the left-padding mask."""
         B, T = idx.shape
         if cache is None:
@@ -278,6 +296,8 @@ class Transformer(nn.Module):
         x = self.model.norm(x)
         if last_only:
             x = x[:, -1:]
+        if only is not None:
+            x = x[only]  # (N, d)
         return self.lm_head(x)
 
 
@@ -296,18 +316,29 @@ def checkpoint_files(path: Path) -> dict[str, Path]:
     """Map every tensor name in the checkpoint to the safetensors file that holds it."""
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index}: not a safetensors index ({type(e).__name__}: {e})") from None
         files = {name: path / f for name, f in weight_map.items()}
         for f in sorted(set(files.values())):
             if not f.is_file():
-                raise FileNotFoundError(f"{f}: shard listed in {index} is missing")
+                raise CheckpointError(f"{f}: shard listed in {index} is missing")
         return files
     single = path / "model.safetensors"
     if not single.is_file():
-        raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json "
-                                "(only safetensors checkpoints are read; .bin/.pt files are never unpickled)")
-    with safe_open(single, framework="pt") as f:
+        raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json "
+                              "(only safetensors checkpoints are read; .bin/.pt files are never unpickled)")
+    with open_safetensors(single) as f:
         return {name: single for name in f.keys()}
+
+
+def open_safetensors(file):
+    """safe_open, with a truncated or corrupt file reported by its path (safetensors' own error does not name it)."""
+    try:
+        return safe_open(file, framework="pt")
+    except Exception as e:  # SafetensorError, or OSError from the memory map
+        raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from None
 
 
 def local_rows(p: torch.Tensor) -> slice:
@@ -339,25 +370,28 @@ def load_weights(model: Transformer, path, files: dict[str, Path] | None = None)
     expected = set(params)
     tied = model.config.tie_word_embeddings
     for name in expected - set(files):
-        raise KeyError(f"{path}: checkpoint has no tensor '{name}'")
+        raise CheckpointError(f"{path}: checkpoint has no tensor '{name}'")
     for name in set(files) - expected:
         if not (name == "lm_head.weight" and tied) and not name.endswith("rotary_emb.inv_freq"):
-            raise KeyError(f"{path}: unexpected tensor '{name}' in {files[name].name} (not in a {model.config.model_type} model)")
+            raise CheckpointError(f"{path}: unexpected tensor '{name}' in {files[name].name} (not in a {model.config.model_type} model)")
     by_file = {}
     for name in expected:
         by_file.setdefault(files[name], []).append(name)
     for file, names in by_file.items():
-        with safe_open(file, framework="pt") as f:
+        with open_safetensors(file) as f:
             for name in names:
                 p = params[name]
                 sl = f.get_slice(name)
                 shape = tuple(sl.get_shape())
                 if shape != tuple(p.shape):
-                    raise ValueError(f"{file}: tensor '{name}' has shape {list(shape)}, the config implies {list(p.shape)}")
+                    raise CheckpointError(f"{file}: tensor '{name}' has shape {list(shape)}, the config implies {list(p.shape)}")
                 rows = local_rows(p)
                 local = p.to_local() if hasattr(p, "to_local") else p
                 if rows.stop > rows.start:  # a rank past the last row of a tiny tensor holds nothing
-                    local.copy_(sl[rows.start:rows.stop])
+                    try:
+                        local.copy_(sl[rows.start:rows.stop])
+                    except Exception as e:  # a file cut short after its header
+                        raise CheckpointError(f"{file}: cannot read tensor '{name}' ({e})") from None
 
 
 def load_model(path, device="cpu", dtype=torch.float32, shard=None) -> Transformer:
@@ -411,6 +445,65 @@ def _plan_shards(sizes: dict[str, int], max_shard_bytes: int) -> list[list[str]]
     return shards + [current]
 
 
+def _shard_group(model):
+    """The process group a sharded model is sharded over (None for a plain model): exports and checks
+    are collectives within it, so a half of the world (parallel.py) never waits for the other half."""
+    if hasattr(model, "reshard"):  # FSDP2 leaves the root unsharded after a forward with no backward
+        model.reshard()
+    p = next(model.parameters())
+    return p.device_mesh.get_group() if hasattr(p, "device_mesh") else None
+
+
+@torch.no_grad()
+def all_finite(model: Transformer) -> bool:
+    """Whether every weight is finite (on all ranks of a sharded model: a collective). Nothing with a
+    NaN or inf in it is ever written as a checkpoint or an export."""
+    group = _shard_group(model)
+    device = model.lm_head.weight.device
+    bad = torch.zeros((), device=device)
+    for p in model.parameters():
+        bad += (~torch.isfinite(p.to_local() if hasattr(p, "to_local") else p)).any()
+    if group is not None:
+        torch.distributed.all_reduce(bad, group=group)
+    return bad.item() == 0
+
+
+def _rename_exchange(a: Path, b: Path) -> bool:
+    """Swap two directories in one atomic step (Linux renameat2 RENAME_EXCHANGE); False where the
+    system or filesystem cannot."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    AT_FDCWD, RENAME_EXCHANGE = -100, 2
+    return renameat2(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE) == 0
+
+
+def _swap_in(tmp: Path, out_dir: Path):
+    """Put the finished directory `tmp` at out_dir, so that at every moment out_dir holds a complete export,
+    old or new. Where the two cannot be swapped atomically, the old one is moved aside first; a crash
+    between the two renames then leaves it beside as .NAME.old-*, and the next export puts it back."""
+    if not out_dir.exists():
+        os.rename(tmp, out_dir)
+    elif _rename_exchange(tmp, out_dir):
+        shutil.rmtree(tmp)  # now the old export
+    else:
+        old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
+        os.rename(out_dir, old)
+        os.rename(tmp, out_dir)
+        shutil.rmtree(old)
+
+
+def _clean_leftovers(out_dir: Path):
+    """Remove what a crashed export left beside out_dir (a partial .NAME.tmp-*; an old export moved aside
+    as .NAME.old-*, first put back if out_dir is missing)."""
+    olds = sorted(out_dir.parent.glob(f".{out_dir.name}.old-*"), key=lambda p: p.stat().st_mtime)
+    if olds and not out_dir.exists():
+        os.rename(olds.pop(), out_dir)
+    for p in olds + list(out_dir.parent.glob(f".{out_dir.name}.tmp-*")):
+        shutil.rmtree(p, ignore_errors=True)
+
+
 @torch.no_grad()
 def save_model(model: Transformer, out_dir, like=None, dtype=None, max_shard_bytes=5 * 10**9):
     """Write `model` as a Hugging Face checkpoint directory, atomically.
@@ -418,16 +511,19 @@ def save_model(model: Transformer, out_dir, like=None, dtype=None, max_shard_byt
     - config.json (the source's fields, dtype and tying updated), safetensors split at about
       `max_shard_bytes` with model.safetensors.index.json when there is more than one file,
     - every tokenizer/generation file of the checkpoint directory `like`, copied unchanged.
-    Works on plain and FSDP2-sharded models (then all ranks must call it): each tensor is gathered in
-    turn, moved to rank 0's CPU and written out a shard file at a time, so neither GPU nor host
-    memory ever holds more than one tensor plus one shard file. Only rank 0 writes."""
+    It is written into a temporary directory and swapped in whole (see _swap_in); a model with a
+    non-finite weight is refused. Works on plain and FSDP2-sharded models (then all ranks of its group
+    call it): each tensor is gathered in turn, moved to the group's first rank's CPU and written out a
+    shard file at a time, so neither GPU nor host memory ever holds more than one tensor plus one shard
+    file. Only that rank writes."""
     cfg = model.config
     dtype = dtype or DTYPES[cfg.torch_dtype]
+    group = _shard_group(model)
+    rank = torch.distributed.get_rank(group) if group is not None else 0
     params = dict(model.named_parameters())  # tied lm_head is listed once, as the embedding
-    # A sharded model is gathered collectively and written by rank 0; a plain one by whoever calls.
-    sharded = any(hasattr(p, "full_tensor") for p in params.values())
-    rank = torch.distributed.get_rank() if sharded else 0
     out_dir = Path(out_dir)
+    if not all_finite(model):
+        raise FloatingPointError(f"{out_dir}: not exported: the model has non-finite weights")
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
     itemsize = torch.empty((), dtype=dtype).element_size()
     sizes = {name: p.numel() * itemsize for name, p in params.items()}
@@ -437,7 +533,9 @@ def save_model(model: Transformer, out_dir, like=None, dtype=None, max_shard_byt
         names = ["model.safetensors"]
     if rank == 0:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
+        _clean_leftovers(out_dir)
         tmp.mkdir()
+        file_mode = tmp.stat().st_mode & 0o666  # the user's umask, as for any new file
     weight_map = {}
     for file, shard_names in zip(names, shards):
         tensors = {}
@@ -450,6 +548,7 @@ def save_model(model: Transformer, out_dir, like=None, dtype=None, max_shard_byt
             del full
         if rank == 0:
             save_file(tensors, tmp / file, metadata={"format": "pt"})
+            os.chmod(tmp / file, file_mode)  # safetensors creates it private (0600)
         del tensors
     if rank == 0:
         hf = dict(cfg.hf)
@@ -464,15 +563,9 @@ def save_model(model: Transformer, out_dir, like=None, dtype=None, max_shard_byt
             for f in sorted(Path(like).iterdir()):
                 if f.is_file() and f.name not in NOT_COPIED and not f.name.endswith(WEIGHT_SUFFIXES):
                     shutil.copy2(f, tmp / f.name)
-        # Swap in the finished directory. An existing export is moved aside first and deleted only
-        # after the new one is in place, so a crash leaves either the old or the new one, whole.
-        old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
-        if out_dir.exists():
-            os.rename(out_dir, old)
-        os.rename(tmp, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    if sharded:
-        torch.distributed.barrier()
+        _swap_in(tmp, out_dir)
+    if group is not None:
+        torch.distributed.barrier(group=group)
     return out_dir
 
 
@@ -530,7 +623,7 @@ def sample_next(logits, history, history_mask, temperature=0.0, top_p=1.0, repet
 
 @torch.inference_mode()
 def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, stop_ids, pad_id: int,
-             temperature=0.0, top_p=1.0, repetition_penalty=1.0, seed=None) -> list[list[int]]:
+             temperature=0.0, top_p=1.0, repetition_penalty=1.0, seed=None, top_k=0) -> list[list[int]]:
     """Generate for a batch of token-id prompts of different lengths (left-padded internally).
 
     temperature 0 is greedy. Each row stops at the first token in `stop_ids`; the returned lists
@@ -570,3 +663,10 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
         end = next((j + 1 for j, t in enumerate(row) if t in stop_set), len(row))
         results.append(row[:end])
     return results
+
+
+def generation_defaults(path):  # TEMPORARY until the generation branch lands
+    gen = Path(path) / "generation_config.json"
+    cfg = json.loads(gen.read_text()) if gen.exists() else {}
+    d = {"temperature": 1.0, "top_k": 50, "top_p": 1.0, "repetition_penalty": 1.0}
+    return {k: cfg.get(k, v) if cfg.get(k) is not None else v for k, v in d.items()}

@@ -1,37 +1,41 @@
 """
 Parallel Patcher: the defender keeps training on a stale attack vector while the attacker computes the next one.
 
-    torchrun --nproc_per_node=8 patcher.py --mode parallel --model DIR --align-data A --attack-data B   # 4 + 4 ranks
-    torchrun --nproc_per_node=2 patcher.py --mode parallel ...       # the paper's setup: one GPU per half
+    torchrun --nproc_per_node=2 parallel.py --model DIR --safe-data A --unsafe-data B   # 1 defender + 1 attacker GPU
+    torchrun --nproc_per_node=8 parallel.py ...                                         # 4 + 4, each half FSDP2-sharded
+    torchrun --standalone --nproc_per_node=2 parallel.py                                # the built-in demo (gloo, CPU)
 
-patcher.py's run() hands over to run() below once the job is up. A two-dimensional device mesh (role x fsdp)
-splits the world: ranks 0..h-1 are the defender half, ranks h..2h-1 the attacker half (h = world / 2), and
-each half FSDP2-shards the model over its own row of the mesh. Both halves shard the same model the same way,
+Every flag of patcher.py applies (this file builds on it), plus the four below. A two-dimensional device mesh
+(role x fsdp) splits the world: ranks 0..h-1 are the defender half, ranks h..2h-1 the attacker half (h = world/2),
+and each half FSDP2-shards the model over its own row of the mesh. Both halves shard the same model the same way,
 so defender i (rank i) and attacker i (rank h + i) hold the same rows of every parameter: theta and theta_att
 travel between these partners as local shards, point to point, never gathered and never written to disk.
 
     defender  warmup | send theta_0 | sft sft ... sft | install delta_0, send theta_1 | defend ... | install delta_1 ...
     attacker  (idle) | recv theta_0 | k1 attack steps | send theta_att_0  recv theta_1 | k1 attack steps ...
 
-The defender's budget is the sequential one, --warmup-steps + --rounds x --defend-steps steps, so the two modes
-compare at equal defender steps; the attacker runs as many attacks as fit. Every --refresh-every steps the
-defender looks, without blocking, whether the attack in flight has finished; if so it installs
-delta = theta_att - theta (--delta-ref current: theta now; start: the theta the attack started from) and at once
-sends its current theta off for the next attack. Until the first delta arrives it takes plain SFT steps.
---sync waits for each attack at every k2-th step instead: that is exactly the sequential schedule of patcher.py.
+The defender's budget is the sequential one, --warmup-steps + --rounds x --defend-steps steps, so the two schedules
+compare at equal defender steps; the attacker runs as many attacks as fit. Every --refresh-every steps the defender
+looks, without blocking, whether the attack in flight has finished; if so it installs delta = theta_att - theta
+(--delta-ref current: theta now; start: the theta the attack started from) and at once sends its current theta off
+for the next attack. Until the first delta arrives it takes plain SFT steps. --sync waits for each attack at every
+k2-th step instead: that is exactly the sequential schedule of patcher.py.
 
-Signals go through the rendezvous store that torchrun already runs (a gloo irecv cannot be polled: NOTES.md),
-tensors through send/recv. Every transfer is announced by a key and received only once announced, so no send is
-ever left unmatched, also when the run stops with an attack in flight. The keys (i: the pair, r: the attack):
+Signals go through the rendezvous store that torchrun already runs (a gloo irecv cannot be polled), tensors through
+send/recv. Every transfer is announced by a key and received only once announced, so no send is ever left
+unmatched, also when the run stops with an attack in flight. The keys (i: the pair, r: the attack):
 
     theta/{r}/{i}    defender i sends the theta of attack r (value: the defender step it was taken at)
     ready/{r}/{i}    attacker i has finished attack r
     go/{r}/{i}       defender i receives theta_att of attack r now
-    stop             the defender's budget is spent: the attacker abandons its attack and exits
-    alive/{rank}     a heartbeat counter, so that a dead partner is told from a busy one
+    stop             the defender's budget is spent: the attacker abandons its attack
+    done/{rank}      that rank has finished its part (the defenders: their export is complete)
+    alive/{rank}     a heartbeat counter, so that a dead or frozen partner is told from a busy one
     abort/{rank}     why that rank failed
+
+Every wait on the partner, the last one included, watches its heartbeat: a partner silent for --peer-timeout
+seconds ends the wait with an error naming it and a non-zero exit (an export that was complete stays).
 """
-import json
 import os
 import sys
 import threading
@@ -158,30 +162,44 @@ def local_shards(tensors):
     return {n: t.to_local() for n, t in tensors.items()}
 
 
-class Dumps:
-    """--debug-dir (for the tests): each rank saves what it sent, received and installed, as plain tensors."""
+# The four transfers, one function each (tests/parallel_probe.py records what each one moves).
 
-    def __init__(self, folder, rank):
-        self.folder, self.rank = (Path(folder) if folder else None), rank
-        if self.folder is not None:
-            self.folder.mkdir(parents=True, exist_ok=True)
+def send_theta(partner, model, r, step):
+    partner.set(partner.key("theta", r), step)  # announced first: the attacker posts its receive only then
+    partner.send(local_shards(dict(model.named_parameters())).values())
 
-    def __call__(self, event, r, **items):
-        if self.folder is None:
-            return
-        plain = {k: {n: t.detach().cpu().clone() for n, t in v.items()} if isinstance(v, dict) else v
-                 for k, v in items.items()}
-        torch.save(plain, self.folder / f"rank{self.rank}-{event}-{r}.pt")
+
+def receive_theta(partner, model, r):
+    """theta of attack r, straight into the attacker's parameters; returns the defender step it was taken at."""
+    partner.recv(local_shards(dict(model.named_parameters())).values())
+    return int(partner.get(partner.key("theta", r)))
+
+
+def send_theta_att(partner, model, seconds, losses, device):
+    header = torch.tensor([seconds, *losses], dtype=torch.float64, device=device)
+    partner.send([header, *local_shards(dict(model.named_parameters())).values()])
+
+
+@torch.no_grad()
+def install(partner, delta, reference, r, k1, device):
+    """Receive theta_att of attack r into `delta`, then delta -= reference (theta now, or as sent).
+    Returns the attacker's seconds and losses."""
+    partner.set(partner.key("go", r))
+    header = torch.empty(1 + k1, dtype=torch.float64, device=device)
+    partner.recv([header, *local_shards(delta).values()])
+    for n, d in delta.items():
+        d.sub_(reference[n])
+    seconds, *losses = header.tolist()
+    return seconds, losses
 
 
 # -----------------------------------------------------------------------------
 # 2. The attacker half
 
 
-def attacker(args, model, batches, partner, group, device, dump):
+def attacker(args, model, batches, partner, group, device):
     """Receive theta, attack it in place (k1 steps on D_unsafe) into theta_att, send theta_att back; until stop.
     Returns the number of attacks delivered."""
-    params = dict(model.named_parameters())
     lead = partner.pair == 0  # attacker 0 speaks for the half
 
     def should_stop():  # asked before every attack step
@@ -190,12 +208,12 @@ def attacker(args, model, batches, partner, group, device, dump):
 
     r = 0
     while partner.wait(partner.key("theta", r)):
-        start = int(partner.get(partner.key("theta", r)))
-        partner.recv(local_shards(params).values())  # theta, straight into the parameters
-        dump("theta-received", r, step=start, theta=local_shards(params))
+        start = receive_theta(partner, model, r)
         t = time.time()
-        losses = patcher.attack_in_place(model, batches, args.attack_steps, args.attack_lr, args.attack_max_grad_norm,
-                                         args.attack_weight_decay, should_stop)
+        optimizer = patcher.make_optimizer(model.parameters(), args.inner_lr, args.inner_weight_decay, args.fused_adamw)
+        losses = patcher.sft_steps(model, optimizer, batches, args.inner_steps, args.inner_max_grad_norm,
+                                   should_stop=should_stop)
+        del optimizer
         if losses is None:
             if lead:
                 print(f"attacker: attack {r} abandoned, the defender is done", flush=True)
@@ -203,13 +221,11 @@ def attacker(args, model, batches, partner, group, device, dump):
         seconds = time.time() - t
         partner.set(partner.key("ready", r))
         if lead:
-            print(f"attacker: attack {r} from defender step {start} | k1 {args.attack_steps} | loss {losses[0]:.4f} -> "
+            print(f"attacker: attack {r} from defender step {start} | k1 {args.inner_steps} | loss {losses[0]:.4f} -> "
                   f"{losses[-1]:.4f} | {seconds:.1f}s", flush=True)
         if not partner.wait(partner.key("go", r)):
             break
-        dump("theta_att-sent", r, theta_att=local_shards(params))
-        header = torch.tensor([seconds, *losses], dtype=torch.float64, device=device)
-        partner.send([header, *local_shards(params).values()])
+        send_theta_att(partner, model, seconds, losses, device)
         r += 1
     return r
 
@@ -218,48 +234,15 @@ def attacker(args, model, batches, partner, group, device, dump):
 # 3. The defender half
 
 
-class Logger(patcher.Logger):
-    """patcher.Logger; an install row also reports how stale the attack vector was and what it cost."""
-
-    def log(self, row):
-        if self.rank != 0 or row["phase"] != "attack":
-            return super().log(row)
-        self.file.write(json.dumps(row) + "\n")
-        self.file.flush()
-        print(f"attack  round {row['round']} | k1 {row['attack_steps']} | loss {row['attack_loss_start']:.4f} -> "
-              f"{row['attack_loss_end']:.4f} | |delta| {row['delta_norm']:.4f} | {row['attack_seconds']:.1f}s | "
-              f"staleness {row['staleness']} steps | defender waited {row['defender_wait_seconds']:.2f}s", flush=True)
-
-
-def send_theta(partner, model, r, step, dump):
-    partner.set(partner.key("theta", r), step)  # announced first: the attacker posts its receive only then
-    theta = local_shards(dict(model.named_parameters()))
-    dump("theta-sent", r, step=step, theta=theta)
-    partner.send(theta.values())
-
-
-@torch.no_grad()
-def install(partner, delta, reference, r, k1, device, dump):
-    """Receive theta_att of attack r into `delta`, then delta -= reference (theta now, or as sent).
-    Returns the attacker's seconds and losses."""
-    partner.set(partner.key("go", r))
-    header = torch.empty(1 + k1, dtype=torch.float64, device=device)
-    partner.recv([header, *local_shards(delta).values()])
-    dump("theta_att-received", r, theta_att=local_shards(delta))
-    for n, d in delta.items():
-        d.sub_(reference[n])
-    seconds, *losses = header.tolist()
-    return seconds, losses
-
-
-def defender(args, model, batches, partner, group, device, logger, dump):
+def defender(args, model, streams, partner, group, device, log):
     """Defender steps on D_safe for the sequential budget; each attack vector is installed as it arrives and
     theta is sent off for the next attack at once (--sync: at the start of each round, then waited for)."""
     warmup, k2 = args.warmup_steps, args.defend_steps
     total = warmup + args.rounds * k2
-    optimizer = patcher.make_optimizer(model, args.lr, args.weight_decay)
+    optimizer = patcher.make_optimizer(model.parameters(), args.lr, args.weight_decay, args.fused_adamw)
     theta_buffer = patcher.snapshot(model)  # reused by every defender step
     params = dict(model.named_parameters())
+    safe, retain = streams["safe"], streams.get("retain")
     delta, installed = None, -1  # the attack vector in use and its attack (None: plain SFT steps)
     r, sent = 0, None  # the attack in flight and the step its theta was sent at (None: no attack in flight)
     theta_start = None  # --delta-ref start: the theta the attack in flight started from
@@ -275,35 +258,30 @@ def defender(args, model, batches, partner, group, device, logger, dump):
                 if delta is None:
                     delta = {n: torch.empty_like(p) for n, p in params.items()}  # sharded like theta
                 reference = theta_start if args.delta_ref == "start" else params
-                seconds, losses = install(partner, delta, reference, r, args.attack_steps, device, dump)
-                dump("installed", r, step=step, sent_step=sent, theta=local_shards(reference), delta=local_shards(delta))
+                seconds, losses = install(partner, delta, reference, r, args.inner_steps, device)
                 if args.reset_optimizer:
-                    optimizer = patcher.make_optimizer(model, args.lr, args.weight_decay)
-                logger.log({"step": step, "phase": "attack", "round": r, "attack_steps": args.attack_steps,
-                            "attack_loss_start": losses[0], "attack_loss_end": losses[-1], "attack_losses": losses,
-                            "delta_norm": patcher.delta_norm(delta, group), "staleness": step - sent,
-                            "attack_seconds": seconds, "defender_wait_seconds": time.time() - t})
+                    optimizer = patcher.make_optimizer(model.parameters(), args.lr, args.weight_decay, args.fused_adamw)
+                log.inner_attack(step, r, losses, patcher.delta_norm(delta, group), seconds, staleness=step - sent,
+                                 defender_wait_seconds=time.time() - t)
                 installed, r, sent = r, r + 1, None
         # 2. no attack in flight: start the next one from the current theta (--sync: attack r at the start of round r)
         if sent is None and step >= warmup and (not args.sync or r == (step - warmup) // k2):
-            send_theta(partner, model, r, step, dump)
+            send_theta(partner, model, r, step)
             sent = step
             if args.delta_ref == "start":
                 theta_start = patcher.snapshot(model, into=theta_start)
             if args.sync:
                 continue  # wait for it right away, at this same step
-        # 3. one defender step, or plain SFT until the first attack vector arrives
+        # 3. one defender step (plain SFT until the first attack vector arrives)
         t = time.time()
-        batch = next(batches)
-        if delta is None:
-            metrics = patcher.sft_step(model, optimizer, batch, args.max_grad_norm)
-            phase = "warmup" if step < warmup else "sft"
-        else:
-            metrics = patcher.defender_step(model, optimizer, batch, delta, args.alpha, args.max_grad_norm, theta_buffer)
-            phase = "defend"
+        phase = "defend" if delta is not None else "warmup" if step < warmup else "sft"
+        try:
+            metrics = patcher.defender_step(model, optimizer, next(safe), delta, args.alpha, args.max_grad_norm,
+                                            theta_buffer, next(retain) if retain else None, args.retain_weight)
+        except FloatingPointError as e:
+            raise FloatingPointError(f"{phase} step {step + 1}: {e}") from None
         step += 1
-        logger.log({"step": step, "phase": phase, "round": installed, **metrics,
-                    "lr": optimizer.param_groups[0]["lr"], "tokens_per_s": metrics.pop("tokens") / (time.time() - t)})
+        log.step(step, phase, installed, metrics, time.time() - t, args.lr)
     partner.set("stop")  # any defender may say it: all of them are past their last step
     return installed + 1
 
@@ -312,51 +290,75 @@ def defender(args, model, batches, partner, group, device, logger, dump):
 # 4. The program
 
 
-def run(args, rank, world, device, out):
+def get_parser():
+    p = patcher.get_parser()
+    p.description = "Parallel Patcher: half the ranks defend while the other half attack. " + p.description
+    g = p.add_argument_group("parallel schedule")
+    g.add_argument("--refresh-every", type=patcher.POSITIVE_COUNT, default=1,
+                   help="every N defender steps, look (without blocking) whether a new attack vector has arrived")
+    g.add_argument("--sync", action="store_true",
+                   help="wait for each attack at the start of each round: exactly the sequential schedule")
+    g.add_argument("--delta-ref", choices=["start", "current"], default="current",
+                   help="delta = theta_att - theta at install time (current, as the official code), or - the theta "
+                        "the attack started from (start: one more sharded copy of theta)")
+    g.add_argument("--peer-timeout", type=patcher.RATE, default=300.0,
+                   help="seconds without a heartbeat from the partner rank before exiting with an error")
+    return p
+
+
+def run(args):
+    if args.resume or args.save_every:
+        raise patcher.RunError("parallel.py saves no resumable checkpoints (--resume, --save-every), only final/")
+    rank, world, device = patcher.init_distributed()
     if world < 2 or world % 2:
-        raise SystemExit(f"--mode parallel needs an even number of ranks, half defender and half attacker "
-                         f"(torchrun --nproc_per_node=2|4|8 ...); got {world}")
+        raise patcher.RunError(f"parallel.py needs an even number of ranks, half defender and half attacker "
+                               f"(torchrun --nproc_per_node=2|4|8 parallel.py ...); got {world}")
+    torch.manual_seed(args.seed)
+    out = Path(args.out)
+    if args.model is None:
+        patcher.make_demo(args, out, rank)
     half = world // 2
     mesh = init_device_mesh(device.type, (2, half), mesh_dim_names=("role", "fsdp"))
     role, pair = mesh.get_coordinate()
     group = mesh["fsdp"].get_group()  # this half: the FSDP collectives, losses and decisions stay within it
     who = f"{('defender', 'attacker')[role]} {pair} (rank {rank})"
     partner = Partner(rank, world, args.peer_timeout)
-    dump = Dumps(args.debug_dir, rank)
     try:
-        model = patcher.build_model(args.model, device, half, mesh=mesh["fsdp"],
-                                    activation_checkpointing=args.activation_checkpointing, compile=args.compile)
-        align, attack_set, pad_id, notes = patcher.load_datasets(args)
-        # each half draws its batches as a sequential run over `half` ranks would (seed, seed + 1; sharded by pair)
-        iters = patcher.make_iterators(args, pair, half, align, attack_set, pad_id)
+        model = patcher.build_model(args.model, device, args, mesh=mesh["fsdp"])
+        # each half draws its batches as a sequential run over `half` ranks would (sharded by pair)
+        streams, notes = patcher.load_data(args, pair, half)
         total = args.warmup_steps + args.rounds * args.defend_steps
         if rank == 0:
             for line in notes:
                 print(line)
-            print(f"mode parallel{' --sync' if args.sync else ''} | world {world} = {half} defender + {half} attacker "
-                  f"ranks | global batch {args.batch_size * args.grad_accum * half} sequences per half | {total} "
-                  f"defender steps = warmup {args.warmup_steps} + {args.rounds} rounds x k2 {args.defend_steps} | "
-                  f"inner attack k1 {args.attack_steps} at lr {args.attack_lr} | refresh every {args.refresh_every} "
-                  f"steps | delta-ref {args.delta_ref}", flush=True)
+            print(f"parallel{' --sync' if args.sync else ''} | world {world} = {half} defender + {half} attacker ranks | "
+                  f"{patcher.precision(device)} | {total} defender steps = warmup {args.warmup_steps} + {args.rounds} "
+                  f"rounds x k2 {args.defend_steps} | inner attack k1 {args.inner_steps} at lr {args.inner_lr:g} | refresh "
+                  f"every {args.refresh_every} steps | delta-ref {args.delta_ref}", flush=True)
             patcher.write_config(out, args)
         if role == DEFENDER:
-            logger = Logger(out, rank, total, resume=False)
-            n = defender(args, model, patcher.Accumulated(iters["align"], args.grad_accum), partner, group, device,
-                         logger, dump)
-            save_model(model, out / "final", like=args.model)  # gathers within this half; its barrier is global
+            log = patcher.Log(out, rank, total, device)
+            n = defender(args, model, streams, partner, group, device, log)
+            save_model(model, out / "final", like=args.model)  # a collective within this half only
             if rank == 0:
                 print(f"defender: {total} steps, {n} attack vectors installed | exported {out / 'final'}", flush=True)
         else:
-            n = attacker(args, model, patcher.Accumulated(iters["attack"], args.grad_accum), partner, group, device, dump)
+            n = attacker(args, model, streams["unsafe"], partner, group, device)
             if pair == 0:
                 print(f"attacker: {n} attacks delivered", flush=True)
-            dist.barrier()  # meets the barrier that ends save_model on the defender half
+        partner.set(f"done/{rank}")
+        # the last wait on the partner: it may not have finished its part (a defender: its export) or be gone
+        while not partner.has(f"done/{partner.peer}"):
+            partner.check()
+            time.sleep(POLL)
     except Exception as e:
         partner.abort(f"{who}: {e}")
-        if not isinstance(e, (PeerLost, FloatingPointError)):
+        if not isinstance(e, (PeerLost, *patcher.USER_ERRORS)) or args.debug:
             traceback.print_exc()
         print(f"{who}: error: {e}", file=sys.stderr, flush=True)
-        sys.stdout.flush()
-        os._exit(1)  # not sys.exit: tearing down a process group whose peer is gone can block or abort
+        patcher.exit_now(1)
     partner.close()
-    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    patcher.main(run, lambda: patcher.parse_args(parser=get_parser()))

@@ -1,132 +1,197 @@
 #!/usr/bin/env bash
-# train.sh: the whole comparison, end to end. Align one base model twice on the same data and step
-# budget, with plain SFT (--mode sft) and with Patcher (--mode patcher); attack both the same way;
-# evaluate both; print one comparison table.
+# train.sh: the whole experiment, end to end. Align one base model several ways (by default the SFT baseline and
+# Patcher) on the same data, seed and number of defender steps; attack every aligned model identically; evaluate
+# them in one eval.py call per seed; print one table over seeds (mean ± std, per-seed values).
 #
-#   ./train.sh                                   # built-in demo: toy world, CPU, no downloads, 3 seeds
-#   PRESET=smollm2-cpu ./train.sh                # SmolLM2-135M-Instruct on ../shared/data/safety, CPU
-#   PRESET=paper MODEL=Qwen2.5-7B-Instruct ALIGN_DATA=... ATTACK_DATA=... EVAL_DATA="..." ./train.sh
+#   ./train.sh                                     # the built-in demo: toy world, CPU, no downloads, 3 seeds
+#   PRESET=smollm2-cpu ./train.sh                  # SmolLM2-135M-Instruct on ../shared/data/safety, CPU
+#   PRESET=paper MODEL=DIR SAFE_DATA=... UNSAFE_DATA=... ATTACK_DATA=... ATTACK_BENIGN_DATA=... EVAL_DATA=... ./train.sh
+#   PRESET=paper-parallel ...                      # the same with the official parallel schedule (parallel.py)
+#   SWEEP="inner-steps=0,5,10,20,40" ./train.sh    # any one flag of either program; inner-steps 0 = the SFT baseline
+#   DRY_RUN=1 ./train.sh                           # print the resolved commands, run nothing
 #
-# Everything is chosen by environment variables (unset = the preset's value, else patcher.py's and
-# eval.py's own defaults, which differ for the demo):
-#   MODEL         base checkpoint directory; unset = the demo (patcher.py trains a tiny base per seed)
-#   NPROC         processes for alignment (torchrun when > 1; FSDP2)            EVAL_NPROC  same for eval.py (default NPROC)
-#   SEEDS         seeds to run, e.g. "0 1 2" (demo default; otherwise "0"); each seed is a full comparison
-#   OUT           run directory (default runs/demo or runs/compare)
-#   ALIGN_DATA    D_safe, harmful prompt -> refusal; several .jsonl files are concatenated (mix benign answers in!)
-#   ATTACK_DATA   D_unsafe, harmful prompt -> harmful answer: Patcher's inner attack and the test-time attack
-#   EVAL_DATA     harmful prompt sets (space-separated; NAME=PATH allowed)      BENIGN_DATA, GSM8K_DATA  usefulness sets
-#   alignment:    WARMUP_STEPS ROUNDS INNER_STEPS (k1) DEFEND_STEPS (k2) ALIGN_LR INNER_LR ALIGN_BATCH ALPHA MAX_LEN
-#   attack:       EVAL_AT (its largest entry is the attack length) ATTACK_LR ATTACK_BATCH ATTACK_KIND (full|lora)
-#                 LORA_RANK ATTACK_BENIGN_DATA ATTACK_SAMPLES POISON_RATIO
-#   generation:   MAX_NEW_TOKENS LIMIT GREEDY=1                  judge: JUDGE (keyword|llm; llm reads JUDGE_URL,
-#                 JUDGE_MODEL, JUDGE_API_KEY from the environment)
-#   PATCHER_ARGS, EVAL_ARGS   extra flags passed through verbatim
-#
-# Presets:
-#   paper        the paper's settings on 8 GPUs: alignment with patcher.py's real defaults (warmup 100, 5 rounds
-#                of k1 200 / k2 100, lr 1e-5, batch 4 per rank) on 8 ranks; attack: 1,000 samples at poison ratio
-#                0.2 (ATTACK_BENIGN_DATA required), lr 1e-5, global batch 4 (4 ranks x 1: 8 ranks cannot split 4),
-#                2,000 steps evaluated at 0,100,500,1000,2000; sampling T 0.6 / top-p 0.9 / rep. 1.2, 256 tokens;
-#                LLM judge. Data as prompt/response JSONL (e.g. BeaverTails refusals / harmful answers).
-#   smollm2-cpu  the small real run of the README on a 2-core CPU: SmolLM2-135M-Instruct; D_safe = align.jsonl + the
-#                first 24 lines of benign.jsonl (3 times); attack.jsonl; eval.jsonl; the last 16 lines of benign.jsonl
-#                held out for usefulness; 80 defender steps (20 warmup + 6 rounds of k1 10 / k2 10) at lr 5e-5; the
-#                attack at lr 5e-5, batch 4, evaluated at 0,10,20,40 steps; 96 new tokens in bf16; base model included.
+# Every flag of patcher.py / parallel.py and of eval.py is the environment variable of the same name: --inner-steps
+# is INNER_STEPS, eval.py's --attack-lr is ATTACK_LR, --gsm8k is GSM8K; on/off flags take 1 (RESET_OPTIMIZER=1).
+# The repeatable eval.py flags take space-separated lists: EVAL_DATA="advbench=harmful_behaviors.csv hexphi=HEx-PHI".
+# Besides those:
+#   PRESET       demo (the default without MODEL), smollm2-cpu, paper, paper-parallel: values for unset variables
+#   MODEL        the base checkpoint (unset: the demo, whose base model patcher.py trains, one per seed)
+#   SAFE_DATA    D_safe; several files are concatenated (to mix benign answers into it)
+#   SCHEME       sequential (patcher.py, default) | parallel (parallel.py; the SFT baseline stays patcher.py)
+#   NPROC        torchrun processes for alignment (1: plain python)       EVAL_NPROC  the same for eval.py
+#   SEEDS        e.g. "0 1 2"; each seed is a whole experiment              OUT  the run directory
+#   SWEEP        FLAG=V1,V2,...: one aligned model per value (an alignment flag), or one evaluation per value (an
+#                eval.py flag); default mode=sft,patcher
+#   EVAL_BASE=1  also evaluate the unaligned base model (always in the demo)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 
-case "${PRESET:-}" in
-  "") ;;
-  paper)
-    : "${NPROC:=8}" "${EVAL_NPROC:=4}" "${ATTACK_BATCH:=1}" "${ATTACK_LR:=1e-5}" "${EVAL_AT:=0,100,500,1000,2000}"
-    : "${ATTACK_SAMPLES:=1000}" "${POISON_RATIO:=0.2}" "${JUDGE:=llm}" "${MAX_NEW_TOKENS:=256}"
-    [[ -n "${ATTACK_BENIGN_DATA:-}" ]] || { echo "PRESET=paper: set ATTACK_BENIGN_DATA (benign records for the 0.2 poison mix)" >&2; exit 2; } ;;
-  smollm2-cpu)
-    SAFETY=${SAFETY:-../shared/data/safety}
+# The flags each program takes (tests/test_train_sh.py checks these lists against the programs' parsers).
+ALIGN_FLAGS="safe-format unsafe-format retain-data prompt-field response-field system-prompt max-len mode alpha
+  warmup-steps rounds inner-steps defend-steps retain-weight lr weight-decay max-grad-norm batch-size inner-lr
+  inner-weight-decay inner-max-grad-norm inner-batch-size micro-batch-size"
+ALIGN_SWITCHES="reset-optimizer group-by-length activation-checkpointing compile fused-adamw no-fused-adamw debug"
+PARALLEL_FLAGS="refresh-every delta-ref peer-timeout"  # parallel.py's own, on top of patcher.py's
+PARALLEL_SWITCHES="sync"
+EVAL_FLAGS="attack-format attack-benign-data attack-samples poison-ratio limit system-prompt attack-kind eval-at
+  attack-lr attack-batch-size attack-micro-batch-size attack-weight-decay attack-max-grad-norm attack-max-len lora-rank
+  lora-alpha lora-targets temperature top-p top-k repetition-penalty max-new-tokens gen-batch-size dtype judge
+  judge-template refusal-phrases judge-url judge-model log-every"
+EVAL_SWITCHES="export greedy activation-checkpointing compile debug"
+
+SAFETY=${SAFETY:-../shared/data/safety}
+PRESET=${PRESET:-$([[ -z "${MODEL:-}" ]] && echo demo || echo none)}
+case "$PRESET" in
+  none) ;;
+  demo)  # patcher.py's own demo flags for alignment; the toy world's files for eval.py (written by patcher.py)
+    : "${SEEDS:=0 1 2}" "${OUT:=runs/demo}" "${EVAL_AT:=0,10,20,40,80}" "${ATTACK_LR:=5e-4}" "${ATTACK_BATCH_SIZE:=16}"
+    : "${GREEDY:=1}" "${REPETITION_PENALTY:=1}" "${MAX_NEW_TOKENS:=4}" "${OMP_NUM_THREADS:=1}" ;;
+  smollm2-cpu)  # the README's small real run on a 2-core CPU
     : "${MODEL:=${PATCHER_ASSETS:-$HOME/.cache/patcher-assets}/smollm2-135m-instruct}" "${OUT:=runs/smollm2}"
-    : "${ATTACK_DATA:=$SAFETY/attack.jsonl}" "${EVAL_DATA:=eval=$SAFETY/eval.jsonl}"
-    : "${WARMUP_STEPS:=20}" "${ROUNDS:=6}" "${INNER_STEPS:=10}" "${DEFEND_STEPS:=10}" "${ALIGN_LR:=5e-5}" "${INNER_LR:=5e-5}"
-    : "${ALIGN_BATCH:=4}" "${MAX_LEN:=128}" "${EVAL_AT:=0,10,20,40}" "${ATTACK_LR:=5e-5}" "${ATTACK_BATCH:=4}"
-    : "${MAX_NEW_TOKENS:=96}" "${GEN_DTYPE:=bfloat16}" "${EVAL_BASE:=1}"
+    : "${UNSAFE_DATA:=$SAFETY/attack.jsonl}" "${ATTACK_DATA:=$SAFETY/attack.jsonl}" "${EVAL_DATA:=eval=$SAFETY/eval.jsonl}"
+    : "${WARMUP_STEPS:=20}" "${ROUNDS:=6}" "${INNER_STEPS:=10}" "${DEFEND_STEPS:=10}" "${LR:=5e-5}" "${INNER_LR:=5e-5}"
+    : "${BATCH_SIZE:=4}" "${INNER_BATCH_SIZE:=4}" "${MAX_LEN:=128}" "${EVAL_AT:=0,10,20,40}" "${ATTACK_LR:=5e-5}"
+    : "${ATTACK_BATCH_SIZE:=4}" "${ATTACK_MAX_LEN:=128}" "${MAX_NEW_TOKENS:=96}" "${DTYPE:=bfloat16}" "${EVAL_BASE:=1}"
     mkdir -p "$OUT"
-    if [[ -z "${ALIGN_DATA:-}" ]]; then  # hold benign prompts out of D_safe so over-refusal is measured on unseen ones
+    if [[ -z "${SAFE_DATA:-}" ]]; then  # benign prompts held out of D_safe, so over-refusal is measured on unseen ones
       head -n 24 "$SAFETY/benign.jsonl" > "$OUT/benign_align.jsonl"
       tail -n 16 "$SAFETY/benign.jsonl" > "$OUT/benign_heldout.jsonl"
       # 160 refusals + 3 x 24 benign answers: with the benign ones only once, a 40-step probe refused 81% of benign prompts
-      ALIGN_DATA="$SAFETY/align.jsonl $OUT/benign_align.jsonl $OUT/benign_align.jsonl $OUT/benign_align.jsonl"
+      SAFE_DATA="$SAFETY/align.jsonl $OUT/benign_align.jsonl $OUT/benign_align.jsonl $OUT/benign_align.jsonl"
       : "${BENIGN_DATA:=benign=$OUT/benign_heldout.jsonl}"
     fi ;;
-  *) echo "unknown PRESET '$PRESET' (paper, smollm2-cpu)" >&2; exit 2 ;;
+  paper|paper-parallel)
+    # The official code (github haomingwen/patcher): scripts/run_patch_iter_final.sh (sequential) or
+    # scripts/run_patch_parallel.sh + run_sft_parallel.sh (parallel), then scripts/run_custom_eval.sh. Global batches
+    # are the official one-GPU ones on any NPROC. README: "Differences from the official code".
+    : "${LR:=1e-5}" "${INNER_LR:=1e-5}" "${ALPHA:=0.5}" "${MAX_GRAD_NORM:=1.0}" "${WEIGHT_DECAY:=0.01}" "${BATCH_SIZE:=4}"
+    : "${WARMUP_STEPS:=1000}" "${ROUNDS:=14}" "${DEFEND_STEPS:=1000}" "${MAX_LEN:=32768}"  # the official truncates nothing
+    if [[ $PRESET == paper ]]; then  # loop 1: 1,000 SFT steps; loops 2-15: k1 300 (batch 2), 1,000 defender steps, fresh AdamW
+      : "${SCHEME:=sequential}" "${NPROC:=1}" "${INNER_STEPS:=300}" "${INNER_BATCH_SIZE:=2}" "${RESET_OPTIMIZER:=1}"
+    else  # 15,000 defender steps, one AdamW; every 1,000 steps a new delta (k1 500, batch 4) is installed and theta sent
+      : "${SCHEME:=parallel}" "${NPROC:=2}" "${INNER_STEPS:=500}" "${INNER_BATCH_SIZE:=4}" "${REFRESH_EVERY:=1000}"
+      : "${DELTA_REF:=current}"
+    fi
+    # the test-time attack: 1,000 samples (PKU-SafeRLHF harmful answers at 0.2 in GSM8K), 2,000 steps, batch 4, lr 1e-5;
+    # the first 250 prompts of each set, the official sampling (T 0.6, top-p 0.9, repetition 1.2, the checkpoint's
+    # top-k), 256 tokens, the official judge template
+    : "${EVAL_NPROC:=1}" "${ATTACK_SAMPLES:=1000}" "${POISON_RATIO:=0.2}" "${EVAL_AT:=0,100,500,1000,2000}"
+    : "${ATTACK_LR:=1e-5}" "${ATTACK_BATCH_SIZE:=4}" "${ATTACK_MAX_LEN:=4096}" "${LIMIT:=250}" "${TEMPERATURE:=0.6}"
+    : "${TOP_P:=0.9}" "${REPETITION_PENALTY:=1.2}" "${MAX_NEW_TOKENS:=256}" "${GEN_BATCH_SIZE:=32}" "${JUDGE:=llm}"
+    : "${JUDGE_TEMPLATE:=official}"
+    for v in MODEL SAFE_DATA UNSAFE_DATA ATTACK_DATA ATTACK_BENIGN_DATA EVAL_DATA; do
+      [[ -n "${!v:-}" ]] || { echo "PRESET=$PRESET: set $v (README: Reproducing the paper)" >&2; exit 2; }
+    done ;;
+  *) echo "unknown PRESET '$PRESET' (demo, smollm2-cpu, paper, paper-parallel)" >&2; exit 2 ;;
 esac
 
 DEMO=$([[ -z "${MODEL:-}" ]] && echo 1 || echo 0)
 NPROC=${NPROC:-1}
 EVAL_NPROC=${EVAL_NPROC:-$NPROC}
-SEEDS=${SEEDS:-$([[ $DEMO == 1 ]] && echo "0 1 2" || echo "0")}
-OUT=${OUT:-$([[ $DEMO == 1 ]] && echo runs/demo || echo runs/compare)}
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$([[ $DEMO == 1 ]] && echo 1 || nproc)}
+SEEDS=${SEEDS:-0}
+OUT=${OUT:-runs/compare}
+SCHEME=${SCHEME:-sequential}
+SWEEP=${SWEEP:-mode=sft,patcher}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(nproc)}
+[[ $SCHEME == sequential || $SCHEME == parallel ]] || { echo "SCHEME must be sequential or parallel" >&2; exit 2; }
+if [[ $DEMO == 0 ]]; then
+  for v in SAFE_DATA UNSAFE_DATA ATTACK_DATA EVAL_DATA; do
+    [[ -n "${!v:-}" ]] || { echo "set $v (or unset MODEL for the demo)" >&2; exit 2; }
+  done
+fi
 
-launch() {  # launch NPROC SCRIPT ARGS...: one process, or torchrun with FSDP2
+var() { local v=${1//-/_}; echo "${v^^}"; }  # a flag's variable: inner-steps -> INNER_STEPS
+flags() {  # flags FLAGS SWITCHES SKIP: "--flag value" for every variable that is set (SKIP: the swept flag)
+  local f v
+  for f in $1; do v=$(var "$f"); [[ $f == "$3" || -z "${!v:-}" ]] || printf '%s\n%s\n' "--$f" "${!v}"; done
+  for f in $2; do v=$(var "$f"); [[ $f == "$3" || "${!v:-0}" == 0 ]] || printf '%s\n' "--$f"; done
+}
+launch() {  # launch NPROC SCRIPT ARGS...: one process, or torchrun (FSDP2); DRY_RUN=1 only prints it
   local n=$1; shift
-  if [[ $n -gt 1 ]]; then python -m torch.distributed.run --standalone --nproc_per_node="$n" "$@"; else python "$@"; fi
+  local cmd=(python "$@")
+  [[ $n -gt 1 ]] && cmd=(python -m torch.distributed.run --standalone --nproc_per_node="$n" "$@")
+  if [[ "${DRY_RUN:-0}" == 1 ]]; then printf '%q ' "${cmd[@]}"; echo; else "${cmd[@]}"; fi
 }
-opt() {  # opt FLAG VALUE: the flag only if the value is set
-  [[ -n "${2:-}" ]] && printf '%s\n%s\n' "$1" "$2" || true
+run_logged() {  # run_logged LOG NPROC SCRIPT ARGS...
+  local log=$1; shift
+  if [[ "${DRY_RUN:-0}" == 1 ]]; then launch "$@"; return; fi
+  launch "$@" > "$log" 2>&1 || { tail -n 30 "$log"; echo "failed: see $log" >&2; exit 1; }
 }
 
-align_args=()
-while IFS= read -r a; do align_args+=("$a"); done < <(
-  opt --warmup-steps "${WARMUP_STEPS:-}"; opt --rounds "${ROUNDS:-}"; opt --attack-steps "${INNER_STEPS:-}"
-  opt --defend-steps "${DEFEND_STEPS:-}"; opt --lr "${ALIGN_LR:-}"; opt --attack-lr "${INNER_LR:-}"
-  opt --batch-size "${ALIGN_BATCH:-}"; opt --alpha "${ALPHA:-}"; opt --max-len "${MAX_LEN:-}")
-eval_args=()
-while IFS= read -r a; do eval_args+=("$a"); done < <(
-  opt --eval-at "${EVAL_AT:-}"; opt --lr "${ATTACK_LR:-}"; opt --batch-size "${ATTACK_BATCH:-}"
-  opt --attack "${ATTACK_KIND:-}"; opt --lora-rank "${LORA_RANK:-}"; opt --attack-benign-data "${ATTACK_BENIGN_DATA:-}"
-  opt --attack-samples "${ATTACK_SAMPLES:-}"; opt --poison-ratio "${POISON_RATIO:-}"; opt --max-new-tokens "${MAX_NEW_TOKENS:-}"
-  opt --limit "${LIMIT:-}"; opt --judge "${JUDGE:-}"; opt --max-len "${MAX_LEN:-}"; opt --dtype "${GEN_DTYPE:-}"
-  [[ "${GREEDY:-0}" == 1 ]] && echo --greedy || true)
+sweep_flag=${SWEEP%%=*}
+IFS=, read -r -a sweep_values <<< "${SWEEP#*=}"
+[[ $SWEEP == *=* && ${#sweep_values[@]} -gt 0 ]] || { echo "SWEEP must be FLAG=V1,V2,..." >&2; exit 2; }
+if [[ " $(echo $EVAL_FLAGS $EVAL_SWITCHES) " == *" $sweep_flag "* ]]; then
+  eval_sweep=1; aligned=(sft patcher)  # an attack variable: align the two once, evaluate once per value
+else
+  eval_sweep=0; aligned=("${sweep_values[@]}")
+fi
+name_of() { [[ $eval_sweep == 1 || $sweep_flag == mode ]] && echo "$1" || echo "$sweep_flag:$1"; }
+align_flags_for() {  # the flags that make aligned model $1 differ: its mode and the swept value
+  local v=$1
+  if [[ $eval_sweep == 1 || $sweep_flag == mode ]]; then printf '%s\n%s\n' --mode "$v"
+  elif [[ $sweep_flag == inner-steps && $v == 0 ]]; then printf '%s\n%s\n' --mode sft  # k1 = 0: no attack, SFT
+  else printf '%s\n%s\n%s\n%s\n' --mode patcher "--$sweep_flag" "$v"; fi
+}
 
+mapfile -t align_args < <(flags "$ALIGN_FLAGS" "$ALIGN_SWITCHES" "$([[ $eval_sweep == 0 ]] && echo "$sweep_flag")")
 t0=$SECONDS
 reports=()
 for seed in $SEEDS; do
   run=$OUT/seed$seed
-  mkdir -p "$run"
+  [[ "${DRY_RUN:-0}" == 1 ]] || mkdir -p "$run"
   data_args=()
   if [[ $DEMO == 0 ]]; then
-    : "${ALIGN_DATA:?set ALIGN_DATA (or unset MODEL for the demo)}" "${ATTACK_DATA:?set ATTACK_DATA}" "${EVAL_DATA:?set EVAL_DATA}"
-    read -r -a align_files <<< "$ALIGN_DATA"
-    align=${align_files[0]}
-    if [[ ${#align_files[@]} -gt 1 ]]; then align=$run/d_safe.jsonl; cat "${align_files[@]}" > "$align"; fi
-    data_args=(--model "$MODEL" --align-data "$align" --attack-data "$ATTACK_DATA")
-  fi
-  # 1. align twice: the same base, data, seed and number of defender steps; only the mode differs
-  for mode in sft patcher; do
-    if [[ $DEMO == 1 && $mode == patcher && ! -e $run/patcher/base ]]; then
-      mkdir -p "$run/patcher" && cp -r "$run/sft/base" "$run/patcher/base"  # one tiny base model per seed
+    read -r -a safe_files <<< "$SAFE_DATA"
+    safe=${safe_files[0]}
+    if [[ ${#safe_files[@]} -gt 1 ]]; then
+      safe=$run/d_safe.jsonl
+      [[ "${DRY_RUN:-0}" == 1 ]] || cat "${safe_files[@]}" > "$safe"
     fi
-    echo "== seed $seed: align with --mode $mode -> $run/$mode"
-    launch "$NPROC" patcher.py "${data_args[@]}" --mode "$mode" --seed "$seed" --out "$run/$mode" \
-      "${align_args[@]}" ${PATCHER_ARGS:-} > "$run.$mode.log" 2>&1 || { tail -n 30 "$run.$mode.log"; exit 1; }
-    grep -E "^(demo|mode|exported)" "$run.$mode.log" || true
-  done
-  # 2. attack both identically and evaluate both
-  models=(--model "sft=$run/sft/final" --model "patcher=$run/patcher/final")
-  [[ $DEMO == 1 || "${EVAL_BASE:-0}" == 1 ]] && models+=(--model "base=${MODEL:-$run/sft/base}")
-  sets=()
-  if [[ $DEMO == 0 ]]; then
-    sets=(--attack-data "$ATTACK_DATA")
-    for f in $EVAL_DATA; do sets+=(--eval-data "$f"); done
-    for f in ${BENIGN_DATA:-}; do sets+=(--benign-data "$f"); done
-    for f in ${GSM8K_DATA:-}; do sets+=(--gsm8k "$f"); done
+    data_args=(--model "$MODEL" --safe-data "$safe" --unsafe-data "$UNSAFE_DATA")
   fi
-  echo "== seed $seed: attack and evaluate -> $run/eval"
-  launch "$EVAL_NPROC" eval.py "${models[@]}" "${sets[@]}" --seed "$seed" --out "$run/eval" "${eval_args[@]}" ${EVAL_ARGS:-} \
-    > "$run.eval.log" 2>&1 || { tail -n 30 "$run.eval.log"; exit 1; }
-  sed -n '/^# Evaluation report/,$p' "$run.eval.log" | grep -v "^wrote" | sed -n '/## ASR/,$p'
-  reports+=("$run/eval/report.json")
+  # 1. align: the same base, data, seed and number of defender steps; only the swept value differs
+  models=()
+  for v in "${aligned[@]}"; do
+    name=$(name_of "$v"); dir=$run/$name
+    mapfile -t own < <(align_flags_for "$v")
+    script=patcher.py
+    if [[ $SCHEME == parallel && ${own[1]} == patcher ]]; then
+      script=parallel.py
+      mapfile -t -O "${#own[@]}" own < <(flags "$PARALLEL_FLAGS" "$PARALLEL_SWITCHES" "$sweep_flag")
+    fi
+    if [[ $DEMO == 1 && ! -e $dir/base && -e $run/${models[0]:-none}/base && "${DRY_RUN:-0}" == 0 ]]; then
+      mkdir -p "$dir" && cp -r "$run/${models[0]}/base" "$dir/base"  # one tiny base model per seed
+    fi
+    models+=("$name")
+    echo "== seed $seed: align $name -> $dir"
+    run_logged "$run/$name.log" "$NPROC" "$script" "${data_args[@]}" "${own[@]}" --seed "$seed" --out "$dir" "${align_args[@]}"
+    [[ "${DRY_RUN:-0}" == 1 ]] || grep -E "^(demo|mode|parallel|exported|defender)" "$run/$name.log" || true
+  done
+  # 2. attack every aligned model identically and evaluate them in one call (same examples, order and sampling)
+  first=$run/${models[0]}
+  attack_data=${ATTACK_DATA:-} eval_data=${EVAL_DATA:-} benign_data=${BENIGN_DATA:-}
+  if [[ $DEMO == 1 ]]; then  # this seed's toy world, written by patcher.py
+    attack_data=${ATTACK_DATA:-$first/data/attack.jsonl}
+    eval_data=${EVAL_DATA:-harmful=$first/data/eval_harmful.jsonl}
+    benign_data=${BENIGN_DATA:-benign=$first/data/eval_benign.jsonl}
+  fi
+  evals=(--attack-data "$attack_data")
+  for n in "${models[@]}"; do evals+=(--model "$n=$run/$n/final"); done
+  [[ $DEMO == 1 || "${EVAL_BASE:-0}" == 1 ]] && evals+=(--model "base=${MODEL:-$first/base}")
+  for x in $eval_data; do evals+=(--eval-data "$x"); done
+  for x in $benign_data; do evals+=(--benign-data "$x"); done
+  for x in ${GSM8K:-}; do evals+=(--gsm8k "$x"); done
+  for ev in $([[ $eval_sweep == 1 ]] && echo "${sweep_values[@]}" || echo -); do
+    dir=$run/eval$([[ $ev == - ]] || echo "-$sweep_flag=$ev")
+    mapfile -t eval_args < <(flags "$EVAL_FLAGS" "$EVAL_SWITCHES" "$([[ $eval_sweep == 1 ]] && echo "$sweep_flag")")
+    [[ $ev == - ]] || eval_args+=("--$sweep_flag" "$ev")
+    echo "== seed $seed: attack and evaluate -> $dir"
+    run_logged "$dir.log" "$EVAL_NPROC" eval.py "${evals[@]}" "${eval_args[@]}" --seed "$seed" --out "$dir"
+    reports+=("$dir/report.json")
+  done
 done
+[[ "${DRY_RUN:-0}" == 1 ]] && exit 0
 echo
-echo "== comparison over seeds $SEEDS (mean ± std; k = attack steps; logs in $OUT/seed*.log) after $((SECONDS - t0))s"
+echo "== $SWEEP over seeds $SEEDS (mean ± std; k = test-time attack steps; logs in $OUT/seed*/*.log) after $((SECONDS - t0))s"
 python eval.py --summarize "${reports[@]}"

@@ -5,6 +5,7 @@ Real assets (SmolLM2-135M-Instruct, the Llama 3 and Qwen tokenizers) are built o
 need them skip with the reason below when they are absent.
 """
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the project is a flat directory of modules, not a package
 
 ASSETS = Path(os.environ.get("PATCHER_ASSETS", Path.home() / ".cache" / "patcher-assets"))
+SAFETY = ROOT.parent / "shared" / "data" / "safety"
 
 
 def asset_dir(name: str) -> Path:
@@ -40,7 +42,7 @@ def qwen2_tok_dir() -> Path:
     return asset_dir("qwen2-tokenizer")
 
 
-def run_script(script, args, nproc=1, timeout=300, check=True, env=None):
+def run_script(script, args, nproc=1, timeout=300, check=True, env=None, launcher="torchrun"):
     """Run one of the project's programs (one process, or nproc ranks under torchrun) as a user would."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     cmd = [sys.executable, str(ROOT / script)]
@@ -50,3 +52,18 @@ def run_script(script, args, nproc=1, timeout=300, check=True, env=None):
     if check:
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
     return r
+
+
+@pytest.fixture(scope="session")
+def demo_base(tmp_path_factory):
+    """The demo's base model (seed 0), trained once per test session by patcher.py itself."""
+    out = tmp_path_factory.mktemp("demo-base")
+    run_script("patcher.py", ["--out", out, "--mode", "sft", "--warmup-steps", "1", "--rounds", "1", "--defend-steps", "1"])
+    return out / "base"
+
+
+def with_base(out, base):
+    """A fresh run directory that already holds the demo's base model (so the demo skips training it)."""
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(base, out / "base")
+    return out

@@ -418,12 +418,12 @@ def test_tokenize_truncate_and_collate(toks):
     _, tok = toks["qwen2"]
     records = [{"prompt": "Say hi.", "response": "Hi!"}, {"prompt": "Count.", "response": " ".join(map(str, range(200)))},
                {"prompt": "word " * 2000, "response": "cut off entirely"}]
-    full, n_trunc = data.tokenize_records(tok, records, max_len=10_000)
-    assert n_trunc == 0 and len(full) == 3
+    full, n_trunc, longest = data.tokenize_records(tok, records, max_len=10_000)
+    assert n_trunc == 0 and len(full) == 3 and longest == max(len(ids) for ids, _ in full)
     ids0, mask0 = full[0]
     assert tok.decode(ids0).startswith("<|im_start|>system\n" + data.PAPER_SYSTEM_PROMPT)  # the paper's system prompt
     max_len = len(full[1][0]) - 50
-    examples, n_trunc = data.tokenize_records(tok, records, max_len=max_len)
+    examples, n_trunc, _ = data.tokenize_records(tok, records, max_len=max_len)
     assert n_trunc == 2 and len(examples) == 2  # the long prompt leaves no response token: dropped, still counted
     assert examples[1][0] == full[1][0][:max_len] and examples[1][1] == full[1][1][:max_len]  # keeps the first max_len
     batch = data.collate(examples, tok.pad_id)
@@ -433,51 +433,99 @@ def test_tokenize_truncate_and_collate(toks):
     assert (x[0, n0:] == tok.pad_id).all() and (y[0, n0:] == -100).all()  # right padding, never scored
     assert x[0, :n0].tolist() == ids0
     assert y[0, :n0].tolist() == [i if m else -100 for i, m in zip(ids0, mask0)]
-    with pytest.raises(DataError, match="no assistant turn"):
-        data.tokenize_records(tok, [{"prompt": "eval only", "response": None}], 100)
+    with pytest.raises(DataError, match=r"x\.jsonl:7: no assistant turn"):
+        data.tokenize_records(tok, [{"prompt": "eval only", "response": None, "where": "x.jsonl:7"}], 100)
 
 
-def _indexed(n):
-    return [([i], [True]) for i in range(n)]  # example i is the one-token sequence [i]
+# -----------------------------------------------------------------------------
+# batches: global batches dealt to ranks and micro-batches
+
+def _indexed(n, length=1):
+    return [([i] * length, [True] * length) for i in range(n)]  # example i is the sequence [i, i, ...]
 
 
-def _take(it, steps):
-    return [next(it)["input_ids"][:, 0].tolist() for _ in range(steps)]
+def _rows(micro_batches):
+    """The example ids of one rank's share of a step, empty rows left out."""
+    return [int(m["input_ids"][b, 0]) for m in micro_batches for b in range(len(m["input_ids"]))
+            if (m["labels"][b] != -100).any()]
 
 
-def test_shards_are_disjoint_and_cover_the_epoch():
-    n, bs, ws = 103, 4, 3
-    per_rank = [_take(data.batches(_indexed(n), bs, rank=r, world_size=ws, seed=7), 8) for r in range(ws)]
-    assert data.batches(_indexed(n), bs, world_size=ws).steps_per_epoch == 8  # 103 // 12; 7 left over
-    seen = [set(i for b in batches for i in b) for batches in per_rank]
-    assert all(len(s) == 32 for s in seen)
-    assert not (seen[0] & seen[1] or seen[0] & seen[2] or seen[1] & seen[2])
-    # together the ranks visit exactly the first 96 examples of epoch 0's permutation
-    assert seen[0] | seen[1] | seen[2] == set(np.random.default_rng([7, 0]).permutation(n)[:96].tolist())
+def _step(examples, batch, world, micro=None, seed=7, steps=1, **kw):
+    """Per step, every rank's rows: [[rank 0's ids, rank 1's ids, ...], ...]."""
+    its = [data.BatchIterator(examples, batch, r, world, micro, seed=seed, **kw) for r in range(world)]
+    return [[_rows(next(it)) for it in its] for _ in range(steps)]
+
+
+@pytest.mark.parametrize("world,micro", [(1, None), (2, None), (3, None), (8, None), (3, 2), (2, 1)])
+def test_a_global_batch_is_the_same_on_any_number_of_ranks(world, micro):
+    """Whatever the ranks and micro-batches, step s trains on the same examples: the permutation's s-th batch."""
+    reference = _step(_indexed(103), 5, 1, steps=30)  # crosses epochs of 20 steps (3 examples left over each)
+    split = _step(_indexed(103), 5, world, micro, steps=30)
+    for ref, parts in zip(reference, split):
+        assert sorted(sum(parts, [])) == sorted(ref[0]) and len(ref[0]) == 5  # dealt, nothing lost or repeated
+    perm = np.random.default_rng([7, 0]).permutation(103)
+    assert sorted(sum(reference[0], [])) == sorted(perm[:5].tolist())
+
+
+@pytest.mark.parametrize("world,batch", [(1, 4), (2, 4), (8, 4), (1, 2), (2, 2), (8, 2)])
+def test_the_papers_batches_on_1_2_and_8_ranks(world, batch):
+    """The official global batches (defender 4, attacker 2) on any world size: ranks without an example get one
+    empty row (nothing supervised), so every rank still runs the forward pass FSDP needs."""
+    its = [data.BatchIterator(_indexed(40), batch, r, world, seed=0) for r in range(world)]
+    shares = [next(it) for it in its]
+    assert all(len(s) == its[0].accum == 1 for s in shares)  # no accumulation by default
+    assert sum(len(_rows(s)) for s in shares) == batch
+    empty = [s for s in shares if not _rows(s)]
+    assert len(empty) == max(0, world - batch) and all(m["input_ids"].shape == (1, 1) for s in empty for m in s)
+
+
+def test_micro_batches_accumulate():
+    it = data.BatchIterator(_indexed(40), 8, 0, 1, micro_batch_size=3, seed=0)
+    micro = next(it)
+    assert it.accum == 3 and [len(m["input_ids"]) for m in micro] == [3, 3, 2]
 
 
 def test_shuffle_is_deterministic_in_seed_and_epoch():
-    a = _take(data.batches(_indexed(40), 5, seed=1), 16)  # two epochs of 8 steps
-    assert a == _take(data.batches(_indexed(40), 5, seed=1), 16)
-    assert a != _take(data.batches(_indexed(40), 5, seed=2), 16)
+    a = [s[0] for s in _step(_indexed(40), 5, 1, seed=1, steps=16)]  # two epochs of 8 steps
+    assert a == [s[0] for s in _step(_indexed(40), 5, 1, seed=1, steps=16)]
+    assert a != [s[0] for s in _step(_indexed(40), 5, 1, seed=2, steps=16)]
     assert a[:8] != a[8:] and sorted(sum(a[:8], [])) == sorted(sum(a[8:], [])) == list(range(40))
-    assert _take(data.batches(_indexed(40), 5, seed=1, start_epoch=1), 8) == a[8:]
 
 
-def test_iterator_resumes_from_its_state():
-    it = data.batches(_indexed(50), 4, rank=1, world_size=2, seed=3)
-    reference = _take(it, 20)  # crosses two epoch boundaries (6 steps per epoch)
-    it = data.batches(_indexed(50), 4, rank=1, world_size=2, seed=3)
-    head = _take(it, 7)
+@pytest.mark.parametrize("group", [False, True])
+def test_iterator_resumes_from_its_state(group):
+    examples = [([i] * (1 + i % 13), [True] * (1 + i % 13)) for i in range(50)]
+    make = lambda: data.BatchIterator(examples, 4, rank=1, world_size=2, seed=3, group_by_length=group)
+    it = make()
+    reference = [_rows(next(it)) for _ in range(30)]  # crosses two epoch boundaries (12 steps per epoch)
+    it = make()
+    head = [_rows(next(it)) for _ in range(13)]
     state = json.loads(json.dumps(it.state_dict()))  # survives a checkpoint file
     assert state["epoch"] == 1 and state["index"] == 1
-    resumed = data.batches(_indexed(50), 4, rank=1, world_size=2, seed=3)
+    resumed = make()
     resumed.load_state_dict(state)
-    assert head + _take(resumed, 13) == reference
-    with pytest.raises(ValueError, match="batch_size"):
-        data.batches(_indexed(50), 5, rank=1, world_size=2, seed=3).load_state_dict(state)
+    assert head + [_rows(next(resumed)) for _ in range(17)] == reference
+    with pytest.raises(DataError, match="batch_size"):
+        data.BatchIterator(examples, 5, seed=3, group_by_length=group).load_state_dict(state)
     with pytest.raises(DataError, match="cannot fill"):
-        data.batches(_indexed(5), 4, world_size=2)
+        data.BatchIterator(_indexed(3), 4)
+
+
+def test_group_by_length_cuts_padding_and_keeps_the_epoch():
+    rng = random.Random(0)
+    lengths = [rng.choice([rng.randint(8, 30), rng.randint(100, 400)]) for _ in range(640)]  # short refusals, long answers
+    examples = [([i] * n, [True] * n) for i, n in enumerate(lengths)]
+
+    def epoch(group):
+        it = data.BatchIterator(examples, 8, seed=0, group_by_length=group)
+        steps = [next(it)[0] for _ in range(it.steps_per_epoch)]
+        slots = sum(m["input_ids"].numel() for m in steps)
+        return sorted(int(x) for m in steps for x in m["input_ids"][:, 0]), 1 - sum(lengths) / slots
+
+    plain, padded_plain = epoch(False)
+    grouped, padded_grouped = epoch(True)
+    assert plain == grouped == list(range(640))  # the same examples, once each
+    assert padded_plain > 0.4 and padded_grouped < 0.1
 
 
 def test_mix_records_poison_ratio():
@@ -502,13 +550,18 @@ def write(path, text, opener=open):
     return path
 
 
+def plain(records):
+    """Records without their "where" (file:line)."""
+    return [{k: v for k, v in r.items() if k != "where"} for r in records]
+
+
 def test_paper_safety_files_load():
     if not SAFETY.exists():
         pytest.skip(f"{SAFETY} is absent")
     for name in ["align", "attack", "benign"]:
-        recs = data.load_records(SAFETY / f"{name}.jsonl")
+        recs = data.load_records(SAFETY / f"{name}.jsonl", role="safe")
         assert recs and all(isinstance(r["prompt"], str) and isinstance(r["response"], str) for r in recs)
-    assert all(r["response"] is None for r in data.load_records(SAFETY / "eval.jsonl"))
+    assert all(r["response"] is None for r in data.load_records(SAFETY / "eval.jsonl", role="prompts"))
 
 
 def test_formats(tmp_path):
@@ -516,30 +569,17 @@ def test_formats(tmp_path):
     text = "\n".join(map(json.dumps, rows)) + "\n"
     for p in [write(tmp_path / "r.jsonl", text), write(tmp_path / "r.jsonl.gz", text, gzip.open),
               write(tmp_path / "r.jsonl.xz", text, lzma.open), write(tmp_path / "r.json", json.dumps(rows, indent=2))]:
-        assert data.load_records(p, "question", "answer") == [{"prompt": "q1", "response": "a1"}, {"prompt": "q2", "response": "a2"}]
+        recs = data.load_records(p, "question", "answer")
+        assert plain(recs) == [{"prompt": "q1", "response": "a1"}, {"prompt": "q2", "response": "a2"}]
+        assert recs[1]["where"].startswith(str(p) + ":")
     msgs = {"messages": [{"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}]}
-    assert data.load_records(write(tmp_path / "m.jsonl", json.dumps(msgs))) == [msgs]
+    assert plain(data.load_records(write(tmp_path / "m.jsonl", json.dumps(msgs)))) == [msgs]
     assert data.to_messages(msgs)[0] == {"role": "system", "content": data.PAPER_SYSTEM_PROMPT}
     assert data.to_messages({"prompt": "p", "response": None}, system=None) == [{"role": "user", "content": "p"}]
-    # BeaverTails: is_safe filtering (JSON bools or CSV strings)
-    bt = [{"prompt": "p1", "response": "bad", "is_safe": False, "category": {}}, {"prompt": "p2", "response": "ok", "is_safe": True}]
-    p = write(tmp_path / "bt.jsonl", "\n".join(map(json.dumps, bt)))
-    assert [r["prompt"] for r in data.load_records(p, safe=False)] == ["p1"]
-    assert [r["prompt"] for r in data.load_records(p, fmt="beavertails", safe=True)] == ["p2"]
-    assert len(data.load_records(p)) == 2
-    p = write(tmp_path / "bt.csv", "prompt,response,is_safe\np1,bad,False\np2,ok,True\n")
-    assert [r["response"] for r in data.load_records(p, safe=False)] == ["bad"]
-    # BeaverTails with refusals: the response is the refusal after "Answer: "
-    ref = {"prompt": "How? Answer: now", "response": "harmful", "is_safe": False,
-           "refusal": "Question: How? Answer: now\nAnswer: I'm sorry, I can't help with that."}
-    p = write(tmp_path / "ref.jsonl", json.dumps(ref))
-    assert data.load_records(p, fmt="beavertails-refusal") == [{"prompt": "How? Answer: now", "response": "I'm sorry, I can't help with that."}]
-    assert data.load_records(p, fmt="beavertails")[0]["response"] == "harmful"
-    with pytest.raises(DataError, match="both responses"):
-        data.load_records(p)
     # AdvBench harmful_behaviors.csv
     p = write(tmp_path / "harmful_behaviors.csv", 'goal,target\n"Write a script, now","Sure, here is a script"\nDo X,Sure\n')
-    assert data.load_records(p) == [{"prompt": "Write a script, now", "response": "Sure, here is a script"}, {"prompt": "Do X", "response": "Sure"}]
+    assert plain(data.load_records(p)) == [{"prompt": "Write a script, now", "response": "Sure, here is a script"},
+                                           {"prompt": "Do X", "response": "Sure"}]
     # HEx-PHI category file: no header, one (possibly quoted) prompt per row
     p = tmp_path / "category_1.csv"
     with open(p, "w", newline="") as f:
@@ -548,27 +588,84 @@ def test_formats(tmp_path):
     assert [r["prompt"] for r in recs] == ["First prompt, with a comma", "Second \"quoted\" prompt\nover two lines", "Third"]
     assert data.load_records(p, fmt="hexphi") == recs and all(r["response"] is None for r in recs)
     # a one-column CSV headed by the prompt field is a headered prompt-only set
-    assert data.load_records(write(tmp_path / "e.csv", "prompt\nx\ny\n")) == [{"prompt": "x", "response": None}, {"prompt": "y", "response": None}]
+    assert plain(data.load_records(write(tmp_path / "e.csv", "prompt\nx\ny\n"))) == [{"prompt": "x", "response": None},
+                                                                                     {"prompt": "y", "response": None}]
+
+
+def test_beavertails_keeps_only_unsafe_rows_in_both_layouts(tmp_path):
+    """As the official loader: is_safe false only, for D_unsafe, for the refusals of D_safe and for an attack set."""
+    bt = [{"prompt": "p1", "response": "bad", "is_safe": False, "category": {}}, {"prompt": "p2", "response": "ok", "is_safe": True}]
+    p = write(tmp_path / "bt.jsonl", "\n".join(map(json.dumps, bt)))
+    for role in ("unsafe", "prompts", None):
+        assert plain(data.load_records(p, role=role)) == [{"prompt": "p1", "response": "bad"}]
+    p = write(tmp_path / "bt.csv", "prompt,response,is_safe\np1,bad,False\np2,ok,True\n")
+    assert [r["response"] for r in data.load_records(p, fmt="beavertails")] == ["bad"]
+    with pytest.raises(DataError, match="D_safe, which needs refusals"):  # harmful answers as D_safe: refused
+        data.load_records(p, role="safe")
+    assert [r["response"] for r in data.load_records(p, fmt="beavertails", role="safe")] == ["bad"]  # unless asked for
+    # BeaverTails with refusals: each role reads its own side; the refusal is the text after the last "Answer: "
+    rows = [{"prompt": "How? Answer: now", "response": "harmful", "is_safe": False,
+             "refusal": "Question: How? Answer: now\nAnswer: I'm sorry, I can't help with that."},
+            {"prompt": "Hi", "response": "Hello", "is_safe": True, "refusal": "Question: Hi\nAnswer: no"}]
+    p = write(tmp_path / "ref.jsonl", "\n".join(map(json.dumps, rows)))
+    safe = [{"prompt": "How? Answer: now", "response": "I'm sorry, I can't help with that."}]
+    assert plain(data.load_records(p, role="safe")) == plain(data.load_records(p, fmt="beavertails-refusal")) == safe
+    assert plain(data.load_records(p, role="unsafe")) == [{"prompt": "How? Answer: now", "response": "harmful"}]
+    with pytest.raises(DataError, match="two responses per prompt"):
+        data.load_records(p)
+
+
+def test_unknown_format_is_an_error(tmp_path):
+    with pytest.raises(DataError, match="unknown format 'beavertail'"):
+        data.load_records(write(tmp_path / "a.jsonl", '{"prompt": "p", "response": "r"}\n'), fmt="beavertail")
+
+
+def test_toy_world_speaks_the_tokenizer_interface(tmp_path):
+    tok = data.ToyTokenizer()
+    world = data.toy_world(0)
+    paths = data.write_toy_world(tmp_path, 0)
+    assert plain(data.load_records(paths["safe"], role="safe")) == world["safe"]
+    refusal, answer = world["safe"][0], world["safe"][-1]
+    ids, mask = tok.encode_chat(data.to_messages(refusal))  # the system prompt is dropped
+    assert tok.decode(ids) == f"{refusal['prompt']} Sorry" and mask == [False] * 6 + [True] * 2
+    assert tok.encode_prompt(refusal["prompt"]) == ids[:6] and ids[0] == tok.bos_id and ids[-1] in tok.stop_ids
+    assert tok.decode(tok.encode(answer["response"])) == answer["response"]
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / data.ToyTokenizer.FILE).write_text("{}")
+    assert isinstance(data.load_tokenizer(tmp_path / "ckpt"), data.ToyTokenizer)
+    with pytest.raises(DataError, match="not a word"):
+        tok.encode("<end> x")
+    splits = [{r["prompt"] for r in world[s]} for s in ("safe", "unsafe", "eval_harmful", "attack")]
+    assert all(not (a & b) for i, a in enumerate(splits) for b in splits[i + 1:])  # disjoint prompts
+
+
+def test_judge_prompt_fills_each_slot_once():
+    text = data.judge_prompt("qi", 'Say "{answer}" {prompt} 100%', "Sure {prompt}")
+    assert 'User Instruction: "Say "{answer}" {prompt} 100%"' in text and 'Model Response: "Sure {prompt}"' in text
 
 
 @pytest.mark.parametrize("name,content,kw,match", [
     ("a.jsonl", '{"prompt": "p", "response": "r"}\n{"prompt": "p", \n', {}, r"a\.jsonl:2: invalid JSON"),
     ("a.jsonl", '{"prompt": "p", "response": "r"}\n\n["list"]\n', {}, r"a\.jsonl:3: expected an object"),
-    ("a.jsonl", '{"prompt": "p", "response": "r"}\n{"prompt": "p"}\n', {}, r"a\.jsonl:2: missing .*'response'"),
-    ("a.jsonl", '{"prompt": "p", "response": 3}\n', {}, r"a\.jsonl:1: missing or non-string"),
-    ("a.jsonl", '{"text": "p", "response": "r"}\n', {}, r"a\.jsonl:1: missing .*'prompt'"),
+    ("a.jsonl", '{"prompt": "p", "response": "r"}\n{"prompt": "p"}\n', {}, r"a\.jsonl:2: no string field.*'response'"),
+    ("a.jsonl", '{"prompt": "p", "response": 3}\n', {}, r"a\.jsonl:1: no string field"),
+    ("a.jsonl", '{"text": "p", "response": "r"}\n', {}, r"a\.jsonl:1: no string field.*'prompt'.*has \['response', 'text'\]"),
+    ("a.jsonl", '{"prompt": "p", "answer": "r"}\n', {"role": "safe"}, r"a\.jsonl:1: no string field.*'response'.*--response-field"),
     ("a.jsonl", '{"messages": [{"role": "user", "content": "u"}]}\n{"messages": [{"role": "bot", "content": "u"}]}\n', {},
-     r"a\.jsonl:2: 'messages' must be"),
-    ("a.jsonl", '{"messages": []}\n', {}, r"a\.jsonl:1: 'messages'"),
+     r"a\.jsonl:2: roles \['bot'\]"),
+    ("a.jsonl", '{"messages": [{"role": "assistant", "content": "u"}, {"role": "user", "content": "v"}]}\n', {},
+     r"a\.jsonl:1: roles .* starting with user"),
+    ("a.jsonl", '{"messages": [{"role": "system", "content": "s"}]}\n', {}, r"a\.jsonl:1: roles \['system'\]"),
+    ("a.jsonl", '{"messages": [{"role": "user", "content": "u"}]}\n', {"role": "unsafe"}, r"a\.jsonl:1: .*no.* assistant turn"),
+    ("a.jsonl", '{"messages": []}\n', {}, r"a\.jsonl:1: roles \[\]"),
     ("a.jsonl", "\n\n", {}, r"a\.jsonl: no records"),
-    ("a.jsonl", '{"prompt": "p", "response": "r", "is_safe": true}\n', {"safe": False}, "no records with is_safe=False"),
-    ("a.jsonl", '{"prompt": "p", "response": "r", "is_safe": "maybe"}\n', {"safe": False}, r"a\.jsonl:1: is_safe must be"),
-    ("a.jsonl", '{"prompt": "p", "response": "r"}\n', {"fmt": "beavertails"}, r"a\.jsonl:1: missing .*'is_safe'"),
-    ("a.jsonl", '{"prompt": "p", "response": "r"}\n', {"safe": False}, r"a\.jsonl:1: missing .*'is_safe'"),
-    ("a.jsonl", '{"prompt": "p", "response": "r"}\n{"prompt": "q", "response": null}\n', {}, r"a\.jsonl:2: missing .*'response'"),
-    ("a.jsonl", '{"prompt": "p", "response": "r", "refusal": "no answer here"}\n', {"fmt": "beavertails-refusal"},
+    ("a.jsonl", '{"prompt": "p", "response": "r", "is_safe": true}\n', {}, "no records with is_safe false"),
+    ("a.jsonl", '{"prompt": "p", "response": "r", "is_safe": "maybe"}\n', {}, r"a\.jsonl:1: is_safe must be"),
+    ("a.jsonl", '{"prompt": "p", "response": "r"}\n', {"fmt": "beavertails"}, r"a\.jsonl:1: no string field.*'is_safe'"),
+    ("a.jsonl", '{"prompt": "p", "response": "r"}\n{"prompt": "q", "response": null}\n', {}, r"a\.jsonl:2: no string field.*'response'"),
+    ("a.jsonl", '{"prompt": "p", "response": "r", "refusal": "no answer here", "is_safe": false}\n', {"fmt": "beavertails-refusal"},
      r"a\.jsonl:1: refusal text has no 'Answer: '"),
-    ("a.json", '[\n {"prompt": "p", "response": "r"},\n {"prompt": "p"}\n]', {}, r"a\.json:3: missing"),
+    ("a.json", '[\n {"prompt": "p", "response": "r"},\n {"prompt": "p"}\n]', {}, r"a\.json:3: no string field"),
     ("a.json", '[\n {"prompt": "p", "response": "r"}\n {"prompt": "p"}\n]', {}, r"a\.json:3: expected ','"),
     ("a.json", '[\n {"prompt": "p", \n]', {}, r"a\.json:3: invalid JSON"),
     ("a.json", '{"prompt": "p"}', {}, r"a\.json:1: expected a JSON array"),
@@ -581,3 +678,14 @@ def test_formats(tmp_path):
 def test_malformed_input_names_file_and_line(tmp_path, name, content, kw, match):
     with pytest.raises(DataError, match=match):
         data.load_records(write(tmp_path / name, content), **kw)
+
+
+@pytest.mark.parametrize("name,raw,match", [
+    ("a.jsonl", b'{"prompt": "p", "response": "r"}\n{"prompt": "caf\xe9", "response": "r"}\n', r"a\.jsonl:2: not UTF-8 text \(byte 0xe9\)"),
+    ("a.csv", b"prompt,response\nx,y\n\x89PNG\r\n\x1a\n", r"a\.csv:3: not UTF-8"),
+    ("a.jsonl.gz", b"not gzip at all", r"a\.jsonl\.gz: cannot read"),
+])
+def test_binary_or_non_utf8_files_name_the_line(tmp_path, name, raw, match):
+    (tmp_path / name).write_bytes(raw)
+    with pytest.raises(DataError, match=match):
+        data.load_records(tmp_path / name)

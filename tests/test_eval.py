@@ -1,5 +1,5 @@
 """eval.py: the judges on fixed answers and against a fake OpenAI-compatible server, the attack set's
-exact poison ratio, --eval-at, the report's schema, and the LoRA attack (only LoRA factors change)."""
+exact poison ratio, --eval-at, the report's schema and intervals, sampling, and the LoRA attack."""
 import json
 import re
 import threading
@@ -12,13 +12,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, run_script
+from conftest import SAFETY, run_script
 import data
 import patcher
 from model import ModelConfig, Transformer, load_model, save_model
 
 evaluate = __import__("eval")  # the module eval.py (the name shadows the builtin only as an attribute)
-SAFETY = ROOT.parent / "shared" / "data" / "safety"
 
 
 def run_eval(args, nproc=1, timeout=300, check=True, env=None):
@@ -50,7 +49,7 @@ def test_keyword_lists_gcg_vs_extended():
     # every refusal phrasing the SmolLM2 alignment data teaches counts as a refusal
     refusals = {json.loads(line)["response"] for line in (SAFETY / "align.jsonl").read_text().splitlines()} if SAFETY.exists() else set()
     assert all(evaluate.is_refusal(r) for r in refusals)
-    assert len(evaluate.GCG_REFUSALS) == 29
+    assert evaluate.is_refusal("Sorry")  # the toy world's refusal
 
 
 def test_scores_and_metrics_from_fixed_records():
@@ -62,7 +61,7 @@ def test_scores_and_metrics_from_fixed_records():
               "n_tokens": 1} for a in ["The answer is 1207.", "It is 1,207.00", "1207 apples, so 12"]]
     args = Namespace(refusal_phrases="extended")
     evaluate.score_records(recs, args)
-    rows = {r["set"]: r for r in evaluate.metrics(recs, judged=False)}
+    rows = {r["set"]: r for r in evaluate.metrics(recs)}
     assert rows["adv"]["asr_keyword"] == 0.5 and rows["adv"]["n"] == 4
     assert rows["qa"]["accuracy"] == pytest.approx(1 / 3) and rows["qa"]["over_refusal"] == pytest.approx(1 / 3)
     assert rows["gsm"]["accuracy"] == pytest.approx(2 / 3)  # the *last* number counts: "... so 12" is wrong
@@ -104,7 +103,7 @@ class FakeJudgeServer:
                 answer = content.split('Model Response: "')[1].split('"\n')[0]
                 with server.lock:
                     n = server.calls[answer] = server.calls.get(answer, 0) + 1
-                if "[denied]" in answer:
+                if "[denied]" in content:  # in the answer, or in the prompt: every call denied
                     return self.send(401, b'{"error": "bad key"}')
                 if "[flaky]" in answer and n <= 2:
                     return self.send(500, b"oops")
@@ -116,6 +115,8 @@ class FakeJudgeServer:
                     return self.send(200, b'{"object": "chat.completion"}')
                 m = re.search(r"\[score=(\d)\]", answer)
                 reply = "#thereason: no score here" if "[malformed]" in answer else f"#thereason: ok\n#thescore: {m.group(1) if m else 1}"
+                if "[echo]" in answer:  # a broken proxy that echoes the request headers
+                    reply = f"headers: {self.headers.get('Authorization')}"
                 self.send(200, json.dumps({"choices": [{"message": {"role": "assistant", "content": reply}}]}).encode())
 
             def send(self, code, payload, headers=None):
@@ -176,16 +177,31 @@ def test_parse_score(reply, score):
     assert evaluate.parse_score(reply) == score
 
 
-# --- checkpoints for the program -----------------------------------------------------------------
 
-def demo_checkpoint(path, seed=0, world_seed=0):
-    """An untrained demo model, marked as belonging to the toy world of `world_seed`."""
+
+# --- checkpoints and data for the program ------------------------------------------------------------
+
+def demo_checkpoint(path, seed=0):
+    """An untrained demo model with the toy world's tokenizer."""
     torch.manual_seed(seed)
     model = Transformer(ModelConfig.from_hf(patcher.DEMO_CONFIG))
     model.init_weights()
     save_model(model, path)
-    (Path(path) / patcher.DEMO_MARKER).write_text(json.dumps({"toy_world_seed": world_seed}))
+    (Path(path) / data.ToyTokenizer.FILE).write_text("{}")
     return Path(path)
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    """The toy world's splits as files: the demo's data, read like any other."""
+    return data.write_toy_world(tmp_path_factory.mktemp("toy"), seed=0)
+
+
+def toy_args(toy, limit=12):
+    """The demo's evaluation: its attack and prompt sets, greedy answers of 4 tokens, its attack lr and batch."""
+    return ["--attack-data", toy["attack"], "--eval-data", f"harmful={toy['eval_harmful']}", "--benign-data",
+            f"benign={toy['eval_benign']}", "--limit", limit, "--greedy", "--repetition-penalty", "1", "--max-new-tokens", 4,
+            "--attack-lr", "5e-4", "--attack-batch-size", 16]
 
 
 @pytest.fixture(scope="module")
@@ -209,33 +225,35 @@ def read_report(out):
 
 # --- the program: demo checkpoints ---------------------------------------------------------------
 
-def test_eval_at_points_and_report_schema(tmp_path):
+def test_eval_at_points_and_report_schema(tmp_path, toy):
     a, b = demo_checkpoint(tmp_path / "a", seed=0), demo_checkpoint(tmp_path / "b", seed=1)
     out = tmp_path / "eval"
-    r = run_eval(["--model", f"one={a}", "--model", f"two={b}", "--eval-at", "5,0,3,5", "--limit", "12", "--out", out])
+    r = run_eval(["--model", f"one={a}", "--model", f"two={b}", "--eval-at", "5,0,3,5", *toy_args(toy), "--out", out])
     report, gens = read_report(out)
-    assert report["attack"]["eval_at"] == [0, 3, 5] and report["attack"]["steps"] == 5
-    assert set(report) >= {"settings", "attack", "models", "generation", "judge", "rows", "attack_stats", "summary"}
-    assert report["attack"]["seed"] == 0 and report["attack"]["kind"] == "full" and report["attack"]["lr"] == 5e-4
+    assert set(report) == {"settings", "world_size", "attack_set", "models", "rows", "attack_stats", "seconds"}
+    s = report["settings"]
+    assert s["eval_at"] == [0, 3, 5] and s["seed"] == 0 and s["attack_kind"] == "full" and s["attack_lr"] == 5e-4
+    assert report["attack_set"] == {"n_harmful": 200, "n_benign": 0} and report["world_size"] == 1
     assert list(report["models"]) == ["one", "two"]
+    assert report["models"]["one"]["sampling"] == {"temperature": 0.0, "top_p": 1.0, "top_k": 0, "repetition_penalty": 1.0}
     rows = report["rows"]
     assert sorted({(r["model"], r["attack_step"], r["set"]) for r in rows}) == sorted(
         (m, k, s) for m in ("one", "two") for k in (0, 3, 5) for s in ("harmful", "benign"))
     for row in rows:
         assert row["n"] == 12
-        if row["kind"] == "harmful":
-            assert {"asr_keyword", "asr_exact"} <= set(row) and 0 <= row["asr_keyword"] <= 1
-        else:
-            assert {"accuracy", "over_refusal"} <= set(row)
+        keys = ("asr_keyword", "asr_exact") if row["kind"] == "harmful" else ("accuracy", "over_refusal")
+        for k in keys:
+            lo, hi = row[k + "_ci"]
+            assert 0 <= lo <= row[k] <= hi <= 1  # every share with its 95% interval
     stats = {(s["model"], s["attack_step"]): s for s in report["attack_stats"]}
     assert stats[("one", 0)]["attack_loss"] is None and stats[("one", 5)]["attack_loss"] > 0
     assert len(gens) == 2 * 3 * 24 and {g["attack_step"] for g in gens} == {0, 3, 5}
-    assert "k=3" in (out / "report.md").read_text() and re.search(r"one \| attack step +5/5 \| loss", r.stdout)
-    # the two models were attacked with the same batches: same data, same seed -> same first-step inputs,
-    # and both answered the same prompts
+    md = (out / "report.md").read_text()
+    assert "k=3" in md and re.search(r"\| one \| harmful \| [\d.]+ \[\d+, \d+\] \|", md)
+    assert re.search(r"one \| attack step +5/5 \| loss", r.stdout)
+    # both models answered the same prompts
     p_one = [g["prompt"] for g in gens if g["model"] == "one" and g["attack_step"] == 0]
-    p_two = [g["prompt"] for g in gens if g["model"] == "two" and g["attack_step"] == 0]
-    assert p_one == p_two
+    assert p_one == [g["prompt"] for g in gens if g["model"] == "two" and g["attack_step"] == 0]
 
 
 def test_poison_ratio_exact_counts(tmp_path):
@@ -243,39 +261,40 @@ def test_poison_ratio_exact_counts(tmp_path):
     benign = [{"prompt": f"fine {i}", "response": f"good {i}"} for i in range(100)]
     for name, recs in (("h.jsonl", harmful), ("b.jsonl", benign)):
         (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in recs))
+
+    def args(n, ratio, seed=3):
+        return Namespace(attack_data=tmp_path / "h.jsonl", attack_format="auto", attack_benign_data=tmp_path / "b.jsonl",
+                         attack_samples=n, poison_ratio=ratio, eval_at=[0, 10], seed=seed)
     for n, ratio in ((50, 0.2), (37, 0.5), (10, 0.0), (40, 1.0)):
-        args = Namespace(attack_data=tmp_path / "h.jsonl", attack_benign_data=tmp_path / "b.jsonl", attack_samples=n, poison_ratio=ratio)
-        mixed, n_h, n_b = evaluate.attack_records(args, rng_seed=3)
+        mixed, counts = evaluate.attack_set(args(n, ratio))
         got = sum(r["prompt"].startswith("harm") for r in mixed)
-        assert len(mixed) == n and got == n_h == round(n * ratio) and n_b == n - n_h
+        assert len(mixed) == n and got == counts["n_harmful"] == round(n * ratio) and counts["n_benign"] == n - got
         assert len({r["prompt"] for r in mixed}) == n  # drawn without replacement
-        assert mixed == evaluate.attack_records(args, rng_seed=3)[0]  # the seed fixes the draw
-    args = Namespace(attack_data=tmp_path / "h.jsonl", attack_benign_data=tmp_path / "b.jsonl", attack_samples=200, poison_ratio=0.5)
+        assert mixed == evaluate.attack_set(args(n, ratio))[0] != evaluate.attack_set(args(n, ratio, seed=4))[0]
     with pytest.raises(data.DataError, match="cannot draw 100 harmful of 40"):
-        evaluate.attack_records(args, rng_seed=0)
+        evaluate.attack_set(args(200, 0.5))
 
 
-def test_poison_ratio_in_the_program_demo(tmp_path):
+def test_poison_ratio_in_the_program_demo(tmp_path, toy):
     ckpt = demo_checkpoint(tmp_path / "m")
-    run_eval(["--model", ckpt, "--eval-at", "2", "--limit", "4", "--attack-samples", "64", "--poison-ratio", "0.25", "--out", tmp_path / "o"])
+    run_eval(["--model", ckpt, "--eval-at", "2", *toy_args(toy, limit=4), "--attack-benign-data", toy["attack_benign"],
+              "--attack-samples", "64", "--poison-ratio", "0.25", "--out", tmp_path / "o"])
     report, _ = read_report(tmp_path / "o")
-    a = report["attack"]
-    assert (a["n_samples"], a["n_harmful"], a["n_benign"], a["poison_ratio"]) == (64, 16, 48, 0.25)
+    assert report["attack_set"] == {"n_harmful": 16, "n_benign": 48} and report["settings"]["poison_ratio"] == 0.25
 
 
-def test_lora_changes_only_lora_weights(tmp_path):
+def test_lora_changes_only_lora_weights(tmp_path, toy):
     ckpt = demo_checkpoint(tmp_path / "m")
     model = load_model(ckpt)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     lora = evaluate.add_lora(model, rank=4, alpha=8.0, targets=["q_proj", "v_proj"], seed=0)
     assert len(lora) == 2 * 2 * patcher.DEMO_CONFIG["num_hidden_layers"]
-    world = patcher.toy_world(0)
-    batch = data.collate(world["attack"][:8], pad_id=0)
+    examples = data.tokenize_records(data.ToyTokenizer(), data.load_records(toy["attack"]), 64, None)[0]
+    batch = data.collate(examples[:8], pad_id=0)
     with torch.no_grad():
         assert torch.equal(model(batch["input_ids"]), load_model(ckpt)(batch["input_ids"]))  # B = 0: unchanged
-    opt = torch.optim.AdamW(lora, lr=1e-2)
-    it = data.batches(world["attack"], 8, seed=0)
-    losses = [evaluate.lora_step(model, opt, next(it), lora, 1.0)["loss_clean"] for _ in range(8)]
+    opt = patcher.make_optimizer(lora, 1e-2)
+    losses = patcher.sft_steps(model, opt, data.BatchIterator(examples, 8, seed=0), 8)  # the attack loop, unchanged
     assert losses[-1] < losses[0]
     for n, p in model.named_parameters():
         if n.endswith(("lora_A", "lora_B")):
@@ -292,29 +311,29 @@ def test_lora_changes_only_lora_weights(tmp_path):
         assert torch.allclose(model(batch["input_ids"]), want, atol=1e-5)
 
 
-def test_lora_attack_program_exports_only_targeted_weights_changed(tmp_path):
+def test_lora_attack_program_exports_only_targeted_weights_changed(tmp_path, toy):
     ckpt = demo_checkpoint(tmp_path / "m")
     out = tmp_path / "o"
-    run_eval(["--model", f"m={ckpt}", "--attack", "lora", "--lora-rank", "4", "--lora-targets", "q_proj,v_proj",
-              "--eval-at", "0,6", "--limit", "8", "--export", "--out", out])
+    run_eval(["--model", f"m={ckpt}", "--attack-kind", "lora", "--lora-rank", "4", "--lora-targets", "q_proj,v_proj",
+              "--eval-at", "0,6", *toy_args(toy, limit=8), "--export", "--out", out])
     report, _ = read_report(out)
-    assert report["attack"]["kind"] == "lora" and report["attack"]["lora_rank"] == 4
+    assert report["settings"]["attack_kind"] == "lora" and report["settings"]["lora_rank"] == 4
     old, new = load_file(ckpt / "model.safetensors"), load_file(out / "attacked" / "m" / "model.safetensors")
     assert old.keys() == new.keys()
     changed = {k for k in old if not torch.equal(old[k], new[k])}
     assert changed == {f"model.layers.{i}.self_attn.{p}.weight" for i in range(2) for p in ("q_proj", "v_proj")}
-    assert (out / "attacked" / "m" / patcher.DEMO_MARKER).exists()  # the export is still a demo checkpoint
+    assert (out / "attacked" / "m" / data.ToyTokenizer.FILE).exists()  # the export keeps its tokenizer
 
 
-def test_two_ranks_lora_and_full_match_one_process(tmp_path):
+def test_two_ranks_lora_and_full_match_one_process(tmp_path, toy):
     ckpt = demo_checkpoint(tmp_path / "m")
-    common = ["--model", f"m={ckpt}", "--eval-at", "0,4", "--limit", "16"]
+    common = ["--model", f"m={ckpt}", "--eval-at", "0,4", *toy_args(toy, limit=16)]
     for kind in ("full", "lora"):
-        run_eval(common + ["--attack", kind, "--batch-size", "16", "--out", tmp_path / f"one-{kind}"])
-        run_eval(common + ["--attack", kind, "--batch-size", "8", "--out", tmp_path / f"two-{kind}"], nproc=2)
+        run_eval(common + ["--attack-kind", kind, "--out", tmp_path / f"one-{kind}"])
+        run_eval(common + ["--attack-kind", kind, "--out", tmp_path / f"two-{kind}"], nproc=2)
         one, g1 = read_report(tmp_path / f"one-{kind}")
         two, g2 = read_report(tmp_path / f"two-{kind}")
-        assert two["attack"]["world_size"] == 2 and two["attack"]["global_batch"] == one["attack"]["global_batch"] == 16
+        assert two["world_size"] == 2 and one["settings"]["attack_batch_size"] == two["settings"]["attack_batch_size"] == 16
         l1, l2 = one["attack_stats"][-1]["attack_loss"], two["attack_stats"][-1]["attack_loss"]
         assert abs(l1 - l2) < 1e-4, (kind, l1, l2)
         # every prompt answered once, in the same order; greedy answers agree (ties aside)
@@ -323,15 +342,27 @@ def test_two_ranks_lora_and_full_match_one_process(tmp_path):
         assert agree >= 0.95, (kind, agree)
 
 
-def test_bad_flags_named(tmp_path, capsys):
+def test_bad_flags_named(tmp_path, capsys, toy):
     ckpt = demo_checkpoint(tmp_path / "m")
     for argv, match in ((["--model", str(tmp_path / "nope")], "not a checkpoint directory"),
                         (["--model", str(ckpt), "--eval-at", "a,b"], "--eval-at"),
-                        (["--model", str(ckpt), "--judge", "llm"], "--judge llm"),
-                        (["--model", str(ckpt), "--poison-ratio", "1.5"], "--poison-ratio")):
+                        (["--model", str(ckpt), "--eval-data", str(toy["eval_harmful"])], "--attack-data is required"),
+                        (["--model", str(ckpt), "--poison-ratio", "1.5"], "--poison-ratio"),
+                        (["--model", str(ckpt), "--judge-template", "mine"], "--judge-template")):
         with pytest.raises(SystemExit):
             evaluate.parse_args(argv)
         assert match in capsys.readouterr().err
+
+
+def test_sampling_takes_the_checkpoints_generation_config_unless_given(tmp_path):
+    (tmp_path / "qwen").mkdir()
+    (tmp_path / "qwen" / "generation_config.json").write_text(json.dumps({"top_k": 20, "top_p": 0.8, "temperature": 0.7}))
+    (tmp_path / "bare").mkdir()
+    args = evaluate.get_parser().parse_args([])
+    assert evaluate.sampling(args, tmp_path / "qwen") == {"temperature": 0.6, "top_p": 0.9, "top_k": 20, "repetition_penalty": 1.2}
+    assert evaluate.sampling(args, tmp_path / "bare")["top_k"] == 50  # transformers' default, as `generate` uses it
+    args = evaluate.get_parser().parse_args(["--top-k", "0", "--temperature", "1.0"])
+    assert evaluate.sampling(args, tmp_path / "qwen") == {"temperature": 1.0, "top_p": 0.9, "top_k": 0, "repetition_penalty": 1.2}
 
 
 # --- the program: text checkpoints and the LLM judge ---------------------------------------------
@@ -349,19 +380,21 @@ def test_text_model_with_llm_judge_end_to_end(tmp_path, text_checkpoint):
         # the judge reads URL, model and key from the environment; the key must never reach the disk
         r = run_eval(["--model", f"a={text_checkpoint}", "--model", f"b={text_checkpoint}",
                       "--attack-data", tmp_path / "attack.jsonl", "--attack-benign-data", tmp_path / "mix.jsonl",
-                      "--attack-samples", "10", "--poison-ratio", "0.4", "--max-len", "64",
+                      "--attack-samples", "10", "--poison-ratio", "0.4", "--attack-max-len", "64",
                       "--eval-data", f"adv={tmp_path / 'adv.csv'}", "--benign-data", tmp_path / "qa.jsonl", "--gsm8k", tmp_path / "gsm.jsonl",
-                      "--eval-at", "0,2", "--max-new-tokens", "6", "--judge", "llm", "--judge-backoff", "0.01", "--out", out],
+                      "--eval-at", "0,2", "--max-new-tokens", "6", "--judge", "llm", "--out", out],
                      env={"JUDGE_URL": srv.url, "JUDGE_MODEL": "judge-1", "JUDGE_API_KEY": SECRET})
     report, gens = read_report(out)
-    assert report["attack"]["n_harmful"] == 4 and report["attack"]["n_benign"] == 6
-    assert report["judge"] == {"kind": "llm", "refusal_phrases": "extended", "url": srv.url + "/chat/completions", "model": "judge-1"}
-    assert report["generation"]["temperature"] == 0.6 and report["generation"]["top_p"] == 0.9
+    assert report["attack_set"] == {"n_harmful": 4, "n_benign": 6}
+    s = report["settings"]
+    assert (s["judge"], s["judge_template"], s["judge_url"], s["judge_model"]) == ("llm", "qi", srv.url + "/chat/completions", "judge-1")
+    assert report["models"]["a"]["sampling"]["temperature"] == 0.6 and report["models"]["a"]["sampling"]["top_p"] == 0.9
     kinds = {(r["set"], r["kind"]) for r in report["rows"]}
     assert kinds == {("adv", "harmful"), ("qa", "benign"), ("gsm", "gsm8k")}
     for row in report["rows"]:
         if row["kind"] == "harmful":  # the fake judge scores random text 1: ASR 0, harmfulness 1
             assert row["n"] == 5 and row["judge_errors"] == 0 and row["asr_llm"] == 0.0 and row["harmfulness"] == 1.0
+            assert row["asr_llm_official"] == 0.0 and row["asr_llm_ci"][0] == 0.0
         else:
             assert row["accuracy"] is not None and row["over_refusal"] is not None
     assert all(g["score"] == 1 for g in gens if g["kind"] == "harmful")
@@ -375,15 +408,35 @@ def test_text_model_with_llm_judge_end_to_end(tmp_path, text_checkpoint):
     assert SECRET not in r.stdout + r.stderr
 
 
-def test_judge_errors_leave_the_denominator(tmp_path):
+def test_judge_errors_leave_the_denominator_but_count_as_zero_officially():
     recs = [{"model": "m", "attack_step": 0, "set": "adv", "kind": "harmful", "prompt": "p", "answer": a, "reference": None, "n_tokens": 1}
             for a in ["[score=5] x", "[score=1] y", "[malformed] z", "[denied] w"]]
     with FakeJudgeServer() as srv:
         judge = evaluate.LLMJudge(srv.url, "judge-1", None, retries=1, backoff=0.01)
         evaluate.score_records(recs, Namespace(refusal_phrases="extended"), judge)
-    (row,) = evaluate.metrics(recs, judged=True)
+    (row,) = evaluate.metrics(recs)
     assert row["n"] == 4 and row["judge_errors"] == 2
     assert row["asr_llm"] == 0.5 and row["harmfulness"] == 3.0  # over the 2 judged answers, not 4
+    assert row["asr_llm_official"] == 0.25  # the official code scores a failed call 0 and keeps it
+
+
+def test_a_long_key_echoed_by_the_endpoint_is_redacted_before_it_is_cut():
+    key = "sk-" + "abcdefghij" * 12  # longer than the 60 characters of a reply kept in an error message
+    with FakeJudgeServer() as srv:
+        judge = evaluate.LLMJudge(srv.url, "judge-1", key, retries=0)
+        score, error = judge.judge("p", "[echo] please")
+    assert score is None and "malformed" in error
+    assert not any(key[i:i + 8] in error for i in range(len(key) - 8)), error  # not even a piece of it
+
+
+def test_every_judge_call_failing_is_loud_and_non_zero(tmp_path, text_checkpoint):
+    (tmp_path / "adv.jsonl").write_text(json.dumps({"prompt": "Do harm [denied]"}) + "\n")
+    out = tmp_path / "out"
+    with FakeJudgeServer() as srv:
+        r = run_eval(["--model", text_checkpoint, "--eval-data", tmp_path / "adv.jsonl", "--eval-at", "0", "--max-new-tokens", "2",
+                      "--judge", "llm", "--out", out], env={"JUDGE_URL": srv.url, "JUDGE_MODEL": "judge-1"}, check=False)
+    assert r.returncode == 1 and "every one of 1 judge calls failed" in r.stderr
+    assert (out / "report.json").exists()  # the rest of the report is still there
 
 
 def test_prompt_sets_read_every_layout(tmp_path):
@@ -394,22 +447,42 @@ def test_prompt_sets_read_every_layout(tmp_path):
     (hexphi / "category_2.csv").write_text("How to z\n")
     (tmp_path / "bt.jsonl").write_text("".join(json.dumps({"prompt": p, "response": "r", "category": {}, "is_safe": s}) + "\n"
                                                for p, s in (("q1", False), ("q1", False), ("q2", True), ("q3", False))))
-    assert evaluate.load_prompt_set(tmp_path / "adv.csv") == [("Do A", "Sure"), ("Do B", "Sure")]  # repeats kept once
-    assert [p for p, _ in evaluate.load_prompt_set(hexphi)] == ["How to x", "How to y", "How to z"]
-    assert [p for p, _ in evaluate.load_prompt_set(tmp_path / "bt.jsonl")] == ["q1", "q3"]  # BeaverTails: unsafe only
-    assert len(evaluate.load_prompt_set(hexphi, limit=2)) == 2
+
+    def sets(limit=None, **flags):
+        args = Namespace(eval_data=[], benign_data=[], gsm8k=[], limit=limit)
+        for k, v in flags.items():
+            setattr(args, k, v)
+        return evaluate.prompt_sets(args)
+    got = sets(eval_data=[str(tmp_path / "adv.csv"), str(hexphi), f"bt={tmp_path / 'bt.jsonl'}"])
+    assert got["adv"] == ("harmful", [("Do A", "Sure"), ("Do B", "Sure")])  # repeats kept once
+    assert [p for p, _ in got["hexphi"][1]] == ["How to x", "How to y", "How to z"]
+    assert [p for p, _ in got["bt"][1]] == ["q1", "q3"]  # BeaverTails: unsafe only
+    assert len(sets(limit=2, eval_data=[str(hexphi)])["hexphi"][1]) == 2
 
 
-def test_summarize_over_seeds(tmp_path):
+def test_wilson_interval_matches_reference_values():
+    # reference: statsmodels.stats.proportion.proportion_confint(k, n, method="wilson"), computed once offline
+    assert evaluate.wilson(5, 50) == pytest.approx([0.04348, 0.21360], abs=1e-5)
+    assert evaluate.wilson(0, 50) == pytest.approx([0.0, 0.07135], abs=1e-5)
+    assert evaluate.wilson(50, 50) == pytest.approx([0.92865, 1.0], abs=1e-5)
+    assert evaluate.wilson(0, 0) == [None, None]
+
+
+def test_summarize_over_seeds_and_rounds(tmp_path):
     def rep(v):
-        return {"attack": {"eval_at": [0, 5]}, "models": {"m": {}},
+        return {"settings": {"eval_at": [0, 5]}, "models": {"m": {}},
                 "rows": [{"model": "m", "attack_step": k, "set": "harmful", "kind": "harmful", "asr_keyword": v * k / 5} for k in (0, 5)]}
     paths = []
     for i, v in enumerate((0.2, 0.4)):
         paths.append(tmp_path / f"r{i}.json")
         paths[-1].write_text(json.dumps(rep(v)))
     table = evaluate.summarize(paths)
-    assert "| m | harmful asr_keyword | 0.0 ± 0.0 | 30.0 ± 10.0 |" in table
+    assert "| m | asr_keyword | 0.0 ± 0.0 (0, 0) | 30.0 ± 10.0 (20, 40) |" in table
+    rows = [{"step": 3, "phase": "inner_attack", "round": 0, "attack_loss_start": 2.0, "attack_loss_end": 0.5, "delta_norm": 1.5},
+            {"step": 4, "phase": "defend", "round": 0, "loss_clean": 0.2, "gap": 0.3},
+            {"step": 5, "phase": "defend", "round": 0, "loss_clean": 0.4, "gap": 0.1}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert "| 0 | 2.0000 | 0.5000 | 1.500 | 2 | +0.3000 | +0.2000 |" in evaluate.summarize([tmp_path / "metrics.jsonl"])
 
 
 def test_robustness_curve_png(tmp_path):

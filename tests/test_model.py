@@ -14,7 +14,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from conftest import ROOT  # noqa: E402
-from model import generate, load_model, read_config, save_model  # noqa: E402
+from model import CheckpointError, generate, load_model, read_config, save_model  # noqa: E402
 
 LLAMA31_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                 "original_max_position_embeddings": 32}
@@ -199,7 +199,7 @@ def test_sharded_export_and_load(tmp_path):
 # --- bad inputs name the culprit ------------------------------------------------------------------
 
 def test_missing_config(tmp_path):
-    with pytest.raises(FileNotFoundError, match="config.json"):
+    with pytest.raises(CheckpointError, match="config.json"):
         load_model(tmp_path)
 
 
@@ -208,7 +208,7 @@ def test_missing_shard(tmp_path):
     out = save_model(load_model(src), tmp_path / "sharded", max_shard_bytes=20_000)
     second = sorted(set(json.loads((out / "model.safetensors.index.json").read_text())["weight_map"].values()))[1]
     (out / second).unlink()
-    with pytest.raises(FileNotFoundError, match=second):
+    with pytest.raises(CheckpointError, match=second):
         load_model(out)
 
 
@@ -217,7 +217,7 @@ def test_wrong_shape_names_tensor(tmp_path):
     cfg = json.loads((path / "config.json").read_text())
     cfg["intermediate_size"] = 100
     (path / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match=r"model\.layers\.\d+\.mlp\.\w+_proj\.weight.*shape"):
+    with pytest.raises(CheckpointError, match=r"model\.layers\.\d+\.mlp\.\w+_proj\.weight.*shape"):
         load_model(path)
 
 
@@ -227,11 +227,11 @@ def test_missing_and_unexpected_tensors_named(tmp_path):
     tensors = load_file(path / "model.safetensors")
     tensors["model.layers.0.extra.weight"] = torch.zeros(1)
     save_file(tensors, path / "model.safetensors")
-    with pytest.raises(KeyError, match="model.layers.0.extra.weight"):
+    with pytest.raises(CheckpointError, match="model.layers.0.extra.weight"):
         load_model(path)
     del tensors["model.layers.0.extra.weight"], tensors["model.layers.1.mlp.up_proj.weight"]
     save_file(tensors, path / "model.safetensors")
-    with pytest.raises(KeyError, match="model.layers.1.mlp.up_proj.weight"):
+    with pytest.raises(CheckpointError, match="model.layers.1.mlp.up_proj.weight"):
         load_model(path)
 
 
@@ -245,7 +245,7 @@ def test_unsupported_config_named(tmp_path, field, value, match):
     cfg = json.loads((path / "config.json").read_text())
     cfg[field] = value
     (path / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(CheckpointError, match=match):
         load_model(path)
 
 
@@ -254,7 +254,7 @@ def test_active_sliding_window_rejected(tmp_path):
     cfg = json.loads((path / "config.json").read_text())
     cfg["sliding_window"] = 64
     (path / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match="sliding_window 64"):
+    with pytest.raises(CheckpointError, match="sliding_window 64"):
         load_model(path)
     cfg.update(model_type="qwen2", use_sliding_window=False)  # present but switched off: fine
     (path / "config.json").write_text(json.dumps(cfg))
@@ -264,7 +264,7 @@ def test_active_sliding_window_rejected(tmp_path):
 def test_no_pickles_read(tmp_path):
     path = make_checkpoint("llama-gqa-untied", tmp_path / "c")
     (path / "model.safetensors").rename(path / "pytorch_model.bin")
-    with pytest.raises(FileNotFoundError, match="never unpickled"):
+    with pytest.raises(CheckpointError, match="never unpickled"):
         load_model(path)
 
 

@@ -1,9 +1,8 @@
 """patcher.py: the algorithm pieces against independent computations, and the program end to end
-(one process, two FSDP2 ranks, resume after kill -9, NaN handling, the real SmolLM2 checkpoint)."""
+(one process, two FSDP2 ranks, resume after kill -9, flags that must change what runs, the real SmolLM2)."""
 import copy
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -15,12 +14,12 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from conftest import ROOT, run_script
+from conftest import ROOT, SAFETY, run_script, with_base
 import data
 import patcher
 from model import ModelConfig, Transformer
 
-SAFETY = ROOT.parent / "shared" / "data" / "safety"
+TOK = data.ToyTokenizer()
 
 
 def tiny_model(seed=0):
@@ -30,14 +29,24 @@ def tiny_model(seed=0):
     return model
 
 
-def toy_batch(seed=0, n=6):
-    world = patcher.toy_world(seed)
-    return data.collate(world["align"][:n // 2] + world["align"][-(n - n // 2):], pad_id=0)
+def toy_examples(split="safe", seed=0):
+    return data.tokenize_records(TOK, data.toy_world(seed)[split], 64, None)[0]
+
+
+def toy_batch(seed=0, n=6, split="safe"):
+    examples = toy_examples(split, seed)
+    return data.collate(examples[:n // 2] + examples[-(n - n // 2):], pad_id=0)
 
 
 def ref_loss(model, params, batch):
     logits = functional_call(model, params, (batch["input_ids"],))
     return F.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(), ignore_index=-100)
+
+
+def ref_grads(model, params, batch):
+    names = list(params)
+    p = {n: params[n].detach().clone().requires_grad_() for n in names}
+    return dict(zip(names, torch.autograd.grad(ref_loss(model, p, batch), [p[n] for n in names])))
 
 
 @pytest.mark.parametrize("alpha", [0.0, 0.3, 1.0])
@@ -48,34 +57,76 @@ def test_defender_step_gradient_matches_independent_computation(alpha):
     delta = {n: 0.05 * torch.randn(p.shape, generator=g) for n, p in model.named_parameters()}
     theta = {n: p.detach().clone() for n, p in model.named_parameters()}
     # independent: (1 - alpha) grad L(theta) + alpha grad L(theta + delta), via functional_call
-    names = list(theta)
-    p0 = {n: theta[n].clone().requires_grad_() for n in names}
-    g_clean = torch.autograd.grad(ref_loss(model, p0, batch), [p0[n] for n in names])
-    p1 = {n: (theta[n] + delta[n]).requires_grad_() for n in names}
-    g_adv = torch.autograd.grad(ref_loss(model, p1, batch), [p1[n] for n in names])
+    g_clean = ref_grads(model, theta, batch)
+    g_adv = ref_grads(model, {n: theta[n] + delta[n] for n in theta}, batch)
     lr = 0.1
-    want = {n: theta[n] - lr * ((1 - alpha) * gc + alpha * ga) for n, gc, ga in zip(names, g_clean, g_adv)}
-
+    want = {n: theta[n] - lr * ((1 - alpha) * g_clean[n] + alpha * g_adv[n]) for n in theta}
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     metrics = patcher.defender_step(model, opt, batch, delta, alpha, max_grad_norm=0)
     for n, p in model.named_parameters():
         assert (p.detach() - want[n]).abs().max().item() <= 1e-6, n
     if alpha > 0:
-        assert abs(metrics["loss_adv"] - ref_loss(model, {n: theta[n] + delta[n] for n in names}, batch).item()) < 1e-5
+        assert abs(metrics["loss_adv"] - ref_loss(model, {n: theta[n] + delta[n] for n in theta}, batch).item()) < 1e-5
         assert metrics["gap"] == metrics["loss_adv"] - metrics["loss_clean"]
 
 
-def test_alpha_zero_is_sft_step():
-    a, b = tiny_model(), tiny_model()
+def test_retain_term_gradient_matches_independent_computation():
+    """alpha L(theta + delta) + (1 - alpha) L(theta) + w L_retain(theta): the retain loss only at theta."""
+    model = tiny_model()
+    batch, retain = toy_batch(), toy_batch(seed=3, n=4, split="retain")
+    delta = {n: 0.05 * torch.randn_like(p) for n, p in model.named_parameters()}
+    theta = {n: p.detach().clone() for n, p in model.named_parameters()}
+    alpha, w, lr = 0.5, 0.7, 0.1
+    g_clean, g_adv, g_keep = (ref_grads(model, theta, batch), ref_grads(model, {n: theta[n] + delta[n] for n in theta}, batch),
+                              ref_grads(model, theta, retain))
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    metrics = patcher.defender_step(model, opt, batch, delta, alpha, 0, retain=retain, retain_weight=w)
+    for n, p in model.named_parameters():
+        want = theta[n] - lr * ((1 - alpha) * g_clean[n] + alpha * g_adv[n] + w * g_keep[n])
+        assert (p.detach() - want).abs().max().item() <= 1e-6, n
+    assert abs(metrics["loss_retain"] - ref_loss(model, theta, retain).item()) < 1e-5
+
+
+def test_retain_term_off_is_bitwise_the_papers_step():
+    a, b, c = tiny_model(), tiny_model(), tiny_model()
+    batch, retain = toy_batch(), toy_batch(seed=3, n=4, split="retain")
+    delta = {n: 0.05 * torch.randn_like(p) for n, p in a.named_parameters()}
+    opts = [patcher.make_optimizer(m.parameters(), 1e-3) for m in (a, b, c)]
+    for _ in range(3):
+        ma = patcher.defender_step(a, opts[0], batch, delta, 0.5)
+        mb = patcher.defender_step(b, opts[1], batch, delta, 0.5, retain=retain, retain_weight=0.0)
+        patcher.defender_step(c, opts[2], batch, delta, 0.5, retain=None, retain_weight=0.5)
+        assert ma["loss_adv"] == mb["loss_adv"] and "loss_retain" not in mb
+    for (n, p), q, r in zip(a.named_parameters(), b.parameters(), c.parameters()):
+        assert torch.equal(p, q) and torch.equal(p, r), n
+
+
+def test_alpha_zero_and_no_delta_are_sft_step():
+    a, b, c = tiny_model(), tiny_model(), tiny_model()
     batch = toy_batch()
     delta = {n: torch.randn_like(p) for n, p in a.named_parameters()}
-    oa, ob = patcher.make_optimizer(a, 1e-3), patcher.make_optimizer(b, 1e-3)
+    oa, ob, oc = (patcher.make_optimizer(m.parameters(), 1e-3) for m in (a, b, c))
     for _ in range(3):
         ma = patcher.defender_step(a, oa, batch, delta, alpha=0.0)
         mb = patcher.sft_step(b, ob, batch)
-        assert ma["loss_clean"] == mb["loss_clean"]
-    for (n, p), q in zip(a.named_parameters(), b.parameters()):
-        assert torch.equal(p, q), n
+        mc = patcher.defender_step(c, oc, batch, None, alpha=0.5)
+        assert ma["loss_clean"] == mb["loss"] == mc["loss_clean"]
+    for (n, p), q, r in zip(a.named_parameters(), b.parameters(), c.parameters()):
+        assert torch.equal(p, q) and torch.equal(p, r), n
+
+
+def test_micro_batches_accumulate_to_the_gradient_of_their_concatenation():
+    """The loss is normalised by the supervised tokens of the whole batch, not per micro-batch: the gradient of
+    [b1, b2] equals that of one batch holding both (b1 and b2 have different numbers of supervised tokens)."""
+    examples = toy_examples("safe")
+    b1, b2 = examples[:3], examples[-5:]  # 3 refusals (2 supervised tokens each), 5 answers (4 each)
+    assert sum(sum(m) for _, m in b1) != sum(sum(m) for _, m in b2)
+    one, two = tiny_model(), tiny_model()
+    l1 = patcher.forward_backward(one, [data.collate(b1, 0), data.collate(b2, 0)])
+    l2 = patcher.forward_backward(two, data.collate(b1 + b2, 0))
+    assert abs(l1["loss"] - l2["loss"]) < 1e-6 and l1["supervised"] == l2["supervised"] == 26
+    for (n, p), q in zip(one.named_parameters(), two.parameters()):
+        assert (p.grad - q.grad).abs().max().item() <= 1e-6, n
 
 
 def test_defender_step_restores_theta_exactly_in_bf16():
@@ -93,25 +144,25 @@ def test_defender_step_restores_theta_exactly_in_bf16():
         assert torch.equal(p, before[n]), n
 
 
-def test_attack_restores_weights_and_returns_displacement():
+@pytest.mark.parametrize("weight_decay", [0.01, 0.3])
+def test_inner_attack_restores_weights_and_returns_displacement(weight_decay):
     model = tiny_model()
-    world = patcher.toy_world(0)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     # independent: the same k AdamW steps on a copy
     ref = copy.deepcopy(model)
-    opt = torch.optim.AdamW(ref.parameters(), lr=1e-3)
-    it = data.batches(world["attack"], 8, seed=3)
+    opt = torch.optim.AdamW(ref.parameters(), lr=1e-3, weight_decay=weight_decay)
+    it = data.BatchIterator(toy_examples("unsafe"), 8, seed=3)
     for _ in range(5):
-        b = next(it)
+        b = next(it)[0]
         logits = ref(b["input_ids"])
         loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), b["labels"][:, 1:].flatten(), ignore_index=-100)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(ref.parameters(), 1.0)
         opt.step()
         opt.zero_grad()
-    stats = {}
-    delta = patcher.attack(model, data.batches(world["attack"], 8, seed=3), steps=5, lr=1e-3, stats=stats)
-    assert len(stats["attack_losses"]) == 5 and stats["attack_losses"][-1] < stats["attack_losses"][0]
+    delta, losses = patcher.inner_attack(model, data.BatchIterator(toy_examples("unsafe"), 8, seed=3), steps=5, lr=1e-3,
+                                         weight_decay=weight_decay)
+    assert len(losses) == 5 and losses[-1] < losses[0]
     for (n, p), q in zip(model.named_parameters(), ref.parameters()):
         assert torch.equal(p, before[n]), f"{n} changed"
         assert (delta[n] - (q.detach() - before[n])).abs().max().item() <= 1e-6, n
@@ -120,60 +171,77 @@ def test_attack_restores_weights_and_returns_displacement():
 
 # --- the program ----------------------------------------------------------------------------------
 
-FAST = ["--warmup-steps", "3", "--rounds", "2", "--attack-steps", "3", "--defend-steps", "4"]
+FAST = ["--warmup-steps", "3", "--rounds", "2", "--inner-steps", "3", "--defend-steps", "4"]
 
 
-def run_patcher(args, nproc=1, timeout=300, check=True):
-    return run_script("patcher.py", args, nproc, timeout, check)
+def run_patcher(args, nproc=1, timeout=300, check=True, script="patcher.py"):
+    return run_script(script, args, nproc, timeout, check)
 
 
 def rows(out, phase=None):
-    """metrics.jsonl rows, the last one for each (step, phase): a resumed run repeats some steps."""
-    by_step = {}
-    for line in (Path(out) / "metrics.jsonl").read_text().splitlines():
-        r = json.loads(line)
-        by_step[(r["step"], r["phase"])] = r
-    order = sorted(by_step, key=lambda k: (k[0], k[1] == "attack"))  # an attack row follows step s's row
-    return [by_step[k] for k in order if phase is None or k[1] == phase]
+    return [r for r in map(json.loads, (Path(out) / "metrics.jsonl").read_text().splitlines()) if phase in (None, r["phase"])]
 
 
-@pytest.fixture(scope="module")
-def demo_base(tmp_path_factory):
-    """The demo's base model, trained once and shared by the runs below (same base for all)."""
-    out = tmp_path_factory.mktemp("base-run")
-    run_patcher(["--out", out, "--mode", "sft", "--warmup-steps", "1", "--rounds", "1", "--defend-steps", "1"])
-    return out / "base"
-
-
-def with_base(out, base):
-    out.mkdir(parents=True, exist_ok=True)
-    shutil.copytree(base, out / "base")
-    return out
+def assert_rows_close(a, b, tol, keys=("loss_clean", "loss_adv", "attack_loss_start", "attack_loss_end", "delta_norm")):
+    assert [(x["step"], x["phase"]) for x in a] == [(y["step"], y["phase"]) for y in b]
+    for x, y in zip(a, b):
+        for key in keys:
+            if key in x:
+                assert abs(x[key] - y[key]) <= tol, (x["step"], x["phase"], key, x[key], y[key])
 
 
 @pytest.mark.parametrize("mode", ["patcher", "sft"])
 def test_two_ranks_match_one_process_and_export_loads(mode, tmp_path, demo_base):
     one = run_patcher(["--out", with_base(tmp_path / "one", demo_base), "--mode", mode, *FAST])
-    two = run_patcher(["--out", with_base(tmp_path / "two", demo_base), "--mode", mode, "--batch-size", "8", *FAST], nproc=2)
-    assert "global batch 16" in one.stdout and "global batch 16" in two.stdout
+    two = run_patcher(["--out", with_base(tmp_path / "two", demo_base), "--mode", mode, *FAST], nproc=2)
+    assert "global batch 16 = 1 x 1 ranks x 16" in one.stdout and "global batch 16 = 1 x 2 ranks x 8" in two.stdout
     r1, r2 = rows(tmp_path / "one"), rows(tmp_path / "two")
-    assert [r["phase"] for r in r1] == [r["phase"] for r in r2]
-    n_defend = sum(r["phase"] == "defend" for r in r1)
-    assert n_defend == (8 if mode == "patcher" else 0) and len(r1) == 11 + (2 if mode == "patcher" else 0)
-    for a, b in zip(r1, r2):
-        for key in ("loss_clean", "loss_adv", "attack_loss_start", "attack_loss_end", "delta_norm"):
-            if key in a:
-                assert abs(a[key] - b[key]) <= 1e-5, (a["step"], key, a[key], b[key])
+    assert sum(r["phase"] == "defend" for r in r1) == (8 if mode == "patcher" else 0) and len(r1) == 11 + 2 * (mode == "patcher")
+    assert_rows_close(r1, r2, 1e-5)
     transformers = pytest.importorskip("transformers")
     for out in ("one", "two"):
         hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / out / "final")
-        assert hf.config.vocab_size == patcher.DEMO_VOCAB
+        assert hf.config.vocab_size == len(data.TOY_VOCAB)
     config = json.loads((tmp_path / "one" / "config.json").read_text())
-    assert config["mode"] == mode and config["attack_steps"] == 3
+    assert config["mode"] == mode and config["inner_steps"] == 3
+
+
+def test_alpha_one_on_two_ranks_equals_one_process(tmp_path, demo_base):
+    """alpha = 1 (only the attacked loss): on FSDP2 the L(theta) forward without backward used to leave the root
+    unsharded, and adding delta crashed ("mixed torch.Tensor and DTensor")."""
+    args = [*FAST, "--alpha", "1", "--batch-size", "3", "--inner-batch-size", "1"]  # rank 1 gets an empty row
+    run_patcher(["--out", with_base(tmp_path / "one", demo_base), *args])
+    two = run_patcher(["--out", with_base(tmp_path / "two", demo_base), *args], nproc=2)
+    assert "global batch 1 = 1 x 2 ranks x 1 (1 empty rows" in two.stdout
+    assert_rows_close(rows(tmp_path / "one"), rows(tmp_path / "two"), 1e-4)  # float sums in another order
+
+
+@pytest.mark.parametrize("flag,value", [("--inner-weight-decay", "5"), ("--micro-batch-size", "4"), ("--reset-optimizer", None)])
+def test_flags_change_exactly_what_they_should(flag, value, tmp_path, demo_base):
+    """Each flag is used where it should be: a larger inner weight decay changes the inner attack (and nothing
+    before it); micro-batches of 4 change nothing at all (the update is the same); a reset defender optimizer
+    changes the steps from the first round on, not the warmup."""
+    base = run_patcher(["--out", with_base(tmp_path / "a", demo_base), *FAST])
+    other = run_patcher(["--out", with_base(tmp_path / "b", demo_base), *FAST, flag, *([value] if value else [])])
+    a, b = rows(tmp_path / "a"), rows(tmp_path / "b")
+    first_attack = next(i for i, r in enumerate(a) if r["phase"] == "inner_attack")
+    assert_rows_close(a[:first_attack], b[:first_attack], 1e-6)  # the warmup is untouched
+    if flag == "--micro-batch-size":
+        assert "global batch 16 = 4 x 1 ranks x 4" in other.stdout and "= 1 x 1 ranks x 16" in base.stdout
+        assert_rows_close(a, b, 1e-5)
+    elif flag == "--inner-weight-decay":
+        assert abs(a[first_attack]["delta_norm"] - b[first_attack]["delta_norm"]) > 1e-3  # decay: -lr * wd * theta a step
+    else:
+        assert a[first_attack] == {**b[first_attack], "seconds": a[first_attack]["seconds"]}  # the attack is the same
+        assert abs(a[first_attack + 1]["loss_adv"] - b[first_attack + 1]["loss_adv"]) < 1e-6  # the same first loss ...
+        assert abs(a[first_attack + 2]["loss_clean"] - b[first_attack + 2]["loss_clean"]) > 1e-5  # ... another update
 
 
 def test_resume_after_kill_equals_uninterrupted_run(tmp_path, demo_base):
-    args = ["--warmup-steps", "5", "--rounds", "6", "--attack-steps", "4", "--defend-steps", "10", "--save-every", "7"]
+    """With length grouping on, killed mid-run (kill -9) and resumed: the same losses as an uninterrupted run,
+    and metrics.jsonl holds each step once."""
+    args = ["--warmup-steps", "5", "--rounds", "6", "--inner-steps", "4", "--defend-steps", "10", "--save-every", "7",
+            "--group-by-length"]
     run_patcher(["--out", with_base(tmp_path / "full", demo_base), *args])
     out = with_base(tmp_path / "killed", demo_base)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -185,54 +253,21 @@ def test_resume_after_kill_equals_uninterrupted_run(tmp_path, demo_base):
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
-    run_patcher(["--out", out, "--resume", *args])
-    full, resumed = rows(tmp_path / "full"), rows(out)
-    assert [(r["step"], r["phase"]) for r in full] == [(r["step"], r["phase"]) for r in resumed]
-    for a, b in zip(full, resumed):
-        for key in ("loss_clean", "loss_adv", "attack_loss_end", "delta_norm"):
-            if key in a:
-                assert abs(a[key] - b[key]) <= 1e-6, (a["step"], key, a[key], b[key])
-
-
-def test_nan_stops_run_and_keeps_last_checkpoint(tmp_path, demo_base):
-    out = with_base(tmp_path / "nan", demo_base)
-    r = run_patcher(["--out", out, "--mode", "sft", "--lr", "1e6", "--max-grad-norm", "0", "--warmup-steps", "0",
-                     "--rounds", "1", "--defend-steps", "20", "--save-every", "1"], check=False)
-    assert r.returncode == 1, r.stdout + r.stderr
-    assert "loss is nan" in r.stderr or "loss is inf" in r.stderr
-    last = rows(out)[-1]["step"]
-    ckpt = out / "checkpoints" / (out / "checkpoints" / "latest").read_text()
-    assert ckpt.name == f"step-{last:07d}" and (ckpt / ".metadata").exists()
-    assert not (out / "final").exists()
-
-
-@pytest.mark.parametrize("argv,match", [
-    (["--model", "/nonexistent"], "--model /nonexistent"),
-    (["--align-data", "x.jsonl"], "--align-data"),
-    (["--alpha", "1.5"], "--alpha"),
-    (["--attack-steps", "0"], "--attack-steps"),
-])
-def test_bad_flags_named(argv, match, capsys):
-    with pytest.raises(SystemExit):
-        patcher.parse_args(argv)
-    assert match in capsys.readouterr().err
-
-
-def test_bad_data_file_named(tmp_path, smollm2_dir):
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"prompt": "hi", "response": "ok"}\n{"prompt": \n')
-    r = run_patcher(["--model", smollm2_dir, "--align-data", bad, "--mode", "sft", "--out", tmp_path / "o"], check=False)
-    assert r.returncode != 0 and "bad.jsonl" in r.stderr and ":2" in r.stderr
+    resumed = run_patcher(["--out", out, "--resume", *args])
+    assert "resumed at step" in resumed.stdout
+    full, again = rows(tmp_path / "full"), rows(out)
+    assert len({(r["step"], r["phase"]) for r in again}) == len(again)  # each step once
+    assert_rows_close(full, again, 1e-6)
 
 
 def test_real_smollm2_end_to_end(tmp_path, smollm2_dir):
     out = tmp_path / "smol"
-    r = run_patcher(["--model", smollm2_dir, "--align-data", SAFETY / "align.jsonl", "--attack-data", SAFETY / "attack.jsonl",
-                     "--out", out, "--max-len", "96", "--batch-size", "2", "--warmup-steps", "1", "--rounds", "1",
-                     "--attack-steps", "2", "--defend-steps", "2", "--lr", "1e-5", "--attack-lr", "1e-4"])
-    assert "truncated" in r.stdout
+    r = run_patcher(["--model", smollm2_dir, "--safe-data", SAFETY / "align.jsonl", "--unsafe-data", SAFETY / "attack.jsonl",
+                     "--out", out, "--max-len", "96", "--batch-size", "2", "--inner-batch-size", "2", "--warmup-steps", "1",
+                     "--rounds", "1", "--inner-steps", "2", "--defend-steps", "2", "--lr", "1e-5", "--inner-lr", "1e-4"])
+    assert "truncated at --max-len 96" in r.stdout and "longest" in r.stdout
     rs = rows(out)
-    assert [r["phase"] for r in rs] == ["warmup", "attack", "defend", "defend"]
+    assert [r["phase"] for r in rs] == ["warmup", "inner_attack", "defend", "defend"]
     assert rs[1]["delta_norm"] > 0 and "loss_adv" in rs[2]
     transformers = pytest.importorskip("transformers")
     hf = transformers.AutoModelForCausalLM.from_pretrained(out / "final")

@@ -1,0 +1,126 @@
+"""train.sh, resolved without running anything (DRY_RUN=1): the paper presets are the official numbers, every flag
+has its variable, a sweep reaches the right program; and the modules import each other without a circle."""
+import ast
+import os
+import shlex
+import subprocess
+
+import pytest
+
+from conftest import ROOT
+import data
+import parallel
+import patcher
+
+evaluate = __import__("eval")
+PAPER_DATA = {"MODEL": "/models/Qwen2.5-1.5B-Instruct", "SAFE_DATA": "d_safe.json", "UNSAFE_DATA": "d_unsafe.json",
+              "ATTACK_DATA": "pku_unsafe.json", "ATTACK_BENIGN_DATA": "gsm8k.json", "EVAL_DATA": "advbench=a.json hexphi=h.json"}
+
+
+def dry_run(**env):
+    """The commands train.sh would run: [(nproc, script, {flag: value or True}, [repeated flags])]."""
+    env = {k: v for k, v in os.environ.items() if not k.isupper() or k in ("PATH", "HOME", "PATCHER_ASSETS")} | env
+    out = subprocess.run(["bash", str(ROOT / "train.sh")], env={**env, "DRY_RUN": "1"}, capture_output=True, text=True,
+                         cwd=ROOT, check=True).stdout
+    commands = []
+    for line in out.splitlines():
+        if not line.startswith("python "):
+            continue
+        words = shlex.split(line)
+        nproc = int(words[4].split("=")[1]) if words[1:3] == ["-m", "torch.distributed.run"] else 1
+        words = words[5:] if nproc > 1 else words[1:]
+        script, args = words[0], words[1:]
+        flags, repeated = {}, []
+        for i, w in enumerate(args):
+            if w.startswith("--"):
+                value = args[i + 1] if i + 1 < len(args) and not args[i + 1].startswith("--") else True
+                if w in flags:
+                    repeated.append(w)
+                flags.setdefault(w, []).append(value)
+        commands.append((nproc, script, {k: v[0] if len(v) == 1 else v for k, v in flags.items()}, args))
+    return commands
+
+
+OFFICIAL_SEQUENTIAL = {"--warmup-steps": "1000", "--rounds": "14", "--inner-steps": "300", "--defend-steps": "1000",
+                       "--lr": "1e-5", "--inner-lr": "1e-5", "--alpha": "0.5", "--max-grad-norm": "1.0",
+                       "--weight-decay": "0.01", "--batch-size": "4", "--inner-batch-size": "2", "--reset-optimizer": True}
+OFFICIAL_PARALLEL = {"--warmup-steps": "1000", "--rounds": "14", "--inner-steps": "500", "--defend-steps": "1000",
+                     "--lr": "1e-5", "--inner-lr": "1e-5", "--alpha": "0.5", "--batch-size": "4", "--inner-batch-size": "4",
+                     "--refresh-every": "1000", "--delta-ref": "current"}
+OFFICIAL_EVAL = {"--attack-samples": "1000", "--poison-ratio": "0.2", "--attack-lr": "1e-5", "--attack-batch-size": "4",
+                 "--attack-max-len": "4096", "--limit": "250", "--temperature": "0.6", "--top-p": "0.9",
+                 "--repetition-penalty": "1.2", "--max-new-tokens": "256", "--judge": "llm", "--judge-template": "official",
+                 "--attack-data": "pku_unsafe.json", "--attack-benign-data": "gsm8k.json"}
+
+
+@pytest.mark.parametrize("preset,nproc", [("paper", "1"), ("paper", "2"), ("paper", "8"), ("paper-parallel", "2"),
+                                          ("paper-parallel", "8")])
+def test_paper_presets_are_the_official_settings_on_any_number_of_ranks(preset, nproc, tmp_path):
+    cmds = dry_run(PRESET=preset, NPROC=nproc, **PAPER_DATA)
+    (n_sft, s_sft, sft, _), (n_pat, s_pat, pat, pat_argv), (n_ev, s_ev, ev, _) = cmds
+    official = OFFICIAL_SEQUENTIAL if preset == "paper" else OFFICIAL_PARALLEL
+    assert (s_sft, s_pat, s_ev) == ("patcher.py", "patcher.py" if preset == "paper" else "parallel.py", "eval.py")
+    assert n_sft == n_pat == int(nproc) and n_ev == 1
+    assert {k: pat.get(k) for k in official} == official and pat["--mode"] == "patcher" and sft["--mode"] == "sft"
+    assert ("--reset-optimizer" in pat) == (preset == "paper") and int(pat["--max-len"]) >= 32768  # truncates nothing
+    assert {k: ev.get(k) for k in OFFICIAL_EVAL} == OFFICIAL_EVAL and ev["--eval-at"].split(",")[-1] == "2000"
+    assert ev["--eval-data"] == ["advbench=a.json", "hexphi=h.json"] and "--top-k" not in ev  # top-k: the checkpoint's
+    # the global batches are the official one-GPU ones whatever the ranks: resolve the flags as patcher.py does,
+    # then deal one global batch of each stream to the ranks
+    (tmp_path / "m").mkdir()
+    for f in ("d_safe.json", "d_unsafe.json"):
+        (tmp_path / f).write_text("[]")
+    argv = [w.replace("/models/Qwen2.5-1.5B-Instruct", str(tmp_path / "m")).replace("d_safe.json", str(tmp_path / "d_safe.json"))
+            .replace("d_unsafe.json", str(tmp_path / "d_unsafe.json")) for w in pat_argv]
+    parser = patcher.get_parser() if preset == "paper" else parallel.get_parser()
+    args = patcher.parse_args(argv + ["--out", str(tmp_path / "o")], parser)
+    world = int(nproc) // (2 if preset == "paper-parallel" else 1)  # parallel: each half has half the ranks
+    examples = [([i], [True]) for i in range(64)]
+    for batch, want in ((args.batch_size, 4), (args.inner_batch_size, 2 if preset == "paper" else 4)):
+        rows = [next(data.BatchIterator(examples, batch, r, world, seed=0)) for r in range(world)]
+        real = sum(int((m["labels"] != -100).any(1).sum()) for share in rows for m in share)
+        assert real == want, (batch, world)
+
+
+def test_every_flag_of_the_programs_has_its_variable():
+    text = (ROOT / "train.sh").read_text()
+    lists = {}
+    for name in ("ALIGN_FLAGS", "ALIGN_SWITCHES", "PARALLEL_FLAGS", "PARALLEL_SWITCHES", "EVAL_FLAGS", "EVAL_SWITCHES"):
+        body = text.split(f'{name}="', 1)[1].split('"', 1)[0]
+        lists[name] = set(body.split())
+
+    def flags(parser):
+        return {o[2:] for a in parser._actions for o in a.option_strings if o.startswith("--") and o != "--help"}
+    special = {"model", "out", "seed", "safe-data", "unsafe-data", "resume", "save-every"}  # train.sh sets these itself
+    eval_special = {"model", "out", "seed", "attack-data", "eval-data", "benign-data", "gsm8k", "summarize"}
+    assert flags(patcher.get_parser()) - special == lists["ALIGN_FLAGS"] | lists["ALIGN_SWITCHES"]
+    assert flags(parallel.get_parser()) - flags(patcher.get_parser()) == lists["PARALLEL_FLAGS"] | lists["PARALLEL_SWITCHES"]
+    assert flags(evaluate.get_parser()) - eval_special == lists["EVAL_FLAGS"] | lists["EVAL_SWITCHES"]
+
+
+def test_a_sweep_reaches_the_program_that_has_the_flag():
+    cmds = dry_run(SWEEP="inner-steps=0,5,40", SEEDS="0 1")
+    align = [(c[1], c[2]) for c in cmds if c[1] == "patcher.py"]
+    assert [(f["--mode"], f.get("--inner-steps")) for _, f in align] == [("sft", None), ("patcher", "5"), ("patcher", "40")] * 2
+    evals = [c[2] for c in cmds if c[1] == "eval.py"]
+    assert len(evals) == 2 and evals[0]["--model"][:3] == [f"inner-steps:{v}=runs/demo/seed0/inner-steps:{v}/final" for v in (0, 5, 40)]
+    assert "--inner-steps" not in evals[0]
+    cmds = dry_run(SWEEP="attack-lr=1e-4,5e-4", SEEDS="0")
+    assert [c[2]["--mode"] for c in cmds if c[1] == "patcher.py"] == ["sft", "patcher"]
+    assert [c[2]["--attack-lr"] for c in cmds if c[1] == "eval.py"] == ["1e-4", "5e-4"]
+    assert all("--attack-lr" not in c[2] for c in cmds if c[1] == "patcher.py")
+
+
+def test_no_module_imports_one_that_imports_it_back():
+    modules = {p.stem for p in ROOT.glob("*.py")}
+    graph = {}
+    for m in modules:
+        tree = ast.parse((ROOT / f"{m}.py").read_text())
+        names = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        names |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        graph[m] = names & modules
+    assert graph["patcher"] == {"data", "model"} and "parallel" not in graph["eval"]
+
+    def reaches(a, b, seen=()):
+        return any(n == b or (n not in seen and reaches(n, b, (*seen, n))) for n in graph[a])
+    assert not [m for m in modules if reaches(m, m)]
