@@ -7,7 +7,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 from argparse import Namespace
 from pathlib import Path
@@ -140,25 +139,29 @@ def test_resume_passes_a_checkpoint_that_latest_never_named(tmp_path, demo_base)
 
 # --- 5. final/ never vanishes; a crashed export's leftovers are cleaned at the next export ------
 
-def test_final_is_always_a_complete_export(tmp_path):
-    """A reader polling final/ while it is replaced again and again always finds a complete export."""
-    m = tiny_model()
-    final = tmp_path / "final"
+def test_final_is_always_a_complete_export(tmp_path, monkeypatch):
+    """After every file-system step of an export that replaces final/, final/ holds a complete export."""
+    m, final = tiny_model(), tmp_path / "final"
     model_py.save_model(m, final)
-    seen, stop = [], threading.Event()
+    checked = []
 
-    def poll():
-        while not stop.is_set():
-            names = sorted(p.name for p in final.iterdir())
-            seen.append(names == ["config.json", "model.safetensors"] and len(load_file(final / "model.safetensors")) > 0)
+    def complete():
+        names = sorted(p.name for p in final.iterdir()) if final.is_dir() else []
+        checked.append(names == ["config.json", "model.safetensors"] and len(load_file(final / "model.safetensors")) > 0)
 
-    reader = threading.Thread(target=poll)
-    reader.start()
-    for _ in range(15):
-        model_py.save_model(m, final)
-    stop.set()
-    reader.join()
-    assert len(seen) > 10 and all(seen)
+    def after(fn):
+        def step(*args, **kw):
+            out = fn(*args, **kw)
+            complete()
+            return out
+        return step
+    for owner, name in ((model_py.os, "rename"), (model_py.os, "replace"), (model_py.shutil, "rmtree"), (model_py, "_rename_exchange")):
+        monkeypatch.setattr(owner, name, after(getattr(owner, name)))
+    with torch.no_grad():
+        next(m.parameters()).add_(1.0)
+    model_py.save_model(m, final)
+    assert len(checked) >= 2 and all(checked), checked
+    assert not torch.equal(load_file(final / "model.safetensors")["model.embed_tokens.weight"], m.model.embed_tokens.weight - 1)
 
 
 def test_a_crashed_export_keeps_the_old_one_and_is_cleaned_next_time(tmp_path, monkeypatch):
