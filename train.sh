@@ -20,8 +20,9 @@
 #   SCHEME       sequential (patcher.py, default) | parallel (parallel.py; the SFT baseline stays patcher.py)
 #   NPROC        torchrun processes for alignment (1: plain python)       EVAL_NPROC  the same for eval.py
 #   SEEDS        e.g. "0 1 2"; each seed is a whole experiment              OUT  the run directory
-#   SWEEP        FLAG=V1,V2,...: one aligned model per value (an alignment flag), or one evaluation per value (an
-#                eval.py flag); default mode=sft,patcher
+#   SWEEP        FLAG=V1,V2,...: one aligned model per value (an alignment flag; the value sft adds the SFT
+#                baseline, as inner-steps=0 does), or one evaluation per value (an eval.py flag); default mode=sft,patcher.
+#                A sweep writes OUT/sweep.md (and sweep.png with matplotlib) besides OUT/summary.md
 #   EVAL_BASE=1  also evaluate the unaligned base model (always in the demo)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
@@ -130,7 +131,7 @@ name_of() { [[ $eval_sweep == 1 || $sweep_flag == mode ]] && echo "$1" || echo "
 align_flags_for() {  # the flags that make aligned model $1 differ: its mode and the swept value
   local v=$1
   if [[ $eval_sweep == 1 || $sweep_flag == mode ]]; then printf '%s\n%s\n' --mode "$v"
-  elif [[ $sweep_flag == inner-steps && $v == 0 ]]; then printf '%s\n%s\n' --mode sft  # k1 = 0: no attack, SFT
+  elif [[ $v == sft || ($sweep_flag == inner-steps && $v == 0) ]]; then printf '%s\n%s\n' --mode sft  # the baseline
   else printf '%s\n%s\n%s\n%s\n' --mode patcher "--$sweep_flag" "$v"; fi
 }
 
@@ -194,4 +195,5 @@ done
 [[ "${DRY_RUN:-0}" == 1 ]] && exit 0
 echo
 echo "== $SWEEP over seeds $SEEDS (mean ± std; k = test-time attack steps; logs in $OUT/seed*/*.log) after $((SECONDS - t0))s"
-python eval.py --summarize "${reports[@]}"
+python eval.py --summarize "${reports[@]}" | tee "$OUT/summary.md"
+if [[ $sweep_flag != mode ]]; then python eval.py --summarize "${reports[@]}" --sweep "$sweep_flag" --out "$OUT"; fi

@@ -491,3 +491,25 @@ def test_robustness_curve_png(tmp_path):
             for m, vals in (("sft", (0.0, 0.9)), ("patcher", (0.0, 0.1))) for k, v in zip((0, 10), vals)]
     assert evaluate.plot_curve({"models": {"sft": {}, "patcher": {}}, "rows": rows}, tmp_path / "r.png")
     assert (tmp_path / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_sweep_table_from_known_reports(tmp_path):
+    """Two seeds of a sweep over inner-steps (0 = SFT) and one over an eval.py flag: the expected cells."""
+    def rep(seed, asr, settings=None, models=("inner-steps:0", "inner-steps:5", "base")):
+        rows = [{"model": m, "attack_step": T, "set": "h", "kind": "harmful", "asr_keyword": asr[m][i]}
+                for m in models for i, T in enumerate((0, 10))]
+        path = tmp_path / f"{seed}-{len(list(tmp_path.iterdir()))}.json"
+        path.write_text(json.dumps({"settings": {"eval_at": [0, 10], **(settings or {})}, "models": {m: {} for m in models},
+                                    "rows": rows}))
+        return path
+    paths = [rep(0, {"inner-steps:0": (0.0, 1.0), "inner-steps:5": (0.0, 0.2), "base": (1, 1)}),
+             rep(1, {"inner-steps:0": (0.0, 0.8), "inner-steps:5": (0.1, 0.4), "base": (1, 1)})]
+    evaluate.sweep(paths, "inner-steps", tmp_path)
+    md = (tmp_path / "sweep.md").read_text()
+    assert "| T \\ inner-steps | 0 | 5 |" in md
+    assert "| T=0 | 0.0 ± 0.0 | 5.0 ± 5.0 |" in md and "| T=10 | 90.0 ± 10.0 | 30.0 ± 10.0 |" in md  # base left out
+    paths = [rep(0, {"sft": (0, 1.0), "patcher": (0, 0.5)}, {"attack_lr": 1e-4}, ("sft", "patcher")),
+             rep(0, {"sft": (0, 0.6), "patcher": (0, 0.1)}, {"attack_lr": 5e-4}, ("sft", "patcher"))]
+    evaluate.sweep(paths, "attack-lr", tmp_path)
+    md = (tmp_path / "sweep.md").read_text()
+    assert "| T \\ attack-lr | 0.0001 | 0.0005 |" in md and "| patcher T=10 | 50.0 ± 0.0 | 10.0 ± 0.0 |" in md
