@@ -336,7 +336,7 @@ def load_data(args, rank, world):
     sets = [("safe", args.safe_data, args.safe_format, args.batch_size)]
     if args.mode != "sft":
         sets.append(("unsafe", args.unsafe_data, args.unsafe_format, args.inner_batch_size))
-    if args.retain_data:
+    if args.retain_data and args.retain_weight > 0:
         sets.append(("retain", args.retain_data, "auto", args.batch_size))
     streams, notes = {}, []
     for i, (name, path, fmt, batch) in enumerate(sets):
@@ -651,8 +651,8 @@ def parse_args(argv=None, parser=None):
         f = getattr(args, flag)
         if f is not None and not Path(f).is_file():
             p.error(f"--{flag.replace('_', '-')} {f}: no such file")
-    if args.model is not None and (args.retain_weight > 0) != (args.retain_data is not None):
-        p.error("--retain-weight > 0 and --retain-data go together")
+    if args.model is not None and args.retain_weight > 0 and args.retain_data is None:
+        p.error("--retain-weight > 0 needs --retain-data")
     check_out_dir(p, args.out)
     if args.system_prompt == "":
         args.system_prompt = None
