@@ -58,21 +58,21 @@ param_bytes = sum(p.numel() * 4 for p in model.parameters())
 
 if args.part:  # child process: run one kind of training and report its peak memory
     base = peak_bytes()
-    opt = patcher.make_optimizer(model, 1e-5)
+    opt = patcher.make_optimizer(model.parameters(), 1e-5)
     if args.part == "sft":
         for _ in range(args.iters):
             patcher.sft_step(model, opt, batch)
     else:
         patcher.sft_step(model, opt, batch)  # a warmup step: the defender's AdamW state exists during attacks
         buf = patcher.snapshot(model)  # as run() does: one theta buffer shared by attack and defender
-        delta = patcher.attack(model, iter(lambda: batch, None), steps=args.iters, lr=1e-5, theta_buffer=buf)
+        delta, _ = patcher.inner_attack(model, iter(lambda: batch, None), steps=args.iters, lr=1e-5, theta_buffer=buf)
         for _ in range(args.iters):
             patcher.defender_step(model, opt, batch, delta, 0.5, theta_buffer=buf)
     print(json.dumps({"peak": peak_bytes(), "after_load": base}))
     sys.exit(0)
 
 print(f"model {args.model} | device {dev} | threads {torch.get_num_threads()} | batch {args.batch}x{args.seq} | fp32")
-opt_sft, opt_def = patcher.make_optimizer(model, 1e-5), patcher.make_optimizer(model, 1e-5)
+opt_sft, opt_def = patcher.make_optimizer(model.parameters(), 1e-5), patcher.make_optimizer(model.parameters(), 1e-5)
 delta = {n: 1e-3 * torch.randn_like(p) for n, p in model.named_parameters()}
 buf = patcher.snapshot(model)
 patcher.sft_step(model, opt_sft, batch)  # warm-up both
