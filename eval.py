@@ -473,27 +473,35 @@ def markdown(report):
     return "\n".join(lines)
 
 
-def plot_curve(report, path):
-    """ASR against attack steps, one line per (model, harmful set). Only if matplotlib is installed."""
+def plot(curves, xlabel, ylabel, path, xticks=None, legend=None):
+    """A line plot of {label: (xs, ys, yerr or None)} into path; False (no file) without matplotlib."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    key = next(k for k in ("asr_llm", "asr_guard", "asr_keyword") if any(k in r for r in report["rows"]))
     fig, ax = plt.subplots(figsize=(6, 4))
-    for m in report["models"]:
-        for s in dict.fromkeys(r["set"] for r in report["rows"] if r["kind"] == "harmful"):
-            pts = sorted((r["attack_step"], r[key]) for r in report["rows"] if r["model"] == m and r["set"] == s)
-            ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], marker="o", label=f"{m} ({s})")
-    ax.set(xlabel="attack steps", ylabel=f"ASR (%, {key.removeprefix('asr_')} judge)", ylim=(-2, 102))
+    for label, (xs, ys, err) in curves.items():
+        ax.errorbar(xs, ys, err, marker="o", capsize=3, label=label)
+    ax.set(xlabel=xlabel, ylabel=ylabel, ylim=(-2, 102), **({"xticks": range(len(xticks)), "xticklabels": xticks} if xticks else {}))
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, title=legend)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return True
+
+
+def plot_curve(report, path):
+    """report.md's robustness.png: ASR against attack steps, one line per (model, harmful set)."""
+    key = next(k for k in ("asr_llm", "asr_guard", "asr_keyword") if any(k in r for r in report["rows"]))
+    curves = {}
+    for m in report["models"]:
+        for s in dict.fromkeys(r["set"] for r in report["rows"] if r["kind"] == "harmful"):
+            pts = sorted((r["attack_step"], 100 * r[key]) for r in report["rows"] if r["model"] == m and r["set"] == s)
+            curves[f"{m} ({s})"] = ([x for x, _ in pts], [y for _, y in pts], None)
+    return plot(curves, "attack steps", HARMFUL_KEYS[key] + " (%)", path)
 
 
 def summarize(paths):
@@ -547,25 +555,11 @@ def sweep(paths, flag, out):
                 f"{100 * np.mean(row[v]):.1f} ± {100 * np.std(row[v]):.1f}" if v in row else "–" for v in values) + " |")
         lines.append("")
     (Path(out) / "sweep.md").write_text("\n".join(lines))
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return "\n".join(lines) + "\n(no sweep.png: matplotlib is not installed)\n"
     metric = next(k for k in ("asr_llm", "asr_guard", "asr_exact", "asr_keyword") if k in cells)
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for (series, T), row in sorted(cells[metric].items()):
-        xs = [i for i, v in enumerate(values) if v in row]
-        ax.errorbar(xs, [100 * np.mean(row[values[i]]) for i in xs], [100 * np.std(row[values[i]]) for i in xs],
-                    marker="o", capsize=3, label=f"{series} T={T}".strip())
-    ax.set(xticks=range(len(values)), xticklabels=values, xlabel=f"--{flag}", ylabel=f"{HARMFUL_KEYS[metric]} (%)", ylim=(-2, 102))
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, title="test-time attack steps")
-    fig.tight_layout()
-    fig.savefig(Path(out) / "sweep.png", dpi=120)
-    plt.close(fig)
-    return "\n".join(lines) + "\n"
+    curves = {f"{series} T={T}".strip(): ([i for i, v in enumerate(values) if v in row], [100 * np.mean(row[v]) for v in values if v in row],
+                                          [100 * np.std(row[v]) for v in values if v in row]) for (series, T), row in sorted(cells[metric].items())}
+    png = plot(curves, f"--{flag}", f"{HARMFUL_KEYS[metric]} (%)", Path(out) / "sweep.png", values, "test-time attack steps")
+    return "\n".join(lines) + ("" if png else "\n(no sweep.png: matplotlib is not installed)") + "\n"
 
 
 def summarize_rounds(path):
