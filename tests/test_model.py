@@ -133,6 +133,133 @@ def test_real_smollm2_greedy_generation_matches_transformers(smollm2_dir):
         assert got == want[:end]
 
 
+# --- generation against the implementation it replaced -------------------------------------------
+
+class OldKVCache:
+    """model.py's KVCache as of commit 62b5903 (growing attention window, positions by cumsum over the
+    valid slots), speaking today's cache protocol: update() holds the lines that were in
+    Attention.forward, and old_generate advances pos after each forward, as Transformer.forward did."""
+
+    def __init__(self, cfg, batch, max_len, device, dtype):
+        shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
+        self.pos = 0
+
+    def positions_and_mask(self, T):
+        end = self.pos + T
+        valid = self.valid[:, :end]
+        positions = (valid.long().cumsum(-1) - 1).clamp(min=0)[:, self.pos:]
+        q_slot = torch.arange(self.pos, end, device=valid.device)[:, None]
+        k_slot = torch.arange(end, device=valid.device)[None, :]
+        mask = ((k_slot <= q_slot) & valid[:, None, :]) | (k_slot == q_slot)
+        return positions, mask.unsqueeze(1)
+
+    def update(self, layer, k, v):
+        pos, T = self.pos, k.shape[2]
+        self.k[layer][:, :, pos:pos + T] = k
+        self.v[layer][:, :, pos:pos + T] = v
+        return self.k[layer][:, :, :pos + T], self.v[layer][:, :, :pos + T]
+
+
+def old_sample_next(logits, history, history_mask, temperature=0.0, top_p=1.0, repetition_penalty=1.0, generator=None):
+    logits = logits.float()
+    if repetition_penalty != 1.0:
+        seen = logits.gather(1, history)
+        seen = torch.where(seen < 0, seen * repetition_penalty, seen / repetition_penalty)
+        seen = torch.where(history_mask, seen, logits.gather(1, history))
+        logits = logits.scatter(1, history, seen)
+    if temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(-1)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum <= 1 - top_p
+        drop[:, -1] = False
+        logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
+@torch.inference_mode()
+def old_generate(model, prompts, max_new_tokens, stop_ids, pad_id, temperature=0.0, top_p=1.0,
+                 repetition_penalty=1.0, seed=None):
+    """model.generate as of commit 62b5903: one padded prefill, torch.cat of the history each step."""
+    device, dtype = model.lm_head.weight.device, model.lm_head.weight.dtype
+    B, T0 = len(prompts), max(len(p) for p in prompts)
+    idx = torch.full((B, T0), pad_id, dtype=torch.long, device=device)
+    real = torch.zeros(B, T0, dtype=torch.bool, device=device)
+    for i, p in enumerate(prompts):
+        idx[i, T0 - len(p):] = torch.tensor(p, dtype=torch.long)
+        real[i, T0 - len(p):] = True
+    cache = OldKVCache(model.config, B, T0 + max_new_tokens, device, dtype)
+    cache.valid[:, :T0] = real
+    cache.valid[:, T0:] = True
+    stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
+    generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
+    history, history_mask = idx, real
+    finished = torch.zeros(B, dtype=torch.bool, device=device)
+    out = []
+    logits = model(idx, cache=cache, last_only=True)[:, -1]
+    cache.pos += T0
+    for _ in range(max_new_tokens):
+        nxt = old_sample_next(logits, history, history_mask, temperature, top_p, repetition_penalty, generator)
+        nxt = torch.where(finished, pad_id, nxt)
+        out.append(nxt)
+        finished |= torch.isin(nxt, stop)
+        if finished.all():
+            break
+        history = torch.cat([history, nxt[:, None]], 1)
+        history_mask = torch.cat([history_mask, ~finished[:, None]], 1)
+        logits = model(nxt[:, None], cache=cache)[:, -1]
+        cache.pos += 1
+    stop_set = set(stop_ids)
+    results = []
+    for row in torch.stack(out, 1).tolist():
+        end = next((j + 1 for j, t in enumerate(row) if t in stop_set), len(row))
+        results.append(row[:end])
+    return results
+
+
+def prompt_batches(seed=0):
+    """Batches of 1, 3 and 9 prompts; lengths from 1 to 40, so prefill runs one rectangle and several
+    length groups (model.length_groups). Token ids avoid the pad id 1."""
+    g = torch.Generator().manual_seed(seed)
+    batches = [[[7]], [[5, 6, 7], [9, 10, 11, 12, 13, 14], [3]]]
+    lengths = [1, 2, 9, 10, 11, 25, 33, 40, 40]
+    batches.append([torch.randint(2, SMALL["vocab_size"], (n,), generator=g).tolist() for n in lengths])
+    return batches
+
+
+@pytest.mark.parametrize("case", ["llama-gqa-untied", "qwen3-qknorm-headdim", "llama31-rope-tied"])
+def test_generate_matches_previous_implementation(case, tmp_path):
+    """Same tokens as the generate it replaced: greedy, greedy with the repetition penalty, and seeded
+    sampling, with rows stopping at different steps (stop ids that the model does produce)."""
+    model = load_model(make_checkpoint(case, tmp_path / case)).eval()
+    for prompts in prompt_batches():
+        free = old_generate(model, prompts, 24, [], pad_id=1)
+        stops = [[], [free[0][3]], sorted({row[j] for row in free for j in (2, 9)})]
+        for stop in stops:
+            for kw in [dict(), dict(repetition_penalty=1.3), dict(temperature=0.8, top_p=0.9, repetition_penalty=1.2, seed=7)]:
+                want = old_generate(model, prompts, 24, stop, pad_id=1, **kw)
+                assert generate(model, prompts, 24, stop, pad_id=1, **kw) == want, (len(prompts), stop, kw)
+        assert generate(model, prompts, 1, [], pad_id=1) == [row[:1] for row in free]
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA device: the CUDA graph path is not exercised"))])
+def test_compiled_decode_matches_eager(device, tmp_path):
+    """compile=True (a torch.compile'd decode step over the full static cache; a CUDA graph on CUDA)
+    gives the eager tokens, also on a second call, whose new cache sits at new addresses."""
+    model = load_model(make_checkpoint("qwen2-bias-tied", tmp_path / "c"), device=device).eval()
+    prompts = prompt_batches()[2]
+    want = generate(model, prompts, 20, [0], pad_id=1)
+    for _ in range(2):
+        assert generate(model, prompts, 20, [0], pad_id=1, compile=True) == want
+
+
 def test_sampling_is_seeded_and_stops(tmp_path):
     model = load_model(make_checkpoint("qwen2-bias-tied", tmp_path / "c")).eval()
     prompts = [[5, 6, 7], [9, 10, 11, 12, 13, 14], [3]]
