@@ -563,13 +563,15 @@ def prefill(model: Transformer, tokens, lengths: list[int], cache: KVCache):
     return logits
 
 
-def process_logits(logits, seen=None, temperature=0.0, top_p=1.0, repetition_penalty=1.0):
+def process_logits(logits, seen=None, temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=1.0):
     """transformers' logits processors on logits (B, V), in fp32; filtered tokens get -inf.
 
     seen (B, V) marks the tokens already in each row's text (prompt and new tokens, not padding); the
-    repetition penalty applies to those. The order is transformers': the repetition penalty is a
-    processor and applies to greedy decoding too; the warpers run only when sampling (temperature > 0),
-    temperature first, then top-p."""
+    repetition penalty applies to those. The order is transformers' (checked against transformers 5.24,
+    GenerationMixin._get_logits_processor): the repetition penalty is a processor and applies to greedy
+    decoding too; the warpers run only when sampling (temperature > 0), in the order temperature,
+    top-k, top-p. The order matters even though dividing by the temperature keeps the ranking:
+    rounding can turn two close logits into a tie at the top-k boundary."""
     logits = logits.float()
     if repetition_penalty != 1.0:
         penalized = torch.where(logits < 0, logits * repetition_penalty, logits / repetition_penalty)
@@ -577,6 +579,10 @@ def process_logits(logits, seen=None, temperature=0.0, top_p=1.0, repetition_pen
     if temperature <= 0:
         return logits
     logits = logits / temperature
+    if top_k > 0:
+        # keep every logit >= the k-th largest, so ties at the boundary all stay (as TopKLogitsWarper does)
+        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p < 1.0:
         sorted_logits, order = logits.sort(-1)  # ascending
         cum = sorted_logits.softmax(-1).cumsum(-1)
@@ -586,9 +592,9 @@ def process_logits(logits, seen=None, temperature=0.0, top_p=1.0, repetition_pen
     return logits
 
 
-def sample_next(logits, seen=None, temperature=0.0, top_p=1.0, repetition_penalty=1.0, generator=None):
+def sample_next(logits, seen=None, temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=1.0, generator=None):
     """The next token per row (B,) from logits (B, V): greedy at temperature 0, else sampled."""
-    logits = process_logits(logits, seen, temperature, top_p, repetition_penalty)
+    logits = process_logits(logits, seen, temperature, top_k, top_p, repetition_penalty)
     if temperature <= 0:
         return logits.argmax(-1)
     return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(1)
@@ -608,12 +614,36 @@ def compiled_decode_step(device_type: str):
     return torch.compile(decode_step, mode=mode)
 
 
+# transformers' own values for what a checkpoint's generation_config.json leaves unset
+# (transformers 5.x, GenerationConfig._get_default_generation_params())
+HF_SAMPLING_DEFAULTS = {"do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": 1.0, "repetition_penalty": 1.0}
+
+
+def generation_defaults(checkpoint_dir) -> dict:
+    """The sampling settings Hugging Face generate() uses for this checkpoint when its caller sets none:
+    do_sample, temperature, top_k, top_p, repetition_penalty from the checkpoint's generation_config.json
+    (if there is one), and transformers' global defaults for those it leaves unset (absent or null).
+
+    The caller merges: values its user sets explicitly override these. Like transformers, it should
+    decode greedily (temperature 0 here) when do_sample is False, whatever temperature says. Note the
+    top_k 50 fallback: a checkpoint that sets only temperature and top_p (Llama 3 Instruct) samples
+    from its 50 most likely tokens in transformers."""
+    path = Path(checkpoint_dir) / "generation_config.json"
+    hf = {}
+    if path.is_file():
+        try:
+            hf = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
+    return {key: hf[key] if hf.get(key) is not None else default for key, default in HF_SAMPLING_DEFAULTS.items()}
+
+
 @torch.inference_mode()
 def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, stop_ids, pad_id: int,
-             temperature=0.0, top_p=1.0, repetition_penalty=1.0, seed=None, compile=False) -> list[list[int]]:
+             temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=1.0, seed=None, compile=False) -> list[list[int]]:
     """Generate for a batch of token-id prompts of different lengths (left-padded internally).
 
-    temperature 0 is greedy; top_p 1 is off. Each row stops at the first token in
+    temperature 0 is greedy; top_k 0 and top_p 1 are off. Each row stops at the first token in
     `stop_ids`; the returned lists hold the new tokens up to and including that stop token (or
     max_new_tokens tokens). compile=True runs each decode step through torch.compile, as a CUDA graph
     on CUDA: worth it for long generations on a GPU; each new model architecture and batch shape
@@ -656,7 +686,7 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     n = 0  # new tokens so far
     while True:
-        nxt = sample_next(logits, seen, temperature, top_p, repetition_penalty, generator)
+        nxt = sample_next(logits, seen, temperature, top_k, top_p, repetition_penalty, generator)
         nxt = torch.where(finished, pad_id, nxt)
         tokens[:, T0 + n] = nxt
         n += 1

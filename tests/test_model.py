@@ -14,7 +14,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from conftest import ROOT  # noqa: E402
-from model import generate, load_model, read_config, save_model  # noqa: E402
+from model import generate, generation_defaults, load_model, process_logits, read_config, save_model  # noqa: E402
 
 LLAMA31_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                 "original_max_position_embeddings": 32}
@@ -131,6 +131,94 @@ def test_real_smollm2_greedy_generation_matches_transformers(smollm2_dir):
     for got, want in zip(ours, out):
         end = next((j + 1 for j, t in enumerate(want) if t in stop), len(want))
         assert got == want[:end]
+
+
+# --- sampling settings: transformers' processors and the checkpoint's generation config ------------
+
+def hf_logits_processors(temperature, top_k, top_p, repetition_penalty, attention_mask):
+    """The processor list transformers' generate() builds for these settings (its order, its classes)."""
+    hf = transformers.AutoModelForCausalLM.from_config(transformers.LlamaConfig(**SMALL, num_attention_heads=4))
+    sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p) if temperature > 0 else {}
+    config = transformers.GenerationConfig(do_sample=temperature > 0, repetition_penalty=repetition_penalty, **sampling)
+    return hf._get_logits_processor(config, input_ids_seq_length=attention_mask.shape[1], device="cpu",
+                                    model_kwargs={"attention_mask": attention_mask})
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p,repetition_penalty", [
+    (0.7, 20, 0.8, 1.05),  # Qwen2.5-Instruct's generation_config.json
+    (0.6, 50, 0.9, 1.0),  # Llama-3-Instruct's, with transformers' top_k fallback
+    (1.0, 5, 1.0, 1.0),
+    (1.3, 0, 0.5, 1.0),
+    (0.5, 1, 1.0, 1.2),
+    (0.9, 500, 1.0, 1.0),  # top_k above the vocabulary size
+    (0.0, 0, 1.0, 1.3),  # greedy: only the repetition penalty
+])
+def test_logits_processing_matches_transformers(temperature, top_k, top_p, repetition_penalty):
+    g = torch.Generator().manual_seed(0)
+    B, V, T = 6, SMALL["vocab_size"], 12
+    # one decimal: many ties, among them ties at the top-k boundary
+    logits = (3 * torch.randn(B, V, generator=g)).round(decimals=1)
+    ids = torch.randint(0, V, (B, T), generator=g)
+    mask = (torch.arange(T) >= torch.tensor([0, 3, 5, 0, 11, 2])[:, None]).long()  # left padding
+    ids = ids.masked_fill(mask == 0, 1)  # pads are token 1, which must not count as seen
+    seen = torch.zeros(B, V, dtype=torch.bool)
+    seen[mask.nonzero(as_tuple=True)[0], ids[mask == 1]] = True
+    want = hf_logits_processors(temperature, top_k, top_p, repetition_penalty, mask)(ids, logits.clone())
+    got = process_logits(logits, seen, temperature, top_k, top_p, repetition_penalty)
+    assert torch.equal(got.isinf(), want.isinf())  # the same tokens kept
+    assert torch.equal(got, want)  # the same operations in the same order: the same numbers
+
+
+def test_top_k_keeps_every_tie_at_the_boundary():
+    logits = torch.tensor([[3.0, 2.0, 2.0, 2.0, 1.0, 0.5]])
+    kept = process_logits(logits, temperature=1.0, top_k=2).isfinite()
+    assert kept.tolist() == [[True, True, True, True, False, False]]
+    # Two neighbouring floats that dividing by 0.7 rounds to one value: temperature before top-k
+    # (transformers' order) makes them a tie and keeps both; the other order keeps one.
+    logits = torch.tensor([[2.0, 1.4001500606536865, 1.400149941444397, 0.5]])
+    assert logits[0, 1] != logits[0, 2] and logits[0, 1] / 0.7 == logits[0, 2] / 0.7
+    kept = process_logits(logits, temperature=0.7, top_k=2).isfinite()
+    assert kept.tolist() == [[True, True, True, False]]
+    mask = torch.ones(1, 3, dtype=torch.long)
+    want = hf_logits_processors(0.7, 2, 1.0, 1.0, mask)(torch.zeros(1, 3, dtype=torch.long), logits.clone())
+    assert torch.equal(process_logits(logits, temperature=0.7, top_k=2), want)
+
+
+def test_top_k_reaches_sampling(tmp_path):
+    model = load_model(make_checkpoint("qwen2-bias-tied", tmp_path / "c")).eval()
+    prompts = prompt_batches()[1]
+    greedy = generate(model, prompts, 12, [], pad_id=1)
+    assert generate(model, prompts, 12, [], pad_id=1, temperature=5.0, top_k=1, seed=0) == greedy
+    assert generate(model, prompts, 12, [], pad_id=1, temperature=5.0, seed=0) != greedy
+
+
+QWEN25_INSTRUCT = {"bos_token_id": 151643, "pad_token_id": 151643, "do_sample": True, "eos_token_id": [151645, 151643],
+                   "repetition_penalty": 1.05, "temperature": 0.7, "top_p": 0.8, "top_k": 20, "transformers_version": "4.37.0"}
+LLAMA3_INSTRUCT = {"bos_token_id": 128000, "do_sample": True, "eos_token_id": [128001, 128009], "max_length": 4096,
+                   "temperature": 0.6, "top_p": 0.9, "transformers_version": "4.40.0.dev0"}
+
+
+@pytest.mark.parametrize("written,want", [
+    (QWEN25_INSTRUCT, dict(do_sample=True, temperature=0.7, top_k=20, top_p=0.8, repetition_penalty=1.05)),
+    (LLAMA3_INSTRUCT, dict(do_sample=True, temperature=0.6, top_k=50, top_p=0.9, repetition_penalty=1.0)),
+    ({"bos_token_id": 1, "eos_token_id": 2, "top_k": None}, dict(do_sample=False, temperature=1.0, top_k=50, top_p=1.0,
+                                                                  repetition_penalty=1.0)),  # null is unset
+    (None, dict(do_sample=False, temperature=1.0, top_k=50, top_p=1.0, repetition_penalty=1.0)),  # no file
+])
+def test_generation_defaults(written, want, tmp_path):
+    if written is not None:
+        (tmp_path / "generation_config.json").write_text(json.dumps(written))
+    assert generation_defaults(tmp_path) == want
+    # what transformers itself reads from the directory, its global defaults filling what is unset
+    hf = transformers.GenerationConfig.from_pretrained(tmp_path) if written else transformers.GenerationConfig()
+    fallback = transformers.GenerationConfig._get_default_generation_params()
+    assert want == {k: fallback[k] if getattr(hf, k) is None else getattr(hf, k) for k in want}
+
+
+def test_generation_defaults_bad_json(tmp_path):
+    (tmp_path / "generation_config.json").write_text("{temperature: 0.7")
+    with pytest.raises(ValueError, match="generation_config.json"):
+        generation_defaults(tmp_path)
 
 
 # --- generation against the implementation it replaced -------------------------------------------
