@@ -499,7 +499,8 @@ def plot_curve(report, path):
     curves = {}
     for m in report["models"]:
         for s in dict.fromkeys(r["set"] for r in report["rows"] if r["kind"] == "harmful"):
-            pts = sorted((r["attack_step"], 100 * r[key]) for r in report["rows"] if r["model"] == m and r["set"] == s)
+            pts = sorted((r["attack_step"], 100 * r[key]) for r in report["rows"]
+                         if r["model"] == m and r["set"] == s and r.get(key) is not None)
             curves[f"{m} ({s})"] = ([x for x, _ in pts], [y for _, y in pts], None)
     return plot(curves, "attack steps", HARMFUL_KEYS[key] + " (%)", path)
 

@@ -10,6 +10,7 @@ Module names equal Hugging Face parameter names (model.layers.{i}.self_attn.q_pr
 so a checkpoint loads and exports with no renaming table at all.
 """
 import ctypes
+import functools
 import json
 import math
 import os
@@ -184,11 +185,9 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, nh, T, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if kv is not None:  # generation: append to this layer's cache, attend over everything so far
-            k_cache, v_cache, pos = kv
-            k_cache[:, :, pos:pos + T] = k
-            v_cache[:, :, pos:pos + T] = v
-            k, v = k_cache[:, :, :pos + T], v_cache[:, :, :pos + T]
+        if kv is not None:  # generation: the cache stores these keys/values and returns all it holds so far
+            cache, layer = kv
+            k, v = cache.update(layer, k, v)
         # SDPA picks flash/memory-efficient kernels; enable_gqa shares each K/V head across its query
         # group without materialising repeated K/V. Training passes no mask: plain causal attention.
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
@@ -274,7 +273,8 @@ class Transformer(nn.Module):
 
         Training calls model(idx, only=scored): positions 0..T-1, plain causal attention, and the
         vocabulary projection (a fifth of a small model's flops) only where the loss looks.
-        Generation passes a KVCache, which supplies positions and the left-padding mask."""
+        Generation passes a KVCache, which supplies positions and the left-padding mask, stores each
+        layer's keys/values and returns those to attend over (see KVCache.feed)."""
         B, T = idx.shape
         if cache is None:
             pos = torch.arange(T, device=idx.device).unsqueeze(0)  # (1, T)
@@ -286,13 +286,11 @@ class Transformer(nn.Module):
         x = self.model.embed_tokens(idx)
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
         for i, block in enumerate(self.model.layers):
-            kv = None if cache is None else (cache.k[i], cache.v[i], cache.pos)
+            kv = None if cache is None else (cache, i)
             if self.activation_checkpointing and torch.is_grad_enabled():
                 x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, mask, kv, use_reentrant=False)
             else:
                 x = block(x, cos, sin, mask, kv)
-        if cache is not None:
-            cache.pos += T
         x = self.model.norm(x)
         if last_only:
             x = x[:, -1:]
@@ -574,99 +572,233 @@ def save_model(model: Transformer, out_dir, like=None, dtype=None, max_shard_byt
 
 
 class KVCache:
-    """Preallocated keys/values for all layers, plus which slots hold real (non-pad) tokens."""
+    """Keys and values of every layer for a batch of left-padded rows, preallocated at the final length.
 
-    def __init__(self, cfg: ModelConfig, batch, max_len, device, dtype):
-        shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)  # set by the caller
-        self.pos = 0  # slots [0, pos) are filled
+    Slot s of row b holds column s of the padded text (prompt, then new tokens); the first pad[b] slots
+    of row b are padding. Before each forward, generate() says with feed() which rows the forward runs,
+    which slots its T tokens go to and how many leading slots attention reads (`window`). Nothing grows
+    and nothing is scanned: positions are slot - pad, the mask compares slot numbers. With all rows and
+    window = max_len every decode step has the same shapes, so it can be compiled and captured as a
+    CUDA graph."""
+
+    def __init__(self, cfg: ModelConfig, pad: torch.Tensor, max_len: int, dtype):
+        # One tensor per layer, not one (L, ...) tensor: torch.compile turns an in-place write into a
+        # view of a graph input into a copy of the whole input (here: the cache of every layer).
+        shape = (pad.shape[0], cfg.num_key_value_heads, max_len, cfg.head_dim)  # (B, nkv, S, hd)
+        self.k = [torch.zeros(shape, device=pad.device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
+        self.v = [torch.zeros(shape, device=pad.device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
+        self.pad = pad  # (B,) padding slots at the start of each row
+        self.slot_ids = torch.arange(max_len, device=pad.device)  # (S,)
+        self.real = self.slot_ids >= pad[:, None]  # (B, S) slots that hold (or will hold) real tokens
+        self.rows, self.slots, self.window = None, None, max_len
+
+    def feed(self, slots: torch.Tensor, window: int, rows: torch.Tensor | None = None):
+        """The next forward runs `rows` (all if None), writes its T tokens to `slots` (T,) and
+        attends over slots [0, window)."""
+        self.slots, self.window, self.rows = slots, window, rows
 
     def positions_and_mask(self, T):
-        """Positions of the next T tokens (real tokens counted from each row's first one, as
-        transformers counts them for left padding) and the attention mask over slots [0, pos+T)."""
-        end = self.pos + T
-        valid = self.valid[:, :end]
-        positions = (valid.long().cumsum(-1) - 1).clamp(min=0)[:, self.pos:]  # (B, T)
-        q_slot = torch.arange(self.pos, end, device=valid.device)[:, None]  # (T, 1)
-        k_slot = torch.arange(end, device=valid.device)[None, :]  # (1, S)
-        causal = k_slot <= q_slot
+        """Positions (B, T) of the tokens fed, counted from each row's first real token as transformers
+        counts them under left padding, and the attention mask (B, 1, T, window)."""
+        assert self.slots.shape == (T,), "feed() the slots of the tokens before each forward"
+        pad, real = self.pad, self.real
+        if self.rows is not None:
+            pad, real = pad[self.rows], real[self.rows]
+        positions = (self.slots[None, :] - pad[:, None]).clamp(min=0)
+        q = self.slots[:, None]  # (T, 1)
+        k = self.slot_ids[:self.window]  # (window,)
         # A pad query may see only itself: an all-masked row would give NaN, which would then leak
         # through its cached K/V (0 * NaN) into real tokens.
-        mask = (causal & valid[:, None, :]) | (k_slot == q_slot)  # (B, T, S)
+        mask = (real[:, None, :self.window] & (k <= q)) | (k == q)  # (B, T, window)
         return positions, mask.unsqueeze(1)
 
+    def update(self, layer, k, v):
+        """Store one layer's keys/values (B, nkv, T, hd) of the tokens fed; return (B, nkv, window, hd)."""
+        k_cache, v_cache = self.k[layer], self.v[layer]  # (B, nkv, S, hd)
+        if self.rows is None:  # every row (decoding): write in place, attend over views
+            k_cache.index_copy_(2, self.slots, k)
+            v_cache.index_copy_(2, self.slots, v)
+            return k_cache[:, :, :self.window], v_cache[:, :, :self.window]
+        # some rows (prefill by length group): scatter in, gather out (copies, one layer at a time)
+        idx = (self.rows[:, None], slice(None), self.slots[None, :])  # selects (G, T, nkv, hd)
+        k_cache[idx], v_cache[idx] = k.transpose(1, 2), v.transpose(1, 2)
+        return k_cache[self.rows, :, :self.window], v_cache[self.rows, :, :self.window]
 
-def sample_next(logits, history, history_mask, temperature=0.0, top_p=1.0, repetition_penalty=1.0, generator=None):
-    """Pick the next token per row from logits (B, V), applying the processors in transformers' order:
-    repetition penalty over the tokens seen so far, then temperature, then top-p (nucleus)."""
+
+def length_groups(lengths: list[int], max_padding=0.25) -> list[list[int]]:
+    """Row indices grouped by prompt length: in length order, a group takes the next row while padding
+    stays within `max_padding` of its real tokens. Padding is compute spent on nothing: prompts of 8 to
+    48 tokens are 40% padding as one rectangle, 12% in groups (bench_model.py's batch)."""
+    groups, group = [], []
+    for i in sorted(range(len(lengths)), key=lengths.__getitem__):
+        padded = (len(group) + 1) * lengths[i]  # rows x longest, the longest being row i
+        if group and padded > (1 + max_padding) * (sum(lengths[j] for j in group) + lengths[i]):
+            groups.append(group)
+            group = []
+        group.append(i)
+    return groups + [group]
+
+
+def prefill(model: Transformer, tokens, lengths: list[int], cache: KVCache):
+    """Run the left-padded prompts tokens (B, T0) through the model, filling the cache; return each
+    row's next-token logits (B, V). Each length group runs alone, padded to its own longest prompt."""
+    B, T0 = tokens.shape
+    groups = length_groups(lengths)
+    if len(groups) == 1:  # one rectangle: no gathering
+        cache.feed(torch.arange(T0, device=tokens.device), T0)
+        return model(tokens, cache=cache, last_only=True)[:, -1]
+    logits = torch.empty(B, model.config.vocab_size, device=tokens.device, dtype=model.lm_head.weight.dtype)
+    for group in groups:
+        rows = torch.tensor(group, device=tokens.device)
+        T = max(lengths[i] for i in group)
+        cache.feed(torch.arange(T0 - T, T0, device=tokens.device), T0, rows)
+        logits[rows] = model(tokens[rows, T0 - T:], cache=cache, last_only=True)[:, -1]
+    return logits
+
+
+def process_logits(logits, seen=None, temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=1.0):
+    """transformers' logits processors on logits (B, V), in fp32; filtered tokens get -inf.
+
+    seen (B, V) marks the tokens already in each row's text (prompt and new tokens, not padding); the
+    repetition penalty applies to those. The order is transformers' (checked against transformers 5.24,
+    GenerationMixin._get_logits_processor): the repetition penalty is a processor and applies to greedy
+    decoding too; the warpers run only when sampling (temperature > 0), in the order temperature,
+    top-k, top-p. The order matters even though dividing by the temperature keeps the ranking:
+    rounding can turn two close logits into a tie at the top-k boundary."""
     logits = logits.float()
     if repetition_penalty != 1.0:
-        seen = logits.gather(1, history)
-        seen = torch.where(seen < 0, seen * repetition_penalty, seen / repetition_penalty)
-        # pads are not part of the text; scatter them onto their own current value (no-op)
-        seen = torch.where(history_mask, seen, logits.gather(1, history))
-        logits = logits.scatter(1, history, seen)
+        penalized = torch.where(logits < 0, logits * repetition_penalty, logits / repetition_penalty)
+        logits = torch.where(seen, penalized, logits)
     if temperature <= 0:
-        return logits.argmax(-1)
+        return logits
     logits = logits / temperature
+    if top_k > 0:
+        # keep every logit >= the k-th largest, so ties at the boundary all stay (as TopKLogitsWarper does)
+        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p < 1.0:
         sorted_logits, order = logits.sort(-1)  # ascending
         cum = sorted_logits.softmax(-1).cumsum(-1)
         drop = cum <= 1 - top_p
         drop[:, -1] = False  # always keep the most likely token
         logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
-    probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+    return logits
+
+
+def sample_next(logits, seen=None, temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=1.0, generator=None):
+    """The next token per row (B,) from logits (B, V): greedy at temperature 0, else sampled."""
+    logits = process_logits(logits, seen, temperature, top_k, top_p, repetition_penalty)
+    if temperature <= 0:
+        return logits.argmax(-1)
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(1)
+
+
+def decode_step(model: Transformer, tok, cache: KVCache):
+    """One token per row through the model: tok (B, 1) -> logits (B, V). The unit that compile=True compiles."""
+    return model(tok, cache=cache)[:, -1]
+
+
+@functools.cache
+def compiled_decode_step(device_type: str):
+    # On CUDA, mode="reduce-overhead" replays the whole step as one CUDA graph: a decode step is hundreds
+    # of small kernels whose launch cost exceeds their run time. CPUs have no graphs: plain Inductor.
+    # Memoised so that every generate() call shares one compiled function and its compiled graphs.
+    mode = "reduce-overhead" if device_type == "cuda" else None
+    return torch.compile(decode_step, mode=mode)
+
+
+# transformers' own values for what a checkpoint's generation_config.json leaves unset
+# (transformers 5.x, GenerationConfig._get_default_generation_params())
+HF_SAMPLING_DEFAULTS = {"do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": 1.0, "repetition_penalty": 1.0}
+
+
+def generation_defaults(checkpoint_dir) -> dict:
+    """The sampling settings Hugging Face generate() uses for this checkpoint when its caller sets none:
+    do_sample, temperature, top_k, top_p, repetition_penalty from the checkpoint's generation_config.json
+    (if there is one), and transformers' global defaults for those it leaves unset (absent or null).
+
+    The caller merges: values its user sets explicitly override these. Like transformers, it should
+    decode greedily (temperature 0 here) when do_sample is False, whatever temperature says. Note the
+    top_k 50 fallback: a checkpoint that sets only temperature and top_p (Llama 3 Instruct) samples
+    from its 50 most likely tokens in transformers."""
+    path = Path(checkpoint_dir) / "generation_config.json"
+    hf = {}
+    if path.is_file():
+        try:
+            hf = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    return {key: hf[key] if hf.get(key) is not None else default for key, default in HF_SAMPLING_DEFAULTS.items()}
 
 
 @torch.inference_mode()
 def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, stop_ids, pad_id: int,
-             temperature=0.0, top_p=1.0, repetition_penalty=1.0, seed=None, top_k=0) -> list[list[int]]:
+             temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=1.0, seed=None, compile=False) -> list[list[int]]:
     """Generate for a batch of token-id prompts of different lengths (left-padded internally).
 
-    temperature 0 is greedy. Each row stops at the first token in `stop_ids`; the returned lists
-    hold the new tokens up to and including that stop token (or max_new_tokens tokens)."""
+    temperature 0 is greedy; top_k 0 and top_p 1 are off. Each row stops at the first token in
+    `stop_ids`; the returned lists hold the new tokens up to and including that stop token (or
+    max_new_tokens tokens). compile=True runs each decode step through torch.compile, as a CUDA graph
+    on CUDA: worth it for long generations on a GPU; each new model architecture and batch shape
+    pays for compiling once (minutes on a CPU)."""
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be at least 1, not {max_new_tokens}")
     device = model.lm_head.weight.device
-    dtype = model.lm_head.weight.dtype
     B, T0 = len(prompts), max(len(p) for p in prompts)
-    idx = torch.full((B, T0), pad_id, dtype=torch.long, device=device)
-    real = torch.zeros(B, T0, dtype=torch.bool, device=device)
+    S = T0 + max_new_tokens
+    if compile:  # fewer distinct cache lengths: fewer recompilations and CUDA graphs to record
+        S = -(-S // 64) * 64
+    # The text of every row, preallocated: left-padded prompt, then the new tokens.
+    tokens = torch.full((B, S), pad_id, dtype=torch.long)
     for i, p in enumerate(prompts):
-        idx[i, T0 - len(p):] = torch.tensor(p, dtype=torch.long)
-        real[i, T0 - len(p):] = True
-    cache = KVCache(model.config, B, T0 + max_new_tokens, device, dtype)
-    cache.valid[:, :T0] = real
-    cache.valid[:, T0:] = True
+        tokens[i, T0 - len(p):T0] = torch.tensor(p, dtype=torch.long)
+    tokens = tokens.to(device)
+    cache = KVCache(model.config, torch.tensor([T0 - len(p) for p in prompts], device=device), S, model.lm_head.weight.dtype)
+    every_row = torch.arange(B, device=device)
+    seen = None  # (B, V) which tokens each row's text holds so far, for the repetition penalty
+    if repetition_penalty != 1.0:
+        seen = torch.zeros(B, model.config.vocab_size, dtype=torch.bool, device=device)
+        rows, cols = cache.real[:, :T0].nonzero(as_tuple=True)
+        seen[rows, tokens[rows, cols]] = True
     stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
     generator = None
     if seed is not None:
         generator = torch.Generator(device=device).manual_seed(seed)
-    history, history_mask = idx, real
+
+    logits = prefill(model, tokens[:, :T0], [len(p) for p in prompts], cache)  # (B, V)
+    slot = torch.tensor([T0], device=device)  # (1,) the slot of the token fed next; advanced in place
+    step = decode_step
+    if compile:
+        step = compiled_decode_step(device.type)
+        # Without this a CUDA graph would copy every cache tensor into its own input buffers each step.
+        for t in cache.k + cache.v + [cache.pad, cache.real, cache.slot_ids, slot]:
+            torch._dynamo.mark_static_address(t)
+    # Asking whether every row is done copies a flag to the host, which drains CUDA's queue: on CUDA ask
+    # every 8 steps (a finished batch then runs at most 7 steps too many; their tokens are cut off).
+    check_every = 8 if device.type == "cuda" else 1
     finished = torch.zeros(B, dtype=torch.bool, device=device)
-    out = []
-    logits = model(idx, cache=cache, last_only=True)[:, -1]
-    for _ in range(max_new_tokens):
-        nxt = sample_next(logits, history, history_mask, temperature, top_p, repetition_penalty, generator)
+    n = 0  # new tokens so far
+    while True:
+        nxt = sample_next(logits, seen, temperature, top_k, top_p, repetition_penalty, generator)
         nxt = torch.where(finished, pad_id, nxt)
-        out.append(nxt)
+        tokens[:, T0 + n] = nxt
+        n += 1
         finished |= torch.isin(nxt, stop)
-        if finished.all():
+        if seen is not None:  # a finished row's text is over: its padding is not part of it
+            seen[every_row, nxt] |= ~finished
+        if n == max_new_tokens or (n % check_every == 0 and finished.all()):
             break
-        history = torch.cat([history, nxt[:, None]], 1)
-        history_mask = torch.cat([history_mask, ~finished[:, None]], 1)
-        logits = model(nxt[:, None], cache=cache)[:, -1]
+        # Eagerly, attention reads only the slots filled so far (measured faster on a CPU); compiled, it
+        # reads all of them, masked, so that every step has the same shapes.
+        cache.feed(slot, S if compile else T0 + n)
+        if compile:
+            torch.compiler.cudagraph_mark_step_begin()  # the previous step's logits are used up
+        logits = step(model, tokens[:, T0 + n - 1:T0 + n], cache)
+        slot += 1
     stop_set = set(stop_ids)
     results = []
-    for row in torch.stack(out, 1).tolist():
+    for row in tokens[:, T0:T0 + n].tolist():
         end = next((j + 1 for j, t in enumerate(row) if t in stop_set), len(row))
         results.append(row[:end])
     return results
 
-
-def generation_defaults(path):  # TEMPORARY until the generation branch lands
-    gen = Path(path) / "generation_config.json"
-    cfg = json.loads(gen.read_text()) if gen.exists() else {}
-    d = {"temperature": 1.0, "top_k": 50, "top_p": 1.0, "repetition_penalty": 1.0}
-    return {k: cfg.get(k, v) if cfg.get(k) is not None else v for k, v in d.items()}

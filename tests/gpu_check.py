@@ -218,17 +218,23 @@ def program(script, *flags, nproc=1):
     return r.stdout
 
 
+def last_step(out):
+    """The last step line of a log, cut to its loss, throughput and MFU."""
+    line = next((x for x in reversed(out.splitlines()) if x.startswith("step")), "no step line")
+    return " | ".join(part.strip() for part in line.split("|") if part.strip().startswith(("step", "loss", "mfu")) or "tok/s" in part)
+
+
 @check("programs under torchrun")
 def _():
     demo = work / "demo"
     fast = ["--warmup-steps", "3", "--rounds", "2", "--inner-steps", "3", "--defend-steps", "4"]
     out = program("patcher.py", "--out", demo, *fast, "--save-every", "5")
-    yield ("patcher.py demo, one rank", out.strip().splitlines()[-2][:90], "exported" in out)
+    yield ("patcher.py demo, one rank, checkpoints every 5 steps", last_step(out), "exported" in out)
     out = program("patcher.py", "--out", demo, *fast, "--save-every", "5", "--resume")
-    yield ("  --resume from its checkpoint", "resumed" if "resumed at step 5" in out else out[-90:], "resumed at step 5" in out)
+    yield ("  --resume from its last checkpoint", "resumed" if "resumed at step 10" in out else out[-90:], "resumed at step 10" in out)
     for flags in (["--compile"], ["--activation-checkpointing"]) if GPU else (["--activation-checkpointing"],):
         out = program("patcher.py", "--out", work / f"demo{flags[0]}", *fast, *flags)
-        yield (f"  {flags[0]}", "exported" if "exported" in out else out[-90:], "exported" in out)
+        yield (f"  {flags[0]}", last_step(out), "exported" in out)
     d = demo / "data"
     out = program("eval.py", "--model", demo / "final", "--attack-data", d / "attack.jsonl", "--eval-data", d / "eval_harmful.jsonl",
                   "--eval-at", "0,4", "--greedy", "--max-new-tokens", "4", "--attack-batch-size", "16", "--limit", "32",
@@ -242,7 +248,7 @@ def _():
         out = program("patcher.py", "--model", ckpt, "--safe-data", paths["safe"], "--unsafe-data", paths["unsafe"],
                       "--out", work / f"qwen{''.join(flags)}", "--warmup-steps", "1", "--rounds", "1", "--inner-steps", "2",
                       "--defend-steps", "2", "--batch-size", "4", "--inner-batch-size", "4", *flags)
-        yield (f"patcher.py, 1.5B shape, one rank {' '.join(flags) or '(eager)'}", out.strip().splitlines()[-2][:90], "exported" in out)
+        yield (f"patcher.py, 1.5B shape, one rank {' '.join(flags) or '(eager)'}", last_step(out), "exported" in out)
 
 
 width = max(len(r[0]) for r in rows)

@@ -404,7 +404,7 @@ def test_text_model_with_llm_judge_end_to_end(tmp_path, text_checkpoint):
         ans.setdefault((g["attack_step"], g["set"], g["prompt"]), set()).add(g["answer"])
     assert all(len(v) == 1 for v in ans.values())
     for f in out.iterdir():
-        assert SECRET not in f.read_text(), f.name
+        assert SECRET.encode() not in f.read_bytes(), f.name
     assert SECRET not in r.stdout + r.stderr
 
 

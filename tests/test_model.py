@@ -14,7 +14,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from conftest import ROOT  # noqa: E402
-from model import CheckpointError, generate, load_model, read_config, save_model  # noqa: E402
+from model import CheckpointError, generate, generation_defaults, load_model, process_logits, read_config, save_model  # noqa: E402
 
 LLAMA31_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                 "original_max_position_embeddings": 32}
@@ -131,6 +131,221 @@ def test_real_smollm2_greedy_generation_matches_transformers(smollm2_dir):
     for got, want in zip(ours, out):
         end = next((j + 1 for j, t in enumerate(want) if t in stop), len(want))
         assert got == want[:end]
+
+
+# --- sampling settings: transformers' processors and the checkpoint's generation config ------------
+
+def hf_logits_processors(temperature, top_k, top_p, repetition_penalty, attention_mask):
+    """The processor list transformers' generate() builds for these settings (its order, its classes)."""
+    hf = transformers.AutoModelForCausalLM.from_config(transformers.LlamaConfig(**SMALL, num_attention_heads=4))
+    sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p) if temperature > 0 else {}
+    config = transformers.GenerationConfig(do_sample=temperature > 0, repetition_penalty=repetition_penalty, **sampling)
+    return hf._get_logits_processor(config, input_ids_seq_length=attention_mask.shape[1], device="cpu",
+                                    model_kwargs={"attention_mask": attention_mask})
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p,repetition_penalty", [
+    (0.7, 20, 0.8, 1.05),  # Qwen2.5-Instruct's generation_config.json
+    (0.6, 50, 0.9, 1.0),  # Llama-3-Instruct's, with transformers' top_k fallback
+    (1.0, 5, 1.0, 1.0),
+    (1.3, 0, 0.5, 1.0),
+    (0.5, 1, 1.0, 1.2),
+    (0.9, 500, 1.0, 1.0),  # top_k above the vocabulary size
+    (0.0, 0, 1.0, 1.3),  # greedy: only the repetition penalty
+])
+def test_logits_processing_matches_transformers(temperature, top_k, top_p, repetition_penalty):
+    g = torch.Generator().manual_seed(0)
+    B, V, T = 6, SMALL["vocab_size"], 12
+    # one decimal: many ties, among them ties at the top-k boundary
+    logits = (3 * torch.randn(B, V, generator=g)).round(decimals=1)
+    ids = torch.randint(0, V, (B, T), generator=g)
+    mask = (torch.arange(T) >= torch.tensor([0, 3, 5, 0, 11, 2])[:, None]).long()  # left padding
+    ids = ids.masked_fill(mask == 0, 1)  # pads are token 1, which must not count as seen
+    seen = torch.zeros(B, V, dtype=torch.bool)
+    seen[mask.nonzero(as_tuple=True)[0], ids[mask == 1]] = True
+    want = hf_logits_processors(temperature, top_k, top_p, repetition_penalty, mask)(ids, logits.clone())
+    got = process_logits(logits, seen, temperature, top_k, top_p, repetition_penalty)
+    assert torch.equal(got.isinf(), want.isinf())  # the same tokens kept
+    assert torch.equal(got, want)  # the same operations in the same order: the same numbers
+
+
+def test_top_k_keeps_every_tie_at_the_boundary():
+    logits = torch.tensor([[3.0, 2.0, 2.0, 2.0, 1.0, 0.5]])
+    kept = process_logits(logits, temperature=1.0, top_k=2).isfinite()
+    assert kept.tolist() == [[True, True, True, True, False, False]]
+    # Two neighbouring floats that dividing by 0.7 rounds to one value: temperature before top-k
+    # (transformers' order) makes them a tie and keeps both; the other order keeps one.
+    logits = torch.tensor([[2.0, 1.4001500606536865, 1.400149941444397, 0.5]])
+    assert logits[0, 1] != logits[0, 2] and logits[0, 1] / 0.7 == logits[0, 2] / 0.7
+    kept = process_logits(logits, temperature=0.7, top_k=2).isfinite()
+    assert kept.tolist() == [[True, True, True, False]]
+    mask = torch.ones(1, 3, dtype=torch.long)
+    want = hf_logits_processors(0.7, 2, 1.0, 1.0, mask)(torch.zeros(1, 3, dtype=torch.long), logits.clone())
+    assert torch.equal(process_logits(logits, temperature=0.7, top_k=2), want)
+
+
+def test_top_k_reaches_sampling(tmp_path):
+    model = load_model(make_checkpoint("qwen2-bias-tied", tmp_path / "c")).eval()
+    prompts = prompt_batches()[1]
+    greedy = generate(model, prompts, 12, [], pad_id=1)
+    assert generate(model, prompts, 12, [], pad_id=1, temperature=5.0, top_k=1, seed=0) == greedy
+    assert generate(model, prompts, 12, [], pad_id=1, temperature=5.0, seed=0) != greedy
+
+
+QWEN25_INSTRUCT = {"bos_token_id": 151643, "pad_token_id": 151643, "do_sample": True, "eos_token_id": [151645, 151643],
+                   "repetition_penalty": 1.05, "temperature": 0.7, "top_p": 0.8, "top_k": 20, "transformers_version": "4.37.0"}
+LLAMA3_INSTRUCT = {"bos_token_id": 128000, "do_sample": True, "eos_token_id": [128001, 128009], "max_length": 4096,
+                   "temperature": 0.6, "top_p": 0.9, "transformers_version": "4.40.0.dev0"}
+
+
+@pytest.mark.parametrize("written,want", [
+    (QWEN25_INSTRUCT, dict(do_sample=True, temperature=0.7, top_k=20, top_p=0.8, repetition_penalty=1.05)),
+    (LLAMA3_INSTRUCT, dict(do_sample=True, temperature=0.6, top_k=50, top_p=0.9, repetition_penalty=1.0)),
+    ({"bos_token_id": 1, "eos_token_id": 2, "top_k": None}, dict(do_sample=False, temperature=1.0, top_k=50, top_p=1.0,
+                                                                  repetition_penalty=1.0)),  # null is unset
+    (None, dict(do_sample=False, temperature=1.0, top_k=50, top_p=1.0, repetition_penalty=1.0)),  # no file
+])
+def test_generation_defaults(written, want, tmp_path):
+    if written is not None:
+        (tmp_path / "generation_config.json").write_text(json.dumps(written))
+    assert generation_defaults(tmp_path) == want
+    # what transformers itself reads from the directory, its global defaults filling what is unset
+    hf = transformers.GenerationConfig.from_pretrained(tmp_path) if written else transformers.GenerationConfig()
+    fallback = transformers.GenerationConfig._get_default_generation_params()
+    assert want == {k: fallback[k] if getattr(hf, k) is None else getattr(hf, k) for k in want}
+
+
+def test_generation_defaults_bad_json(tmp_path):
+    (tmp_path / "generation_config.json").write_text("{temperature: 0.7")
+    with pytest.raises(ValueError, match="generation_config.json"):
+        generation_defaults(tmp_path)
+
+
+# --- generation against the implementation it replaced -------------------------------------------
+
+class OldKVCache:
+    """model.py's KVCache as of commit 62b5903 (growing attention window, positions by cumsum over the
+    valid slots), speaking today's cache protocol: update() holds the lines that were in
+    Attention.forward, and old_generate advances pos after each forward, as Transformer.forward did."""
+
+    def __init__(self, cfg, batch, max_len, device, dtype):
+        shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
+        self.pos = 0
+
+    def positions_and_mask(self, T):
+        end = self.pos + T
+        valid = self.valid[:, :end]
+        positions = (valid.long().cumsum(-1) - 1).clamp(min=0)[:, self.pos:]
+        q_slot = torch.arange(self.pos, end, device=valid.device)[:, None]
+        k_slot = torch.arange(end, device=valid.device)[None, :]
+        mask = ((k_slot <= q_slot) & valid[:, None, :]) | (k_slot == q_slot)
+        return positions, mask.unsqueeze(1)
+
+    def update(self, layer, k, v):
+        pos, T = self.pos, k.shape[2]
+        self.k[layer][:, :, pos:pos + T] = k
+        self.v[layer][:, :, pos:pos + T] = v
+        return self.k[layer][:, :, :pos + T], self.v[layer][:, :, :pos + T]
+
+
+def old_sample_next(logits, history, history_mask, temperature=0.0, top_p=1.0, repetition_penalty=1.0, generator=None):
+    logits = logits.float()
+    if repetition_penalty != 1.0:
+        seen = logits.gather(1, history)
+        seen = torch.where(seen < 0, seen * repetition_penalty, seen / repetition_penalty)
+        seen = torch.where(history_mask, seen, logits.gather(1, history))
+        logits = logits.scatter(1, history, seen)
+    if temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(-1)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum <= 1 - top_p
+        drop[:, -1] = False
+        logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
+@torch.inference_mode()
+def old_generate(model, prompts, max_new_tokens, stop_ids, pad_id, temperature=0.0, top_p=1.0,
+                 repetition_penalty=1.0, seed=None):
+    """model.generate as of commit 62b5903: one padded prefill, torch.cat of the history each step."""
+    device, dtype = model.lm_head.weight.device, model.lm_head.weight.dtype
+    B, T0 = len(prompts), max(len(p) for p in prompts)
+    idx = torch.full((B, T0), pad_id, dtype=torch.long, device=device)
+    real = torch.zeros(B, T0, dtype=torch.bool, device=device)
+    for i, p in enumerate(prompts):
+        idx[i, T0 - len(p):] = torch.tensor(p, dtype=torch.long)
+        real[i, T0 - len(p):] = True
+    cache = OldKVCache(model.config, B, T0 + max_new_tokens, device, dtype)
+    cache.valid[:, :T0] = real
+    cache.valid[:, T0:] = True
+    stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
+    generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
+    history, history_mask = idx, real
+    finished = torch.zeros(B, dtype=torch.bool, device=device)
+    out = []
+    logits = model(idx, cache=cache, last_only=True)[:, -1]
+    cache.pos += T0
+    for _ in range(max_new_tokens):
+        nxt = old_sample_next(logits, history, history_mask, temperature, top_p, repetition_penalty, generator)
+        nxt = torch.where(finished, pad_id, nxt)
+        out.append(nxt)
+        finished |= torch.isin(nxt, stop)
+        if finished.all():
+            break
+        history = torch.cat([history, nxt[:, None]], 1)
+        history_mask = torch.cat([history_mask, ~finished[:, None]], 1)
+        logits = model(nxt[:, None], cache=cache)[:, -1]
+        cache.pos += 1
+    stop_set = set(stop_ids)
+    results = []
+    for row in torch.stack(out, 1).tolist():
+        end = next((j + 1 for j, t in enumerate(row) if t in stop_set), len(row))
+        results.append(row[:end])
+    return results
+
+
+def prompt_batches(seed=0):
+    """Batches of 1, 3 and 9 prompts; lengths from 1 to 40, so prefill runs one rectangle and several
+    length groups (model.length_groups). Token ids avoid the pad id 1."""
+    g = torch.Generator().manual_seed(seed)
+    batches = [[[7]], [[5, 6, 7], [9, 10, 11, 12, 13, 14], [3]]]
+    lengths = [1, 2, 9, 10, 11, 25, 33, 40, 40]
+    batches.append([torch.randint(2, SMALL["vocab_size"], (n,), generator=g).tolist() for n in lengths])
+    return batches
+
+
+@pytest.mark.parametrize("case", ["llama-gqa-untied", "qwen3-qknorm-headdim", "llama31-rope-tied"])
+def test_generate_matches_previous_implementation(case, tmp_path):
+    """Same tokens as the generate it replaced: greedy, greedy with the repetition penalty, and seeded
+    sampling, with rows stopping at different steps (stop ids that the model does produce)."""
+    model = load_model(make_checkpoint(case, tmp_path / case)).eval()
+    for prompts in prompt_batches():
+        free = old_generate(model, prompts, 24, [], pad_id=1)
+        stops = [[], [free[0][3]], sorted({row[j] for row in free for j in (2, 9)})]
+        for stop in stops:
+            for kw in [dict(), dict(repetition_penalty=1.3), dict(temperature=0.8, top_p=0.9, repetition_penalty=1.2, seed=7)]:
+                want = old_generate(model, prompts, 24, stop, pad_id=1, **kw)
+                assert generate(model, prompts, 24, stop, pad_id=1, **kw) == want, (len(prompts), stop, kw)
+        assert generate(model, prompts, 1, [], pad_id=1) == [row[:1] for row in free]
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA device: the CUDA graph path is not exercised"))])
+def test_compiled_decode_matches_eager(device, tmp_path):
+    """compile=True (a torch.compile'd decode step over the full static cache; a CUDA graph on CUDA)
+    gives the eager tokens, also on a second call, whose new cache sits at new addresses."""
+    model = load_model(make_checkpoint("qwen2-bias-tied", tmp_path / "c"), device=device).eval()
+    prompts = prompt_batches()[2]
+    want = generate(model, prompts, 20, [0], pad_id=1)
+    for _ in range(2):
+        assert generate(model, prompts, 20, [0], pad_id=1, compile=True) == want
 
 
 def test_sampling_is_seeded_and_stops(tmp_path):
@@ -289,3 +504,11 @@ def test_fsdp2_two_ranks_match_one_process(tmp_path):
         assert (got - want).abs().max().item() <= 1e-5
     assert (tmp_path / "sharded" / "model.safetensors").read_bytes() == (tmp_path / "single" / "model.safetensors").read_bytes()
     assert not any(p.name.startswith(".sharded") for p in tmp_path.iterdir())
+
+
+def test_gpu_check_runs_on_the_cpu_at_tiny_shapes():
+    """tests/gpu_check.py, the one prepared GPU command, runs every path at tiny shapes here, so it cannot rot."""
+    r = subprocess.run([sys.executable, str(ROOT / "tests" / "gpu_check.py"), "--device", "cpu"], capture_output=True,
+                       text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    table = [line for line in r.stdout.splitlines() if line.startswith("| ")]
+    assert r.returncode == 0 and len(table) >= 13 and all(line.endswith("| yes |") for line in table[2:]), r.stdout[-4000:] + r.stderr[-3000:]
