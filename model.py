@@ -739,8 +739,8 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     temperature 0 is greedy; top_k 0 and top_p 1 are off. Each row stops at the first token in
     `stop_ids`; the returned lists hold the new tokens up to and including that stop token (or
     max_new_tokens tokens). compile=True runs each decode step through torch.compile, as a CUDA graph
-    on CUDA: worth it for long generations on a GPU; each new model architecture and batch shape
-    pays for compiling once (minutes on a CPU)."""
+    on CUDA, where a step's hundreds of small kernels take longer to launch than to run. Each new
+    model architecture and batch shape pays for compiling once (a minute or more on a CPU)."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be at least 1, not {max_new_tokens}")
     device = model.lm_head.weight.device

@@ -2,13 +2,19 @@
 the same batch, dtype and threads. Reports ratios, which survive a noisy shared machine better
 than absolute numbers.
 
-    python tests/bench_model.py [--model DIR] [--dtype float32|bfloat16] [--device cpu|cuda]
+    OMP_NUM_THREADS=1 python tests/bench_model.py                       # CPU, fp32
+    python tests/bench_model.py --device cuda --dtype bfloat16 --compile  # GPU: CUDA graphs
+    python tests/bench_model.py --skip-train --new-tokens 256             # 256 new tokens
 
 1. training forward+backward tokens/s (batch 4 x 128 by default)
-2. generation tokens/s: batch 16 prompts of different lengths, 64 new tokens, greedy, KV cache
+2. generation tokens/s: batch 16 prompts of 8 to 47 tokens, greedy, no stop token, KV cache on
+   both sides (transformers: its default dynamic cache). First with 1 new token (the prefill),
+   then with --new-tokens. Each is timed in --rounds rounds, ours and transformers alternating;
+   the ratio is of the fastest times, with the median of the per-round ratios beside it.
 """
 import argparse
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -25,8 +31,11 @@ p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu
 p.add_argument("--batch", type=int, default=4)
 p.add_argument("--seq", type=int, default=128)
 p.add_argument("--iters", type=int, default=5)
+p.add_argument("--skip-train", action="store_true", help="only the generation benchmark")
 p.add_argument("--gen-batch", type=int, default=16)
 p.add_argument("--new-tokens", type=int, default=64)
+p.add_argument("--rounds", type=int, default=3, help="alternating timing rounds per generation benchmark")
+p.add_argument("--compile", action="store_true", help="our generate(compile=True): a compiled decode step (CUDA graph on CUDA)")
 args = p.parse_args()
 
 import transformers  # noqa: E402  (benchmark-only dependency)
@@ -52,30 +61,28 @@ def timed(fn, iters):
     return best
 
 
-ours = load_model(args.model, device=dev, dtype=dtype)
-hf = transformers.AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(dev)
-print(f"model {args.model} dtype {args.dtype} device {dev} threads {torch.get_num_threads()}")
+ours = load_model(args.model, device=dev, dtype=dtype).eval()
+hf = transformers.AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(dev).eval()
+print(f"model {args.model} dtype {args.dtype} device {dev} threads {torch.get_num_threads()} compile {args.compile}")
 
-idx = torch.randint(0, ours.config.vocab_size, (args.batch, args.seq), device=dev)
+if not args.skip_train:
+    idx = torch.randint(0, ours.config.vocab_size, (args.batch, args.seq), device=dev)
 
+    def step_ours():
+        ours(idx).float().logsumexp(-1).mean().backward()
+        ours.zero_grad(set_to_none=True)
 
-def step_ours():
-    ours(idx).float().logsumexp(-1).mean().backward()
-    ours.zero_grad(set_to_none=True)
+    def step_hf():
+        hf(idx).logits.float().logsumexp(-1).mean().backward()
+        hf.zero_grad(set_to_none=True)
 
-
-def step_hf():
-    hf(idx).logits.float().logsumexp(-1).mean().backward()
-    hf.zero_grad(set_to_none=True)
-
-
-# interleave the two so drift in machine load hits both alike
-t_ours, t_hf = float("inf"), float("inf")
-for _ in range(2):
-    t_ours = min(t_ours, timed(step_ours, args.iters))
-    t_hf = min(t_hf, timed(step_hf, args.iters))
-n = args.batch * args.seq
-print(f"fwd+bwd  ours {n / t_ours:9.1f} tok/s   transformers {n / t_hf:9.1f} tok/s   ratio {t_hf / t_ours:.2f}x")
+    # interleave the two so drift in machine load hits both alike
+    t_ours, t_hf = float("inf"), float("inf")
+    for _ in range(2):
+        t_ours = min(t_ours, timed(step_ours, args.iters))
+        t_hf = min(t_hf, timed(step_hf, args.iters))
+    n = args.batch * args.seq
+    print(f"fwd+bwd  ours {n / t_ours:9.1f} tok/s   transformers {n / t_hf:9.1f} tok/s   ratio {t_hf / t_ours:.2f}x")
 
 g = torch.Generator().manual_seed(0)
 lengths = torch.randint(8, 48, (args.gen_batch,), generator=g).tolist()
@@ -86,21 +93,46 @@ ids = torch.tensor([[pad] * (T0 - len(q)) + q for q in prompts], device=dev)
 mask = (torch.arange(T0)[None, :] >= (T0 - torch.tensor(lengths))[:, None]).long().to(dev)
 
 
-def gen_ours():
-    out = generate(ours, prompts, max_new_tokens=args.new_tokens, stop_ids=[], pad_id=pad)
-    assert all(len(r) == args.new_tokens for r in out)
+def gen_ours(new):
+    out = generate(ours, prompts, max_new_tokens=new, stop_ids=[], pad_id=pad, compile=args.compile)
+    assert all(len(r) == new for r in out)
 
 
-def gen_hf():
+def gen_hf(new):
     with torch.no_grad():
-        out = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=args.new_tokens,
-                          min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=pad)
-    assert out.shape[1] == T0 + args.new_tokens
+        out = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new,
+                          min_new_tokens=new, do_sample=False, pad_token_id=pad)
+    assert out.shape[1] == T0 + new
 
 
-t_ours, t_hf = float("inf"), float("inf")
-for _ in range(2):
-    t_ours = min(t_ours, timed(gen_ours, 2))
-    t_hf = min(t_hf, timed(gen_hf, 2))
-n = args.gen_batch * args.new_tokens
-print(f"generate ours {n / t_ours:9.1f} tok/s   transformers {n / t_hf:9.1f} tok/s   ratio {t_hf / t_ours:.2f}x")
+def clock():
+    # On a CPU also the process's CPU time: with one thread it leaves out the time other programs on
+    # a shared machine take the core away (it still counts their effect on caches and memory).
+    return time.perf_counter(), time.process_time() if dev.type == "cpu" else 0.0
+
+
+def compare(new):
+    gen_ours(new)  # warm-up (and compilation with --compile)
+    gen_hf(new)
+    walls, cpus = {"ours": [], "hf": []}, {"ours": [], "hf": []}
+    for _ in range(args.rounds):
+        for name, fn in (("ours", gen_ours), ("hf", gen_hf)):
+            sync()
+            w, c = clock()
+            fn(new)
+            sync()
+            w2, c2 = clock()
+            walls[name].append(w2 - w)
+            cpus[name].append(c2 - c)
+    n = args.gen_batch * new
+    t_ours, t_hf = min(walls["ours"]), min(walls["hf"])
+    median = statistics.median(h / o for h, o in zip(walls["hf"], walls["ours"]))
+    line = (f"generate batch {args.gen_batch} x {new:3d} new  ours {n / t_ours:8.1f} tok/s   "
+            f"transformers {n / t_hf:8.1f} tok/s   ratio {t_hf / t_ours:.2f}x (median {median:.2f}x)")
+    if dev.type == "cpu":
+        line += f"   cpu-time ratio {min(cpus['hf']) / min(cpus['ours']):.2f}x"
+    print(line, flush=True)
+
+
+compare(1)  # the prefill, plus one token
+compare(args.new_tokens)
