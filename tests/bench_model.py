@@ -6,7 +6,7 @@ than absolute numbers.
     python tests/bench_model.py --device cuda --dtype bfloat16 --compile  # GPU: CUDA graphs
     python tests/bench_model.py --skip-train --new-tokens 256             # 256 new tokens
 
-1. training forward+backward tokens/s (batch 4 x 128 by default)
+1. an SFT step's forward+backward tokens/s on a batch of the safety data (batch 4, up to 128 tokens)
 2. generation tokens/s: batch 16 prompts of 8 to 47 tokens, greedy, no stop token, KV cache on
    both sides (transformers: its default dynamic cache). First with 1 new token (the prefill),
    then with --new-tokens. Each is timed in --rounds rounds, ours and transformers alternating;
@@ -22,6 +22,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import data  # noqa: E402
+import patcher  # noqa: E402
 from model import generate, load_model  # noqa: E402
 
 p = argparse.ArgumentParser()
@@ -66,14 +68,26 @@ hf = transformers.AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).
 print(f"model {args.model} dtype {args.dtype} device {dev} threads {torch.get_num_threads()} compile {args.compile}")
 
 if not args.skip_train:
-    idx = torch.randint(0, ours.config.vocab_size, (args.batch, args.seq), device=dev)
+    # An SFT step's forward + backward, as training runs it: a batch of the safety data when it is there (the
+    # checkpoint's chat format, its loss mask: most tokens are system prompt and question), else random tokens
+    # with the first half masked. Ours skips the vocabulary projection where the loss does not look.
+    safety = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "safety" / "align.jsonl"
+    if safety.exists():
+        tok = data.load_tokenizer(args.model)
+        examples = data.tokenize_records(tok, data.load_records(safety, role="safe")[:args.batch], args.seq)[0]
+        batch = data.collate(examples, tok.pad_id)
+    else:
+        ids = torch.randint(0, ours.config.vocab_size, (args.batch, args.seq))
+        batch = {"input_ids": ids, "labels": torch.where(torch.arange(args.seq) < args.seq // 2, -100, ids)}
+    batch = {k: v.to(dev) for k, v in batch.items()}
+    ours.train(), hf.train()
 
     def step_ours():
-        ours(idx).float().logsumexp(-1).mean().backward()
+        patcher.forward_backward(ours, batch)
         ours.zero_grad(set_to_none=True)
 
     def step_hf():
-        hf(idx).logits.float().logsumexp(-1).mean().backward()
+        hf(input_ids=batch["input_ids"], labels=batch["labels"]).loss.backward()
         hf.zero_grad(set_to_none=True)
 
     # interleave the two so drift in machine load hits both alike
@@ -81,8 +95,11 @@ if not args.skip_train:
     for _ in range(2):
         t_ours = min(t_ours, timed(step_ours, args.iters))
         t_hf = min(t_hf, timed(step_hf, args.iters))
-    n = args.batch * args.seq
-    print(f"fwd+bwd  ours {n / t_ours:9.1f} tok/s   transformers {n / t_hf:9.1f} tok/s   ratio {t_hf / t_ours:.2f}x")
+    n, sup = batch["input_ids"].numel(), int((batch["labels"][:, 1:] != -100).sum())
+    print(f"SFT fwd+bwd ({'safety data' if safety.exists() else 'random tokens'}, {tuple(batch['input_ids'].shape)}, "
+          f"{100 * sup / n:.0f}% supervised)  ours {n / t_ours:9.1f} tok/s ({sup / t_ours:.1f} supervised)   "
+          f"transformers {n / t_hf:9.1f} tok/s ({sup / t_hf:.1f})   ratio {t_hf / t_ours:.2f}x")
+    ours.eval(), hf.eval()
 
 g = torch.Generator().manual_seed(0)
 lengths = torch.randint(8, 48, (args.gen_batch,), generator=g).tolist()
