@@ -2,8 +2,10 @@
 
 Everything a training step consumes is built here: a tiktoken tokenizer read from the checkpoint,
 conversations rendered exactly as the checkpoint's own chat template renders them (with a loss mask
-on the assistant's tokens), the paper's datasets in their native layouts, and an endless, sharded,
-resumable stream of padded batches. Runtime imports: the standard library, numpy, torch, tiktoken.
+on the assistant's tokens), what the judges read (refusal phrases, judge prompts, Llama Guard 3's
+format), the paper's datasets in their native layouts, the built-in demo's toy world (as ordinary
+records, with a tokenizer of the same interface), and an endless, resumable stream of global batches
+dealt to the ranks. Runtime imports: the standard library, numpy, torch, tiktoken.
 """
 import base64
 import binascii

@@ -3,8 +3,11 @@ Our own decoder-only transformer for the Hugging Face checkpoints Patcher is run
 (Llama 2/3/3.1/3.2, SmolLM, Mistral, Qwen2/2.5, Qwen3), plus:
 
 - load_model(): config.json + safetensors -> Transformer, also straight into FSDP2 shards
-- save_model(): Transformer (plain or FSDP2-sharded) -> Hugging Face checkpoint directory
-- generate():   batched KV-cache generation for left-padded prompts (greedy or sampled)
+- save_model(): Transformer (plain or FSDP2-sharded) -> Hugging Face checkpoint directory, swapped in whole;
+                never with a non-finite weight (all_finite)
+- generate():   batched generation for left-padded prompts with a static KV cache (greedy or sampled:
+                repetition penalty, temperature, top-k, top-p, in transformers' order), its decode step
+                compilable into a CUDA graph; generation_defaults() reads the checkpoint's sampling settings
 
 Module names equal Hugging Face parameter names (model.layers.{i}.self_attn.q_proj.weight, ...),
 so a checkpoint loads and exports with no renaming table at all.

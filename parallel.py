@@ -131,14 +131,29 @@ class Partner:
         return True
 
     def send(self, tensors):
-        works = [dist.isend(t, self.peer) for t in tensors if t.numel()]  # a tiny tensor can leave a rank no rows
-        for work in works:
-            work.wait()
+        self._finish([dist.isend(t, self.peer) for t in tensors if t.numel()])  # a tiny tensor can leave a rank no rows
 
     def recv(self, tensors):
-        works = [dist.irecv(t, self.peer) for t in tensors if t.numel()]
-        for work in works:
-            work.wait()
+        self._finish([dist.irecv(t, self.peer) for t in tensors if t.numel()])
+
+    def _finish(self, works):
+        """Wait for the transfers, watching the partner meanwhile: a partner that dies or freezes mid-transfer
+        would block a plain wait() forever. The wait runs in a thread (it releases the GIL; gloo's cannot be
+        polled, see NOTES) while this one checks the heartbeat."""
+        done, failed = threading.Event(), []
+
+        def wait():
+            try:
+                for work in works:
+                    work.wait()
+            except Exception as e:  # noqa: BLE001 (handed to the main thread)
+                failed.append(e)
+            done.set()
+        threading.Thread(target=wait, daemon=True).start()
+        while not done.wait(POLL):
+            self.check()
+        if failed:
+            raise failed[0]
 
     def abort(self, why):
         try:  # best effort: the store may be gone with the job

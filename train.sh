@@ -37,7 +37,7 @@ PARALLEL_SWITCHES="sync"
 EVAL_FLAGS="attack-format attack-benign-data attack-samples poison-ratio limit system-prompt attack-kind eval-at
   attack-lr attack-batch-size attack-micro-batch-size attack-weight-decay attack-max-grad-norm attack-max-len lora-rank
   lora-alpha lora-targets temperature top-p top-k repetition-penalty max-new-tokens gen-batch-size dtype judge
-  judge-template refusal-phrases judge-url judge-model log-every"
+  judge-template refusal-phrases judge-url judge-model judge-model-path log-every"
 EVAL_SWITCHES="export greedy activation-checkpointing compile debug"
 
 SAFETY=${SAFETY:-../shared/data/safety}

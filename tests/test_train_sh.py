@@ -92,7 +92,7 @@ def test_every_flag_of_the_programs_has_its_variable():
     def flags(parser):
         return {o[2:] for a in parser._actions for o in a.option_strings if o.startswith("--") and o != "--help"}
     special = {"model", "out", "seed", "safe-data", "unsafe-data", "resume", "save-every"}  # train.sh sets these itself
-    eval_special = {"model", "out", "seed", "attack-data", "eval-data", "benign-data", "gsm8k", "summarize"}
+    eval_special = {"model", "out", "seed", "attack-data", "eval-data", "benign-data", "gsm8k", "summarize", "sweep"}
     assert flags(patcher.get_parser()) - special == lists["ALIGN_FLAGS"] | lists["ALIGN_SWITCHES"]
     assert flags(parallel.get_parser()) - flags(patcher.get_parser()) == lists["PARALLEL_FLAGS"] | lists["PARALLEL_SWITCHES"]
     assert flags(evaluate.get_parser()) - eval_special == lists["EVAL_FLAGS"] | lists["EVAL_SWITCHES"]
