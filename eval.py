@@ -285,7 +285,7 @@ def generate_split(model, prompts, args, tok, sample, rank, world):
     for b in range(0, len(mine), args.gen_batch_size):
         idx = mine[b:b + args.gen_batch_size]
         new = generate(model, [prompts[i] for i in idx], args.max_new_tokens, tok.stop_ids, tok.pad_id,
-                       seed=args.seed * 1_000_003 + b, **sample)
+                       seed=args.seed * 1_000_003 + b, compile=args.compile, **sample)
         out.update(zip(idx, new))
     if world > 1:
         parts = [None] * world
@@ -637,7 +637,7 @@ def get_parser():
     g.add_argument("--seed", type=count, default=0, help="seed of the attack set draw, its batch order, LoRA init and sampling")
     g.add_argument("--log-every", type=positive, default=10, help="print the attack loss every N steps")
     g.add_argument("--activation-checkpointing", action="store_true", help="recompute each block in the attack's backward")
-    g.add_argument("--compile", action="store_true", help="torch.compile each block for the attack")
+    g.add_argument("--compile", action="store_true", help="torch.compile each block for the attack, and the decode step (a CUDA graph on CUDA)")
     g.add_argument("--debug", action="store_true", help="show tracebacks for user errors too")
     g.add_argument("--summarize", nargs="+", metavar="FILE", help="only print mean ± std over report.json files, or the "
                    "rounds of a metrics.jsonl, and exit")
