@@ -547,13 +547,15 @@ def sweep(paths, flag, out):
                     cells.setdefault(metric, {}).setdefault((series, r["attack_step"]), {}).setdefault(value, []).append(r[metric])
     number = lambda v: (0, float(v)) if v.replace(".", "", 1).replace("e-", "", 1).isdigit() else (-1, 0.0)
     values = sorted({v for m in cells.values() for row in m.values() for v in row}, key=lambda v: (*number(v), v))
-    lines = [f"Sweep over --{flag}: mean ± std over {len(reports)} report(s) (seeds); rows: test-time attack steps T", ""]
+    lines = [f"Sweep over --{flag}: mean ± std over {len(reports)} report(s) (seeds), then each report's value; rows: "
+             f"test-time attack steps T", ""]
     for metric, rows in cells.items():
         lines += [f"## {HARMFUL_KEYS.get(metric, metric)} (%)", "", f"| T \\ {flag} | " + " | ".join(values) + " |",
                   "|---|" + "---:|" * len(values)]
         for (series, T), row in sorted(rows.items()):
             lines.append(f"| {series + ' ' if series else ''}T={T} | " + " | ".join(
-                f"{100 * np.mean(row[v]):.1f} ± {100 * np.std(row[v]):.1f}" if v in row else "–" for v in values) + " |")
+                f"{100 * np.mean(row[v]):.1f} ± {100 * np.std(row[v]):.1f} ({', '.join(f'{100 * x:.0f}' for x in row[v])})"
+                if v in row else "–" for v in values) + " |")
         lines.append("")
     (Path(out) / "sweep.md").write_text("\n".join(lines))
     metric = next(k for k in ("asr_llm", "asr_guard", "asr_exact", "asr_keyword") if k in cells)

@@ -507,9 +507,9 @@ def test_sweep_table_from_known_reports(tmp_path):
     evaluate.sweep(paths, "inner-steps", tmp_path)
     md = (tmp_path / "sweep.md").read_text()
     assert "| T \\ inner-steps | 0 | 5 |" in md
-    assert "| T=0 | 0.0 ± 0.0 | 5.0 ± 5.0 |" in md and "| T=10 | 90.0 ± 10.0 | 30.0 ± 10.0 |" in md  # base left out
+    assert "| T=0 | 0.0 ± 0.0 (0, 0) | 5.0 ± 5.0 (0, 10) |" in md and "| T=10 | 90.0 ± 10.0 (100, 80) | 30.0 ± 10.0 (20, 40) |" in md
     paths = [rep(0, {"sft": (0, 1.0), "patcher": (0, 0.5)}, {"attack_lr": 1e-4}, ("sft", "patcher")),
              rep(0, {"sft": (0, 0.6), "patcher": (0, 0.1)}, {"attack_lr": 5e-4}, ("sft", "patcher"))]
     evaluate.sweep(paths, "attack-lr", tmp_path)
     md = (tmp_path / "sweep.md").read_text()
-    assert "| T \\ attack-lr | 0.0001 | 0.0005 |" in md and "| patcher T=10 | 50.0 ± 0.0 | 10.0 ± 0.0 |" in md
+    assert "| T \\ attack-lr | 0.0001 | 0.0005 |" in md and "| patcher T=10 | 50.0 ± 0.0 (50) | 10.0 ± 0.0 (10) |" in md
