@@ -152,8 +152,9 @@ class Partner:
         threading.Thread(target=wait, daemon=True).start()
         while not done.wait(POLL):
             self.check()
-        if failed:
-            raise failed[0]
+        if failed:  # gloo's own error for a partner that died mid-transfer ("Connection reset by peer", ...)
+            first = str(failed[0]).strip().splitlines()[0] if str(failed[0]).strip() else type(failed[0]).__name__
+            raise PeerLost(f"partner rank {self.peer} was lost during a transfer: {first[:300]}") from failed[0]
 
     def abort(self, why):
         try:  # best effort: the store may be gone with the job

@@ -126,10 +126,27 @@ def test_dead_attacker_stops_the_defenders(nproc, tmp_path, demo_base):
             assert p.returncode not in (0, None), (rank, err[-2000:])
             assert "error:" in err, (rank, err[-2000:])
         assert time.time() - killed < timeout + 30
-        if nproc == 2:  # nothing else connects the two halves: the heartbeat alone must tell
-            assert "partner rank 1 did not respond within 4 s" in err
+        if nproc == 2:  # the defender names its partner: by the heartbeat, or by a transfer the kill cut short
+            assert ("partner rank 1 did not respond within 4 s" in err
+                    or "partner rank 1 was lost during a transfer" in err), err[-2000:]
+            assert "Traceback" not in err, err[-2000:]
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
                 p.wait()
+
+
+def test_a_transfer_cut_by_the_partner_names_it():
+    """gloo's own error for a partner that died mid-transfer ("Connection reset by peer") becomes one line that
+    names the partner, like a missed heartbeat does."""
+    import parallel
+
+    class Cut:
+        def wait(self):
+            raise RuntimeError("[gloo/transport/tcp/pair.cc:598] Connection closed by peer [127.0.0.1]:29500\nmore")
+
+    partner = object.__new__(parallel.Partner)
+    partner.peer, partner.check = 3, lambda: None
+    with pytest.raises(parallel.PeerLost, match=r"^partner rank 3 was lost during a transfer: \[gloo.*peer \[127.0.0.1\]:29500$"):
+        partner._finish([Cut()])
