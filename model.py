@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import safe_open
@@ -571,6 +572,85 @@ def save_model(model: Transformer, out_dir, like=None, dtype=None, max_shard_byt
 
 
 # -----------------------------------------------------------------------------
+# LoRA factors (Hu et al., 2021), for eval.py's low-rank test-time attack: each targeted nn.Linear gets lora_A (r, in) and lora_B (out, r) as extra
+# parameters, registered on the Linear itself (Hugging Face names stay untouched), and a forward hook adds
+# (alpha / r) * B A x to its output. B starts at zero, so the model starts unchanged; every other weight is
+# frozen. Under FSDP2 the factors are added after sharding: plain tensors replicated on every rank, whose
+# gradients a hook averages (FSDP2 averages only its own), so that the training loop needs no LoRA case.
+
+
+def _lora_hook(module, inputs, out):
+    x = inputs[0].to(module.lora_A.dtype)  # FSDP2 mixed precision may hand us bf16 activations
+    return out + (F.linear(F.linear(x, module.lora_A), module.lora_B) * module.lora_scale).to(out.dtype)
+
+
+def _average_grad(p):
+    dist.all_reduce(p.grad)  # gloo has no AVG: SUM, then divide
+    p.grad /= dist.get_world_size()
+
+
+def add_lora(model, rank, alpha, targets, seed=0):
+    """Freeze the model and attach LoRA factors to every Linear named in `targets` (e.g. q_proj, v_proj);
+    returns them. A is initialised as PEFT does (Kaiming-uniform), from `seed`, identically on every rank."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    g = torch.Generator().manual_seed(seed)
+    device = model.lm_head.weight.device
+    params = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.Linear) and name.rsplit(".", 1)[-1] in targets:
+            a = torch.empty(rank, mod.in_features)
+            bound = 1 / math.sqrt(mod.in_features)  # kaiming_uniform_(a=sqrt(5)) as in nn.Linear / PEFT
+            a.uniform_(-bound, bound, generator=g)
+            mod.lora_A = nn.Parameter(a.to(device))
+            mod.lora_B = nn.Parameter(torch.zeros(mod.out_features, rank, device=device))
+            mod.lora_scale = alpha / rank
+            mod.lora_handle = mod.register_forward_hook(_lora_hook)
+            params += [mod.lora_A, mod.lora_B]
+    if not params:
+        raise CheckpointError(f"--lora-targets {','.join(targets)}: no Linear layer of the model has one of these names")
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        for p in params:
+            p.register_post_accumulate_grad_hook(_average_grad)
+    return params
+
+
+def lora_delta(mod):
+    return (mod.lora_B @ mod.lora_A) * mod.lora_scale  # (out, in), the update of mod.weight
+
+
+@torch.no_grad()
+def merge_lora_(model):
+    """Fold every LoRA update into its weight (each rank into its own rows) and remove the factors."""
+    for mod in model.modules():
+        if hasattr(mod, "lora_A"):
+            w = mod.weight
+            local = w.to_local() if hasattr(w, "to_local") else w
+            local.add_(lora_delta(mod)[local_rows(w)].to(local.dtype))
+            mod.lora_handle.remove()
+            del mod.lora_A, mod.lora_B, mod.lora_scale, mod.lora_handle
+
+
+@torch.no_grad()
+def inference_copy(model, dtype, device):
+    """A plain, unsharded copy of the (possibly FSDP2-sharded, possibly LoRA-augmented) model for generation,
+    in `dtype`, with any LoRA update merged in. Every rank gets the whole model: a sharded model would need an
+    all-gather per generated token, in lockstep across ranks."""
+    copy = empty_model(model.config, device, dtype)
+    dst, modules = dict(copy.named_parameters()), dict(model.named_modules())
+    for name, p in model.named_parameters():
+        if name not in dst:  # lora_A / lora_B
+            continue
+        full = p.full_tensor() if hasattr(p, "full_tensor") else p  # a collective on sharded models
+        owner = modules[name.rsplit(".", 1)[0]]
+        if name.endswith(".weight") and hasattr(owner, "lora_A"):
+            full = full + lora_delta(owner)
+        dst[name].copy_(full)
+    copy.reset_rope()
+    return copy.eval()
+
+
+# -----------------------------------------------------------------------------
 # Generation with a KV cache (outside the trainable forward)
 
 
@@ -594,6 +674,11 @@ class KVCache:
         self.slot_ids = torch.arange(max_len, device=pad.device)  # (S,)
         self.real = self.slot_ids >= pad[:, None]  # (B, S) slots that hold (or will hold) real tokens
         self.rows, self.slots, self.window = None, None, max_len
+
+    def keep(self, rows: torch.Tensor):
+        """Keep only `rows` (indices into the current rows): generate() drops finished rows. A copy of the cache."""
+        self.k, self.v = [k[rows] for k in self.k], [v[rows] for v in self.v]
+        self.pad, self.real = self.pad[rows], self.real[rows]
 
     def feed(self, slots: torch.Tensor, window: int, rows: torch.Tensor | None = None):
         """The next forward runs `rows` (all if None), writes its T tokens to `slots` (T,) and
@@ -776,12 +861,15 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
         # Without this a CUDA graph would copy every cache tensor into its own input buffers each step.
         for t in cache.k + cache.v + [cache.pad, cache.real, cache.slot_ids, slot]:
             torch._dynamo.mark_static_address(t)
-    # Asking whether every row is done copies a flag to the host, which drains CUDA's queue: on CUDA ask
-    # every 8 steps (a finished batch then runs at most 7 steps too many; their tokens are cut off).
+    # Asking whether rows are done copies flags to the host, which drains CUDA's queue: on CUDA ask
+    # every 8 steps (a finished row then runs at most 7 steps too many; its tokens are cut off).
     check_every = 8 if device.type == "cuda" else 1
     finished = torch.zeros(B, dtype=torch.bool, device=device)
+    alive = every_row  # the rows the model still runs: eagerly, finished rows leave the batch (and the cache)
     n = 0  # new tokens so far
     while True:
+        # Sampling always sees all B rows (a finished one: its last logits, its token then replaced by
+        # padding), so that each row draws the same random numbers whichever rows have left.
         nxt = sample_next(logits, seen, temperature, top_k, top_p, repetition_penalty, generator)
         nxt = torch.where(finished, pad_id, nxt)
         tokens[:, T0 + n] = nxt
@@ -789,14 +877,25 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
         finished |= torch.isin(nxt, stop)
         if seen is not None:  # a finished row's text is over: its padding is not part of it
             seen[every_row, nxt] |= ~finished
-        if n == max_new_tokens or (n % check_every == 0 and finished.all()):
+        if n == max_new_tokens:
             break
+        if n % check_every == 0:
+            done = finished[alive]
+            if done.all():
+                break
+            if not compile and done.any():  # refusals end early: their rows stop costing compute
+                cache.keep((~done).nonzero().squeeze(1))
+                alive = alive[~done]
         # Eagerly, attention reads only the slots filled so far (measured faster on a CPU); compiled, it
         # reads all of them, masked, so that every step has the same shapes.
         cache.feed(slot, S if compile else T0 + n)
         if compile:
             torch.compiler.cudagraph_mark_step_begin()  # the previous step's logits are used up
-        logits = step(model, tokens[:, T0 + n - 1:T0 + n], cache)
+            logits = step(model, tokens[:, T0 + n - 1:T0 + n], cache)
+        elif len(alive) == B:
+            logits = step(model, tokens[:, T0 + n - 1:T0 + n], cache)
+        else:
+            logits = logits.index_copy(0, alive, step(model, tokens[alive, T0 + n - 1:T0 + n], cache))
         slot += 1
     stop_set = set(stop_ids)
     results = []

@@ -11,6 +11,10 @@ than absolute numbers.
    both sides (transformers: its default dynamic cache). First with 1 new token (the prefill),
    then with --new-tokens. Each is timed in --rounds rounds, ours and transformers alternating;
    the ratio is of the fastest times, with the median of the per-round ratios beside it.
+3. generation as eval.py runs it (--eval-tokens, default 256): batch 16 harmful and benign prompts of the
+   safety data in the checkpoint's chat format, greedy, rows stopping at the end-of-turn token. Short
+   answers (refusals) leave our batch when they end; transformers runs every row until the last one ends.
+   Also reports how many rows' tokens are identical.
 """
 import argparse
 import os
@@ -38,6 +42,7 @@ p.add_argument("--gen-batch", type=int, default=16)
 p.add_argument("--new-tokens", type=int, default=64)
 p.add_argument("--rounds", type=int, default=3, help="alternating timing rounds per generation benchmark")
 p.add_argument("--compile", action="store_true", help="our generate(compile=True): a compiled decode step (CUDA graph on CUDA)")
+p.add_argument("--eval-tokens", type=int, default=256, help="max new tokens of the eval-like benchmark (0: skip it)")
 args = p.parse_args()
 
 import transformers  # noqa: E402  (benchmark-only dependency)
@@ -151,5 +156,53 @@ def compare(new):
     print(line, flush=True)
 
 
+def compare_eval_like():
+    """Benchmark 3: real prompts that stop (a harmful and a benign one in turn), greedy, as eval.py decodes."""
+    shared = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "safety"
+    if not (shared / "eval.jsonl").exists():
+        print(f"(no eval-like generation benchmark: {shared} is absent)")
+        return
+    tok = data.load_tokenizer(args.model)
+    harmful = [r["prompt"] for r in data.load_records(shared / "eval.jsonl", role="prompts")]
+    benign = [r["prompt"] for r in data.load_records(shared / "benign.jsonl", role="prompts")]
+    texts = [x for pair in zip(harmful, benign) for x in pair][:args.gen_batch]
+    prompts_ = [tok.encode_prompt(t) for t in texts]
+    T = max(map(len, prompts_))
+    ids_ = torch.tensor([[tok.pad_id] * (T - len(q)) + q for q in prompts_], device=dev)
+    mask_ = (torch.arange(T)[None, :] >= T - torch.tensor(list(map(len, prompts_)))[:, None]).long().to(dev)
+    stop, new = sorted(tok.stop_ids), args.eval_tokens
+    outs = {}
+
+    def ours_():
+        outs["ours"] = generate(ours, prompts_, max_new_tokens=new, stop_ids=stop, pad_id=tok.pad_id, compile=args.compile)
+
+    def hf_():
+        with torch.no_grad():
+            out = hf.generate(input_ids=ids_, attention_mask=mask_, max_new_tokens=new, do_sample=False,
+                              repetition_penalty=1.0, eos_token_id=stop, pad_token_id=tok.pad_id)
+        rows = out[:, T:].tolist()
+        outs["hf"] = [r[:next((j + 1 for j, t in enumerate(r) if t in stop), len(r))] for r in rows]
+
+    walls = {"ours": [], "hf": []}
+    ours_(), hf_()  # warm-up
+    for _ in range(args.rounds):
+        for name, fn in (("ours", ours_), ("hf", hf_)):
+            sync()
+            t = time.perf_counter()
+            fn()
+            sync()
+            walls[name].append(time.perf_counter() - t)
+    lengths_ = [len(r) for r in outs["ours"]]
+    n = sum(lengths_)  # the tokens the prompts needed: both sides produce exactly these
+    t_ours, t_hf = min(walls["ours"]), min(walls["hf"])
+    median = statistics.median(h / o for h, o in zip(walls["hf"], walls["ours"]))
+    same = sum(a == b for a, b in zip(outs["ours"], outs["hf"]))
+    print(f"generate eval-like batch {len(prompts_)} x <= {new} new (answers {min(lengths_)}-{max(lengths_)} tokens, "
+          f"mean {n / len(lengths_):.0f})  ours {n / t_ours:8.1f} tok/s   transformers {n / t_hf:8.1f} tok/s   "
+          f"ratio {t_hf / t_ours:.2f}x (median {median:.2f}x)   identical rows {same}/{len(prompts_)}", flush=True)
+
+
 compare(1)  # the prefill, plus one token
 compare(args.new_tokens)
+if args.eval_tokens:
+    compare_eval_like()

@@ -58,7 +58,7 @@ def test_render_official_judge_equals_percent_format(prompt, answer):
     ("", None),
 ])
 def test_parse_official_score(reply, score):
-    assert evaluate.parse_official_score(reply) == score
+    assert data.parse_official_score(reply) == score
 
 
 def test_official_asr_counts_failures_in_the_denominator():
@@ -223,7 +223,7 @@ def test_guard_prompt_cannot_be_forged(llama3_tok):
     ("unsafe\nS0", (None, [], "malformed")),
 ])
 def test_parse_guard_reply(reply, want):
-    unsafe, cats, error = evaluate.parse_guard_reply(reply)
+    unsafe, cats, error = data.parse_guard_reply(reply)
     assert (unsafe, cats) == want[:2]
     assert (error is None) if want[2] is None else error.startswith("malformed guard reply")
 

@@ -362,6 +362,23 @@ def test_sampling_is_seeded_and_stops(tmp_path):
     assert all(len(r) <= 10 for r in out)
 
 
+def test_finished_rows_leave_the_batch(tmp_path):
+    """Eagerly, a row that has stopped is no longer run through the model (refusals are short: their rows
+    stop costing compute), and the other rows' tokens, sampled ones included, stay as with every row running."""
+    model = load_model(make_checkpoint("llama-gqa-untied", tmp_path / "c")).eval()
+    prompts = prompt_batches()[2]
+    free = generate(model, prompts, 16, [], pad_id=1)
+    stop = [free[0][2]]  # row 0 (and any row that samples it) stops at its third token
+    batch_sizes = []
+    model.register_forward_pre_hook(lambda m, inputs: batch_sizes.append(inputs[0].shape[0]))
+    for kw in [dict(), dict(temperature=0.8, top_p=0.9, repetition_penalty=1.2, seed=7)]:
+        batch_sizes.clear()
+        out = generate(model, prompts, 16, stop, pad_id=1, **kw)
+        decode = batch_sizes[-len(max(out, key=len)) + 1:]  # the decode steps, after the prefill's forwards
+        assert out == old_generate(model, prompts, 16, stop, pad_id=1, **kw), kw
+        assert min(decode) == sum(len(r) == 16 and stop[0] not in r for r in out) < len(prompts), (kw, batch_sizes)
+
+
 def test_generation_leaves_model_trainable(tmp_path):
     model = load_model(make_checkpoint("llama-gqa-untied", tmp_path / "c"))
     generate(model, [[1, 2, 3]], max_new_tokens=4, stop_ids=[0], pad_id=0)
