@@ -381,6 +381,11 @@ def plot_curve(report, path):
     return plot(curves, "attack steps", HARMFUL_KEYS[key] + " (%)", path)
 
 
+def spread(vals):
+    """Shares over seeds as "mean ± std (each seed's value)", in %: the std is the population one."""
+    return f"{100 * np.mean(vals):.1f} ± {100 * np.std(vals):.1f} ({', '.join(f'{100 * v:.0f}' for v in vals)})"
+
+
 def summarize(paths):
     """Mean ± std over report.json files (e.g. one per seed), per model, metric and attack step, with the
     per-seed values; or, for a metrics.jsonl of a Patcher run, its inner game round by round."""
@@ -393,9 +398,7 @@ def summarize(paths):
     def cell(m, k, key):
         vals = [r[key] for rep in reports for r in rep["rows"] if r["model"] == m and r["attack_step"] == k
                 and r.get(key) is not None]
-        if len(vals) < 2:
-            return pct(vals[0]) if vals else "–"
-        return f"{100 * np.mean(vals):.1f} ± {100 * np.std(vals):.1f} ({', '.join(f'{100 * v:.0f}' for v in vals)})"
+        return (pct(vals[0]) if vals else "–") if len(vals) < 2 else spread(vals)
 
     lines = [f"{len(reports)} report(s), mean ± std (population) and the per-report values: " + ", ".join(map(str, paths)),
              "", "| model | metric (%) | " + " | ".join(f"k={s}" for s in steps) + " |", "|---|---|" + "---:|" * len(steps)]
@@ -430,8 +433,7 @@ def sweep(paths, flag, out):
                   "|---|" + "---:|" * len(values)]
         for (series, T), row in sorted(rows.items()):
             lines.append(f"| {series + ' ' if series else ''}T={T} | " + " | ".join(
-                f"{100 * np.mean(row[v]):.1f} ± {100 * np.std(row[v]):.1f} ({', '.join(f'{100 * x:.0f}' for x in row[v])})"
-                if v in row else "–" for v in values) + " |")
+                spread(row[v]) if v in row else "–" for v in values) + " |")
         lines.append("")
     (Path(out) / "sweep.md").write_text("\n".join(lines))
     metric = next(k for k in ("asr_llm", "asr_guard", "asr_exact", "asr_keyword") if k in cells)
