@@ -7,7 +7,10 @@ Our own decoder-only transformer for the Hugging Face checkpoints Patcher is run
                 never with a non-finite weight (all_finite)
 - generate():   batched generation for left-padded prompts with a static KV cache (greedy or sampled:
                 repetition penalty, temperature, top-k, top-p, in transformers' order), its decode step
-                compilable into a CUDA graph; generation_defaults() reads the checkpoint's sampling settings
+                compilable into a CUDA graph, finished rows leaving the batch (eagerly);
+                generation_defaults() reads the checkpoint's sampling settings
+- add_lora(), merge_lora_(): LoRA factors on named Linear layers (eval.py's low-rank attack);
+  inference_copy(): a plain, unsharded copy of a (sharded, LoRA-augmented) model for generation
 
 Module names equal Hugging Face parameter names (model.layers.{i}.self_attn.q_proj.weight, ...),
 so a checkpoint loads and exports with no renaming table at all.
@@ -572,11 +575,13 @@ def save_model(model: Transformer, out_dir, like=None, dtype=None, max_shard_byt
 
 
 # -----------------------------------------------------------------------------
-# LoRA factors (Hu et al., 2021), for eval.py's low-rank test-time attack: each targeted nn.Linear gets lora_A (r, in) and lora_B (out, r) as extra
-# parameters, registered on the Linear itself (Hugging Face names stay untouched), and a forward hook adds
-# (alpha / r) * B A x to its output. B starts at zero, so the model starts unchanged; every other weight is
-# frozen. Under FSDP2 the factors are added after sharding: plain tensors replicated on every rank, whose
-# gradients a hook averages (FSDP2 averages only its own), so that the training loop needs no LoRA case.
+# LoRA factors (Hu et al., 2021), for eval.py's low-rank test-time attack; a plain copy for generation
+#
+# Each targeted nn.Linear gets lora_A (r, in) and lora_B (out, r) as extra parameters, registered on the Linear
+# itself (Hugging Face names stay untouched), and a forward hook adds (alpha / r) * B A x to its output. B starts
+# at zero, so the model starts unchanged; every other weight is frozen. Under FSDP2 the factors are added after
+# sharding: plain tensors replicated on every rank, whose gradients a hook averages (FSDP2 averages only its
+# own), so that the training loop needs no LoRA case.
 
 
 def _lora_hook(module, inputs, out):
