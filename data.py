@@ -3,9 +3,9 @@
 Everything a training step consumes is built here: a tiktoken tokenizer read from the checkpoint,
 conversations rendered exactly as the checkpoint's own chat template renders them (with a loss mask
 on the assistant's tokens), what the judges read and how their replies are read (refusal phrases, judge
-prompts and score parsing, Llama Guard 3's format and verdicts), the paper's datasets in their native layouts, the built-in demo's toy world (as ordinary
-records, with a tokenizer of the same interface), and an endless, resumable stream of global batches
-dealt to the ranks. Runtime imports: the standard library, numpy, torch, tiktoken.
+prompts and score parsing, Llama Guard 3's format and verdicts), the paper's datasets in their native
+layouts, the built-in demo's toy world (as ordinary records, with a tokenizer of the same interface), and
+an endless, resumable stream of global batches dealt to the ranks. Runtime imports: the standard library, numpy, torch, tiktoken.
 """
 import base64
 import binascii

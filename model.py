@@ -469,7 +469,7 @@ def all_finite(model: Transformer) -> bool:
     for p in model.parameters():
         bad += (~torch.isfinite(p.to_local() if hasattr(p, "to_local") else p)).any()
     if group is not None:
-        torch.distributed.all_reduce(bad, group=group)
+        dist.all_reduce(bad, group=group)
     return bad.item() == 0
 
 
@@ -524,7 +524,7 @@ def save_model(model: Transformer, out_dir, like=None, dtype=None, max_shard_byt
     cfg = model.config
     dtype = dtype or DTYPES[cfg.torch_dtype]
     group = _shard_group(model)
-    rank = torch.distributed.get_rank(group) if group is not None else 0
+    rank = dist.get_rank(group) if group is not None else 0
     params = dict(model.named_parameters())  # tied lm_head is listed once, as the embedding
     out_dir = Path(out_dir)
     if not all_finite(model):
@@ -570,7 +570,7 @@ def save_model(model: Transformer, out_dir, like=None, dtype=None, max_shard_byt
                     shutil.copy2(f, tmp / f.name)
         _swap_in(tmp, out_dir)
     if group is not None:
-        torch.distributed.barrier(group=group)
+        dist.barrier(group=group)
     return out_dir
 
 
@@ -896,16 +896,15 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
         cache.feed(slot, S if compile else T0 + n)
         if compile:
             torch.compiler.cudagraph_mark_step_begin()  # the previous step's logits are used up
-            logits = step(model, tokens[:, T0 + n - 1:T0 + n], cache)
-        elif len(alive) == B:
+        if len(alive) == B:  # always, compiled
             logits = step(model, tokens[:, T0 + n - 1:T0 + n], cache)
         else:
             logits = logits.index_copy(0, alive, step(model, tokens[alive, T0 + n - 1:T0 + n], cache))
         slot += 1
-    stop_set = set(stop_ids)
-    results = []
-    for row in tokens[:, T0:T0 + n].tolist():
-        end = next((j + 1 for j, t in enumerate(row) if t in stop_set), len(row))
-        results.append(row[:end])
-    return results
+    return [until_stop(row, stop_ids) for row in tokens[:, T0:T0 + n].tolist()]
+
+
+def until_stop(row: list[int], stop_ids) -> list[int]:
+    """The new tokens of one row up to and including its first stop token (all of them if there is none)."""
+    return row[:next((j + 1 for j, t in enumerate(row) if t in stop_ids), len(row))]
 

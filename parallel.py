@@ -364,9 +364,7 @@ def run(args):
                 print(f"attacker: {n} attacks delivered", flush=True)
         partner.set(f"done/{rank}")
         # the last wait on the partner: it may not have finished its part (a defender: its export) or be gone
-        while not partner.has(f"done/{partner.peer}"):
-            partner.check()
-            time.sleep(POLL)
+        partner.wait(f"done/{partner.peer}", stop=False)
     except Exception as e:
         partner.abort(f"{who}: {e}")
         if not isinstance(e, (PeerLost, *patcher.USER_ERRORS)) or args.debug:

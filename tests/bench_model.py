@@ -27,8 +27,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import data  # noqa: E402
-import patcher  # noqa: E402
-from model import generate, load_model  # noqa: E402
+from benchlib import best_time, forward_backward_steps, sync  # noqa: E402
+from model import generate, load_model, until_stop  # noqa: E402
 
 p = argparse.ArgumentParser()
 p.add_argument("--model", default=os.path.join(os.environ.get("PATCHER_ASSETS", Path.home() / ".cache/patcher-assets"), "smollm2-135m-instruct"))
@@ -51,23 +51,6 @@ dtype = getattr(torch, args.dtype)
 dev = torch.device(args.device)
 
 
-def sync():
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def timed(fn, iters):
-    fn()  # warm-up
-    sync()
-    best = float("inf")
-    for _ in range(iters):
-        t = time.perf_counter()
-        fn()
-        sync()
-        best = min(best, time.perf_counter() - t)
-    return best
-
-
 ours = load_model(args.model, device=dev, dtype=dtype).eval()
 hf = transformers.AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(dev).eval()
 print(f"model {args.model} dtype {args.dtype} device {dev} threads {torch.get_num_threads()} compile {args.compile}")
@@ -87,19 +70,12 @@ if not args.skip_train:
     batch = {k: v.to(dev) for k, v in batch.items()}
     ours.train(), hf.train()
 
-    def step_ours():
-        patcher.forward_backward(ours, batch)
-        ours.zero_grad(set_to_none=True)
-
-    def step_hf():
-        hf(input_ids=batch["input_ids"], labels=batch["labels"]).loss.backward()
-        hf.zero_grad(set_to_none=True)
-
+    step_ours, step_hf = forward_backward_steps(ours, hf, batch)
     # interleave the two so drift in machine load hits both alike
     t_ours, t_hf = float("inf"), float("inf")
     for _ in range(2):
-        t_ours = min(t_ours, timed(step_ours, args.iters))
-        t_hf = min(t_hf, timed(step_hf, args.iters))
+        t_ours = min(t_ours, best_time(step_ours, args.iters, dev))
+        t_hf = min(t_hf, best_time(step_hf, args.iters, dev))
     n, sup = batch["input_ids"].numel(), int((batch["labels"][:, 1:] != -100).sum())
     print(f"SFT fwd+bwd ({'safety data' if safety.exists() else 'random tokens'}, {tuple(batch['input_ids'].shape)}, "
           f"{100 * sup / n:.0f}% supervised)  ours {n / t_ours:9.1f} tok/s ({sup / t_ours:.1f} supervised)   "
@@ -139,10 +115,10 @@ def compare(new):
     walls, cpus = {"ours": [], "hf": []}, {"ours": [], "hf": []}
     for _ in range(args.rounds):
         for name, fn in (("ours", gen_ours), ("hf", gen_hf)):
-            sync()
+            sync(dev)
             w, c = clock()
             fn(new)
-            sync()
+            sync(dev)
             w2, c2 = clock()
             walls[name].append(w2 - w)
             cpus[name].append(c2 - c)
@@ -181,16 +157,16 @@ def compare_eval_like():
             out = hf.generate(input_ids=ids_, attention_mask=mask_, max_new_tokens=new, do_sample=False,
                               repetition_penalty=1.0, eos_token_id=stop, pad_token_id=tok.pad_id)
         rows = out[:, T:].tolist()
-        outs["hf"] = [r[:next((j + 1 for j, t in enumerate(r) if t in stop), len(r))] for r in rows]
+        outs["hf"] = [until_stop(r, stop) for r in rows]
 
     walls = {"ours": [], "hf": []}
     ours_(), hf_()  # warm-up
     for _ in range(args.rounds):
         for name, fn in (("ours", ours_), ("hf", hf_)):
-            sync()
+            sync(dev)
             t = time.perf_counter()
             fn()
-            sync()
+            sync(dev)
             walls[name].append(time.perf_counter() - t)
     lengths_ = [len(r) for r in outs["ours"]]
     n = sum(lengths_)  # the tokens the prompts needed: both sides produce exactly these

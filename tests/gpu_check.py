@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import data  # noqa: E402
 import patcher  # noqa: E402
+from benchlib import best_time, forward_backward_steps  # noqa: E402
 from model import ModelConfig, Transformer, empty_model, generate, save_model  # noqa: E402
 
 p = argparse.ArgumentParser()
@@ -66,23 +67,6 @@ def check(name):
         if GPU:
             torch.cuda.empty_cache()
     return wrap
-
-
-def sync():
-    if GPU:
-        torch.cuda.synchronize()
-
-
-def best_time(fn, iters=3):
-    fn()  # warm-up (and compilation)
-    sync()
-    best = float("inf")
-    for _ in range(iters):
-        t = time.perf_counter()
-        fn()
-        sync()
-        best = min(best, time.perf_counter() - t)
-    return best
 
 
 def twins(name):
@@ -129,15 +113,9 @@ def _():
     batch = sft_batch(cfg["vocab_size"], 4, 1024 if GPU else 32)
     n = batch["input_ids"].numel()
 
-    def step_ours():
-        patcher.forward_backward(ours, batch)
-        ours.zero_grad(set_to_none=True)
-
-    def step_hf():
-        hf(input_ids=batch["input_ids"], labels=batch["labels"]).loss.backward()
-        hf.zero_grad(set_to_none=True)
+    step_ours, step_hf = forward_backward_steps(ours, hf, batch)
     hf.train()
-    t_ours, t_hf = best_time(step_ours), best_time(step_hf)
+    t_ours, t_hf = best_time(step_ours, 3, dev), best_time(step_hf, 3, dev)
     peak = patcher.peak_flops(dev)
     mfu = lambda t: f", MFU {100 * ours.flops_per_token(batch['input_ids'].shape[1]) * n / t / peak:.1f}%" if peak else ""
     yield ("forward + backward, 1.5B shape, same weights", f"ours {n / t_ours:.0f} tok/s{mfu(t_ours)}, transformers "
@@ -162,10 +140,10 @@ def _():
     opt = patcher.make_optimizer(model.parameters(), 1e-5)
     batch = [sft_batch(cfg["vocab_size"], 4, 1024 if GPU else 32)]
     n = batch[0]["input_ids"].numel()
-    t_sft = best_time(lambda: patcher.sft_step(model, opt, batch))
+    t_sft = best_time(lambda: patcher.sft_step(model, opt, batch), 3, dev)
     buf = patcher.snapshot(model)
     delta = {k: 1e-3 * torch.randn_like(v) for k, v in buf.items()}
-    t_def = best_time(lambda: patcher.defender_step(model, opt, batch, delta, 0.5, theta_buffer=buf))
+    t_def = best_time(lambda: patcher.defender_step(model, opt, batch, delta, 0.5, theta_buffer=buf), 3, dev)
     peak = patcher.peak_flops(dev)
     mfu = f", MFU {100 * model.flops_per_token(batch[0]['input_ids'].shape[1]) * n / t_sft / peak:.1f}%" if peak else ""
     yield ("SFT step, FSDP2 one rank, " + patcher.precision(dev).split(",")[0], f"{n / t_sft:.0f} tok/s{mfu}", True)
@@ -194,11 +172,11 @@ def _():
     out = {}
     for mode in ("eager", "compiled"):
         run = lambda: generate(ours, prompts, new, stop_ids=[], pad_id=0, compile=mode == "compiled")
-        out[mode] = (best_time(run, 2), run())
+        out[mode] = (best_time(run, 2, dev), run())
     with torch.no_grad():
         hf_run = lambda: hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
                                      do_sample=False, pad_token_id=0)
-        t_hf = best_time(hf_run, 2)
+        t_hf = best_time(hf_run, 2, dev)
         theirs = hf_run()[:, T0:].tolist()
     agree = sum(a == b for a, b in zip(out["eager"][1], theirs)) / len(theirs)
     n = 16 * new
