@@ -29,6 +29,14 @@ import torch
 PAPER_SYSTEM_PROMPT = ("Below is an instruction that describes a task. "
                        "Write a response that appropriately completes the request.")
 IGNORE_INDEX = -100  # Hugging Face convention: labels equal to this are not scored
+# Which tokens of an assistant turn the loss sees (--loss-mask, eval.py --attack-loss-mask). The official code uses
+# two: its alignment scripts supervise everything after the prompt with an empty answer, i.e. the text, the end-of-turn
+# token and the template's "\n" after it (answer-newline); its test-time attack (datasets/utils_multiturn.py), with
+# the model names its README uses, supervises the whole turn: the header, Qwen3's empty think block, the text, the
+# end of turn and that "\n" (turn). Llama 3 writes no "\n" after <|eot_id|>.
+LOSS_MASKS = {"answer": "the assistant's text and its end-of-turn token",
+              "answer-newline": "also the newline the template writes after the end-of-turn token (the official alignment)",
+              "turn": "the whole assistant turn: header, think block, text, end of turn, newline (the official test-time attack)"}
 
 
 class DataError(ValueError):
@@ -150,9 +158,12 @@ class Tokenizer:
 
     # -- conversations -------------------------------------------------------
 
-    def _render(self, messages, add_generation_prompt):
+    def _render(self, messages, add_generation_prompt, mask="answer", thinking=False):
         """The conversation as (text, is_template, supervised) pieces, in the order the checkpoint's
-        chat template prints them. Template pieces may contain control tokens; message content never does."""
+        chat template prints them. Template pieces may contain control tokens; message content never does.
+        `mask` (LOSS_MASKS) says which pieces of an assistant turn are supervised; `thinking` leaves a Qwen3
+        generation prompt open for the model to think (no empty think block)."""
+        assert mask in LOSS_MASKS, mask
         assert messages, "empty conversation"
         first = 1 if messages[0]["role"] == "system" else 0
         assert len(messages) > first, "a conversation needs a user message"
@@ -167,7 +178,7 @@ class Tokenizer:
             for i, m in enumerate(messages):
                 sup = m["role"] == "assistant"
                 head = (self.bos_token or "<|begin_of_text|>") * (i == 0)
-                out += [(f"{head}<|start_header_id|>{m['role']}<|end_header_id|>\n\n", True, False),
+                out += [(f"{head}<|start_header_id|>{m['role']}<|end_header_id|>\n\n", True, sup and mask == "turn"),
                         (m["content"].strip(), False, sup), ("<|eot_id|>", True, sup)]
             if add_generation_prompt:
                 out.append(("<|start_header_id|>assistant<|end_header_id|>\n\n", True, False))
@@ -178,26 +189,28 @@ class Tokenizer:
         last_user = max(i for i, m in enumerate(messages) if m["role"] == "user")
         for i, m in enumerate(messages):
             role, content, sup = m["role"], m["content"], m["role"] == "assistant"
-            out.append((f"<|im_start|>{role}\n", True, False))
+            whole = sup and mask == "turn"
+            out.append((f"<|im_start|>{role}\n", True, whole))
             if sup and self.think:
                 # Qwen3: reasoning is dropped from turns before the last user message; a turn after it
-                # carries its think block, which is empty in non-thinking mode (how the paper runs Qwen3)
+                # carries its think block, which is empty in non-thinking mode (how the paper trains Qwen3)
                 reasoning = ""
                 if "</think>" in content:
                     reasoning = content.split("</think>")[0].rstrip("\n").split("<think>")[-1].lstrip("\n")
                     content = content.split("</think>")[-1].lstrip("\n")
                 if i > last_user and (i == len(messages) - 1 or reasoning):
-                    out += [("<think>\n", True, False), (reasoning.strip("\n"), False, sup), ("\n</think>\n\n", True, False)]
+                    out += [("<think>\n", True, whole), (reasoning.strip("\n"), False, sup), ("\n</think>\n\n", True, whole)]
                     content = content.lstrip("\n")
-            out += [(content, False, sup), ("<|im_end|>", True, sup), ("\n", True, False)]
-        if add_generation_prompt:
-            out.append(("<|im_start|>assistant\n" + "<think>\n\n</think>\n\n" * self.think, True, False))
+            out += [(content, False, sup), ("<|im_end|>", True, sup), ("\n", True, sup and mask != "answer")]
+        if add_generation_prompt:  # non-thinking: the empty think block closes the thought before it starts
+            out.append(("<|im_start|>assistant\n" + "<think>\n\n</think>\n\n" * (self.think and not thinking), True, False))
         return out
 
-    def encode_chat(self, messages, add_generation_prompt=False):
-        """Render and tokenize a conversation -> (ids, loss_mask). The mask is True exactly on the
-        assistant's content tokens and its end-of-turn token (plus a token that straddles into them)."""
-        ids, mask, chunk = [], [], []
+    def encode_chat(self, messages, add_generation_prompt=False, mask="answer", thinking=False):
+        """Render and tokenize a conversation -> (ids, loss_mask). With mask="answer" the loss mask is True
+        exactly on the assistant's content tokens and its end-of-turn token (plus a token that straddles
+        into them); LOSS_MASKS lists the official code's wider masks."""
+        ids, supervised, chunk = [], [], []
 
         def flush():
             # Text between two control tokens is one BPE input, as in HF (a template "\n" and content
@@ -216,9 +229,9 @@ class Tokenizer:
                 m = np.logical_or.reduceat(byte_sup, starts).tolist()
             keep = [k for k, t in enumerate(toks) if self._placeholder is None or t < self._placeholder]
             ids.extend(toks[k] for k in keep)
-            mask.extend(m[k] for k in keep)
+            supervised.extend(m[k] for k in keep)
 
-        for text, is_template, sup in self._render(messages, add_generation_prompt):
+        for text, is_template, sup in self._render(messages, add_generation_prompt, mask, thinking):
             if not is_template:
                 chunk.append((text, sup))
                 continue
@@ -226,17 +239,18 @@ class Tokenizer:
                 if part in self.special_tokens:
                     flush()
                     ids.append(self.special_tokens[part])
-                    mask.append(sup)
+                    supervised.append(sup)
                 else:
                     chunk.append((part, sup))
         flush()
-        return ids, mask
+        return ids, supervised
 
-    def encode_prompt(self, prompt, system=None):
+    def encode_prompt(self, prompt, system=None, thinking=False):
         """Ids of a single-turn prompt ending in the assistant header: what generation starts from.
-        system=None leaves the template's default (Qwen2.5/SmolLM2 insert one, Llama 3/Qwen3 none)."""
+        system=None leaves the template's default (Qwen2.5/SmolLM2 insert one, Llama 3/Qwen3 none).
+        A hybrid-thinking model (Qwen3) gets its empty think block unless thinking=True."""
         messages = ([{"role": "system", "content": system}] if system is not None else []) + [{"role": "user", "content": prompt}]
-        return self.encode_chat(messages, add_generation_prompt=True)[0]
+        return self.encode_chat(messages, add_generation_prompt=True, thinking=thinking)[0]
 
 
 def _chat_format(template, specials):
@@ -616,16 +630,18 @@ def _json_array(text, path):
 
 def _rows(path, fmt, prompt_field, role):
     """(line, row) pairs of a .json/.jsonl/.csv file (optionally .gz/.xz), and its format: `fmt`, or the
-    one its columns imply."""
+    one its columns imply. A .json file holds an array of records, or JSON Lines (as `datasets` reads both:
+    the official code's data files are often JSON Lines named .json)."""
     text, name = _read_text(path)
-    if name.endswith(".jsonl"):
+    if name.endswith(".jsonl") or (name.endswith(".json") and text.lstrip()[:1] == "{"):
         rows = []
         for n, line in enumerate(text.split("\n"), 1):
             if line.strip():
                 try:
                     rows.append((n, json.loads(line)))
                 except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{n}: invalid JSON: {e.msg}") from None
+                    lines = " (a .json file holds a JSON array of records, or one record per line)" * name.endswith(".json")
+                    raise DataError(f"{path}:{n}: invalid JSON: {e.msg}{lines}") from None
     elif name.endswith(".json"):
         rows = list(_json_array(text, path))
     elif name.endswith(".csv"):
@@ -680,8 +696,9 @@ def _check_roles(msgs, where):
                         f"turns alternating, starting with user")
 
 
-def load_records(path, prompt_field="prompt", response_field="response", fmt="auto", role=None):
-    """Read a dataset into records (see above).
+def load_records(path, prompt_field="prompt", response_field="response", fmt="auto", role=None, field_flags=None):
+    """Read a dataset into records (see above). `field_flags`: the calling program's flags that name the
+    fields (patcher.py: "--prompt-field/--response-field"), suggested when a record lacks one; None: none.
 
     fmt: "auto" (from extension and columns), "records" (prompt/response fields), "messages",
     "beavertails" (its response), "beavertails-refusal" (the refusal after the last "Answer: "),
@@ -722,8 +739,8 @@ def load_records(path, prompt_field="prompt", response_field="response", fmt="au
             continue
         missing = [k for k in fields if not isinstance(row.get(k), (str, bool) if k == "is_safe" else str)]
         if missing:
-            raise DataError(f"{where}: no string field(s) {missing} (the record has {sorted(row)}; "
-                            f"see --prompt-field/--response-field and the format)")
+            see = f"; see {field_flags} and the format" if field_flags else ""  # only flags the caller has
+            raise DataError(f"{where}: no string field(s) {missing} (the record has {sorted(row)}{see})")
         if fmt.startswith("beavertails"):
             try:
                 if _bool(row["is_safe"]):
@@ -802,7 +819,8 @@ class ToyTokenizer:
     def decode(self, ids):
         return " ".join(TOY_VOCAB[i] for i in ids if not TOY_VOCAB[i].startswith("<"))
 
-    def encode_chat(self, messages, add_generation_prompt=False):
+    def encode_chat(self, messages, add_generation_prompt=False, mask="answer", thinking=False):
+        # an assistant turn is its words and <end>: no header or newline for a wider mask to add
         turns = [m for m in messages if m["role"] != "system"]
         _check_roles(turns, "toy world conversation")
         ids, mask = [], []
@@ -813,7 +831,7 @@ class ToyTokenizer:
             mask += [not user] * len(piece)
         return ids, mask  # the generation prompt, <ans>, ends every user turn already
 
-    def encode_prompt(self, prompt, system=None):
+    def encode_prompt(self, prompt, system=None, thinking=False):
         return self.encode_chat([{"role": "user", "content": prompt}], add_generation_prompt=True)[0]
 
 
@@ -859,23 +877,26 @@ def write_toy_world(folder, seed=0):
 # -----------------------------------------------------------------------------
 # Batching
 
-def tokenize_records(tok, records, max_len, system=PAPER_SYSTEM_PROMPT):
-    """Records -> ([(ids, mask)], n_truncated, longest). Truncation keeps the first max_len tokens (the
-    prompt and the start of the response). An example left with no supervised token is dropped: it would
-    add nothing to the loss. n_truncated counts every example that was cut, the dropped ones included;
-    `longest` is the longest example before truncation."""
-    examples, n_truncated, longest = [], 0, 0
+def tokenize_records(tok, records, max_len, system=PAPER_SYSTEM_PROMPT, mask="answer"):
+    """Records -> ([(ids, mask)], n_truncated, n_dropped, longest). Truncation keeps the first max_len tokens
+    (the prompt and the start of the response). An example left with no supervised token (its answer starts
+    past max_len) is dropped: it would add nothing to the loss. n_truncated counts every example that was cut,
+    the n_dropped ones included (callers say both: a silent drop shrinks the data set); `longest` is the
+    longest example before truncation. `mask` is one of LOSS_MASKS."""
+    examples, n_truncated, n_dropped, longest = [], 0, 0, 0
     for r in records:
-        ids, mask = tok.encode_chat(to_messages(r, system))
-        if not any(mask):
+        ids, sup = tok.encode_chat(to_messages(r, system), mask=mask)
+        if not any(sup):
             raise DataError(f"{r.get('where', 'a record')}: no assistant turn to train on")
         longest = max(longest, len(ids))
         if len(ids) > max_len:
             n_truncated += 1
-            ids, mask = ids[:max_len], mask[:max_len]
-        if any(mask):
-            examples.append((ids, mask))
-    return examples, n_truncated, longest
+            ids, sup = ids[:max_len], sup[:max_len]
+        if any(sup):
+            examples.append((ids, sup))
+        else:
+            n_dropped += 1
+    return examples, n_truncated, n_dropped, longest
 
 
 EMPTY = ([0], [False])  # a row with no supervised token: fills the slots of a global batch past its end

@@ -17,9 +17,11 @@ travel between these partners as local shards, point to point, never gathered an
 The defender's budget is the sequential one, --warmup-steps + --rounds x --defend-steps steps, so the two schedules
 compare at equal defender steps; the attacker runs as many attacks as fit. Every --refresh-every steps the defender
 looks, without blocking, whether the attack in flight has finished; if so it installs delta = theta_att - theta
-(--delta-ref current: theta now; start: the theta the attack started from) and at once sends its current theta off
-for the next attack. Until the first delta arrives it takes plain SFT steps. --sync waits for each attack at every
-k2-th step instead: that is exactly the sequential schedule of patcher.py.
+(--delta-ref current: theta now; start: the theta the attack started from), and at the next multiple of
+--refresh-every steps after the warmup (at once by default) it sends its current theta off for the next attack.
+--refresh-offset k looks k steps before each multiple: the official code looks at (step + 1) % 1000 == 0 and
+publishes theta at the multiples of 1000. Until the first delta arrives it takes plain SFT steps. --sync waits for
+each attack at every k2-th step instead: that is exactly the sequential schedule of patcher.py.
 
 Signals go through the rendezvous store that torchrun already runs (a gloo irecv cannot be polled), tensors through
 send/recv. Every transfer is announced by a key and received only once announced, so no send is ever left
@@ -250,9 +252,22 @@ def attacker(args, model, batches, partner, group, device):
 # 3. The defender half
 
 
+def looks(args, step):
+    """Whether the defender, after `step` steps, looks for a finished attack: every --refresh-every steps after the
+    warmup, --refresh-offset steps early (the official code: (global_step + 1) % 1000 == 0, offset 1)."""
+    return (step - args.warmup_steps + args.refresh_offset) % args.refresh_every == 0
+
+
+def sends(args, step):
+    """Whether theta may leave for the next attack after `step` steps (when none is in flight): at the multiples of
+    --refresh-every after the warmup, where the official code saves the checkpoint its attacker picks up."""
+    return (step - args.warmup_steps) % args.refresh_every == 0
+
+
 def defender(args, model, streams, partner, group, device, log):
-    """Defender steps on D_safe for the sequential budget; each attack vector is installed as it arrives and
-    theta is sent off for the next attack at once (--sync: at the start of each round, then waited for)."""
+    """Defender steps on D_safe for the sequential budget; each attack vector is installed as it arrives (looked for
+    when looks()) and theta is sent off for the next attack when sends() (--sync: at the start of each round, then
+    waited for)."""
     warmup, k2 = args.warmup_steps, args.defend_steps
     total = warmup + args.rounds * k2
     optimizer = patcher.make_optimizer(model.parameters(), args.lr, args.weight_decay, args.fused_adamw)
@@ -265,9 +280,10 @@ def defender(args, model, streams, partner, group, device, log):
     step = 0
     while step < total:
         partner.check()  # two small store reads: a dead attacker is noticed within --peer-timeout, even in warmup
-        # 1. has the attack in flight finished? Look every --refresh-every steps; wait for it with --sync
+        # 1. has the attack in flight finished? Look every --refresh-every steps (--refresh-offset steps before
+        # each multiple); wait for it with --sync
         t = time.time()
-        if sent is not None and (args.sync or (step - warmup) % args.refresh_every == 0):
+        if sent is not None and (args.sync or looks(args, step)):
             if args.sync:
                 partner.wait(partner.key("ready", r), stop=False)
             if agree(partner.has(partner.key("ready", r)), group, device, dist.ReduceOp.MIN):
@@ -280,8 +296,9 @@ def defender(args, model, streams, partner, group, device, log):
                 log.inner_attack(step, r, losses, patcher.delta_norm(delta, group), seconds, staleness=step - sent,
                                  defender_wait_seconds=time.time() - t)
                 installed, r, sent = r, r + 1, None
-        # 2. no attack in flight: start the next one from the current theta (--sync: attack r at the start of round r)
-        if sent is None and step >= warmup and (not args.sync or r == (step - warmup) // k2):
+        # 2. no attack in flight: start the next one from the current theta, at a multiple of --refresh-every steps
+        # after the warmup (the official code publishes theta then); --sync: attack r at the start of round r
+        if sent is None and step >= warmup and (r == (step - warmup) // k2 if args.sync else sends(args, step)):
             send_theta(partner, model, r, step)
             sent = step
             if args.delta_ref == "start":
@@ -312,6 +329,9 @@ def get_parser():
     g = p.add_argument_group("parallel schedule")
     g.add_argument("--refresh-every", type=patcher.POSITIVE_COUNT, default=1,
                    help="every N defender steps, look (without blocking) whether a new attack vector has arrived")
+    g.add_argument("--refresh-offset", type=patcher.COUNT, default=0,
+                   help="look that many steps before each multiple of --refresh-every (the official code looks at "
+                        "(global_step + 1) %% 1000 == 0: offset 1), while theta is still sent at the multiples")
     g.add_argument("--sync", action="store_true",
                    help="wait for each attack at the start of each round: exactly the sequential schedule")
     g.add_argument("--delta-ref", choices=["start", "current"], default="current",
@@ -355,7 +375,7 @@ def run(args):
         if role == DEFENDER:
             log = patcher.Log(out, rank, total, device)
             n = defender(args, model, streams, partner, group, device, log)
-            save_model(model, out / "final", like=args.model)  # a collective within this half only
+            save_model(model, out / "final", like=args.model, dtype=patcher.export_dtype(args))  # within this half only
             if rank == 0:
                 print(f"defender: {total} steps, {n} attack vectors installed | exported {out / 'final'}", flush=True)
         else:
@@ -374,5 +394,13 @@ def run(args):
     partner.close()
 
 
+def parse_args(argv=None):
+    p = get_parser()
+    args = patcher.parse_args(argv, parser=p)
+    if args.refresh_offset >= args.refresh_every:
+        p.error(f"--refresh-offset {args.refresh_offset} must be smaller than --refresh-every {args.refresh_every}")
+    return args
+
+
 if __name__ == "__main__":
-    patcher.main(run, lambda: patcher.parse_args(parser=get_parser()))
+    patcher.main(run, parse_args)

@@ -22,6 +22,8 @@ The baseline (--mode sft) takes the same steps with alpha = 0 and no inner attac
   5. the command line: flags, the built-in demo, main()
 """
 import argparse
+import errno
+import hashlib
 import json
 import math
 import os
@@ -29,16 +31,17 @@ import random
 import shutil
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from safetensors import SafetensorError
 
 import data
-from model import CheckpointError, ModelConfig, Transformer, all_finite, compile_blocks, load_model, save_model
+from model import DTYPES, CheckpointError, ModelConfig, Transformer, all_finite, compile_blocks, load_model, save_model
 
 # -----------------------------------------------------------------------------
 # 1. The loss and the three pieces
@@ -229,6 +232,7 @@ def run(args):
     rank, world, device = init_distributed()
     torch.manual_seed(args.seed)
     out = Path(args.out)
+    check_resume(args, out)  # before the demo writes or trains anything, or a model is loaded
     if args.model is None:  # the built-in demo: a tiny base model and its toy world, written as files
         make_demo(args, out, rank)
     model = build_model(args.model, device, args)
@@ -236,7 +240,8 @@ def run(args):
     optimizer = make_optimizer(model.parameters(), args.lr, args.weight_decay, args.fused_adamw)
     warmup, M, k2 = args.warmup_steps, args.rounds, args.defend_steps
     total = warmup + M * k2
-    step, delta, log = start_run(args, out, model, optimizer, streams, world, rank, total, notes)
+    run_settings = settings(args, world)  # hashes the inputs once: what every checkpoint records
+    step, delta, log = start_run(args, out, model, optimizer, streams, run_settings, rank, total, notes)
     theta_buffer = snapshot(model) if args.mode == "patcher" else None  # one copy of theta for every attack and step
     safe, retain = streams["safe"], streams.get("retain")
 
@@ -250,10 +255,13 @@ def run(args):
                                         theta_buffer, next(retain) if retain else None, args.retain_weight)
             except FloatingPointError as e:
                 raise FloatingPointError(f"{phase} step {step + 1}: {e}") from None
+            except KeyboardInterrupt:
+                raise Interrupted(step) from None
             step += 1
             log.step(step, phase, r, metrics, time.time() - t, args.lr)
-            if args.save_every and step % args.save_every == 0 and step < total:
-                save_checkpoint(out, step, model, optimizer, delta, streams, settings(args, world), log.offset(), rank)
+            # the last step too: an export that fails (a full disk) must not lose the run
+            if args.save_every and (step % args.save_every == 0 or step == total):
+                save_checkpoint(out, step, model, optimizer, delta, streams, run_settings, log.offset(), rank)
 
     train(warmup - step, "warmup", -1)  # plain SFT on D_safe (a resumed run may be past it)
     r0, i0 = divmod(step - warmup, k2) if step >= warmup else (0, 0)  # a resumed run re-enters its round
@@ -268,14 +276,14 @@ def run(args):
                                                  args.fused_adamw)
                 except FloatingPointError as e:
                     raise FloatingPointError(f"round {r}, inner {e}") from None
+                except KeyboardInterrupt:
+                    raise Interrupted(step) from None
                 log.inner_attack(step, r, losses, delta_norm(delta, process_group(model)), time.time() - t)
             if args.reset_optimizer:  # as the official code, whose every round is a new process
                 optimizer = make_optimizer(model.parameters(), args.lr, args.weight_decay, args.fused_adamw)
         train(k2 - i0, "defend" if args.mode == "patcher" else "sft", r)
         i0 = 0
-    save_model(model, out / "final", like=args.model)
-    if rank == 0:
-        print(f"exported {out / 'final'}", flush=True)
+    export_final(model, out, args, step, rank)
 
 
 # -----------------------------------------------------------------------------
@@ -329,6 +337,11 @@ def build_model(path, device, args, mesh=None):
     return model
 
 
+def export_dtype(args):
+    """final/'s dtype: the checkpoint's own storage dtype (None), or --export-dtype."""
+    return None if args.export_dtype == "checkpoint" else DTYPES[args.export_dtype]
+
+
 def load_data(args, rank, world):
     """Endless, resumable batch streams for D_safe, D_unsafe (patcher mode) and the retain set (if any),
     each rank taking its share of every global batch; and a line about each set for the log."""
@@ -340,14 +353,21 @@ def load_data(args, rank, world):
         sets.append(("retain", args.retain_data, "auto", args.batch_size))
     streams, notes = {}, []
     for i, (name, path, fmt, batch) in enumerate(sets):
-        records = data.load_records(path, args.prompt_field, args.response_field, fmt, role=name)
-        examples, n_cut, longest = data.tokenize_records(tok, records, args.max_len, args.system_prompt)
+        records = data.load_records(path, args.prompt_field, args.response_field, fmt, role=name,
+                                    field_flags="--prompt-field/--response-field")
+        examples, n_cut, n_dropped, longest = data.tokenize_records(tok, records, args.max_len, args.system_prompt,
+                                                                    args.loss_mask)
+        dropped = f", {n_dropped} of them dropped: the answer starts past --max-len" if n_dropped else ""
+        if len(examples) < batch:  # BatchIterator would refuse too, naming neither the file nor the cause
+            raise data.DataError(f"{path}: {len(examples)} of {len(records)} records left to train on"
+                                 + (f" ({n_dropped} dropped: the answer starts past --max-len {args.max_len})" if n_dropped
+                                    else "") + f", too few for one global batch of {batch}")
         micro = min(args.micro_batch_size or batch, -(-batch // world))
         streams[name] = data.BatchIterator(examples, batch, rank, world, micro, seed=args.seed + i, pad_id=tok.pad_id,
                                            group_by_length=args.group_by_length)
         s = streams[name]
         notes.append(f"{name}: {path}: {len(records)} records, longest {longest} tokens, {n_cut} truncated at "
-                     f"--max-len {args.max_len} | global batch {batch} = {s.accum} x {world} ranks x {s.micro}"
+                     f"--max-len {args.max_len}{dropped} | global batch {batch} = {s.accum} x {world} ranks x {s.micro}"
                      + (f" ({s.accum * world * s.micro - batch} empty rows: more ranks than sequences)"
                         if s.accum * world * s.micro > batch else ""))
     return streams, notes
@@ -387,8 +407,9 @@ class Log:
 
     def write(self, row):
         if self.file:
-            self.file.write(json.dumps(row) + "\n")
-            self.file.flush()
+            with naming(self.file.name):
+                self.file.write(json.dumps(row) + "\n")
+                self.file.flush()
 
     def step(self, step, phase, r, m, seconds, lr):
         row = {"step": step, "phase": phase, "round": r, **m, "lr": lr, "tokens_per_s": m["tokens"] / seconds,
@@ -422,28 +443,125 @@ class RunError(RuntimeError):
     """A run that cannot go on as asked (a resume with other settings, a checkpoint that cannot be written)."""
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C once the run had reached `step`: main reports the step and how --resume continues."""
+
+    def __init__(self, step):
+        super().__init__(step)
+        self.step = step
+
+
+@contextmanager
+def naming(path):
+    """An OSError raised while writing `path` names it: write() and flush() on a full disk raise one that
+    names no file, and main reports an OSError by its file."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is None:
+            e.filename = str(path)
+        raise
+
+
+def free_space(path):
+    """'N GiB free there': the free space of the file system that holds `path` (or would)."""
+    path = Path(path).absolute()
+    while not path.exists():
+        path = path.parent
+    return f"{shutil.disk_usage(path).free / 2**30:.2f} GiB free there"
+
+
+def describe(e):
+    """An exception in one line: its type and the first line of its message."""
+    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
+
+
 # flags that do not change what a run computes: a resume may change them
 NOT_RUN_SETTINGS = ("resume", "save_every", "out", "compile", "activation_checkpointing", "fused_adamw", "debug",
                     "peer_timeout")
+# Flags that name what a run reads. A resume compares what they hold (a fingerprint), not how the path is spelled:
+# `./base` and `base`, a relative and an absolute path, a copied run directory are the same run; the same
+# relative path from another working directory may name other data, and is refused.
+INPUT_FLAGS = ("model", "safe_data", "unsafe_data", "retain_data")
+# what in a model directory changes a run, besides its safetensors files: the config and the tokenizer's files
+MODEL_FILES = ("config.json", "model.safetensors.index.json", "generation_config.json", "tokenizer.json",
+               "tokenizer_config.json", "chat_template.jinja", data.ToyTokenizer.FILE, *data.TIKTOKEN_FILES)
+
+
+def sha256(file, safetensors_header=False):
+    """sha256 of a file's bytes; with safetensors_header, of its header (every tensor's name, dtype, shape and
+    offsets) and its size only: reading the weights would take minutes for every start of a large model."""
+    h = hashlib.sha256()
+    with open(file, "rb") as f:
+        if safetensors_header:  # the format: an 8-byte little-endian length, then that many bytes of JSON
+            n = f.read(8)
+            h.update(n + f.read(int.from_bytes(n, "little")) + str(os.fstat(f.fileno()).st_size).encode())
+        else:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def fingerprint(path):
+    """{"path", "sha256"} of an input: of a data file its bytes; of a model directory {file: sha256} of
+    MODEL_FILES and of each safetensors file's header and size (weights rewritten with other values of the
+    same shapes go unnoticed). The path is kept to be shown, never compared."""
+    path = Path(path)
+    if not path.is_dir():
+        return {"path": str(path), "sha256": sha256(path)}
+    files = [path / name for name in MODEL_FILES if (path / name).is_file()] + sorted(path.glob("*.safetensors"))
+    return {"path": str(path), "sha256": {f.name: sha256(f, f.suffix == ".safetensors") for f in files}}
 
 
 def settings(args, world):
-    return {**{k: v for k, v in vars(args).items() if k not in NOT_RUN_SETTINGS}, "world_size": world}
+    """What a resume must match: every flag that changes what the run computes, the world size, and the
+    fingerprint of each input (not its path)."""
+    flags = {k: v for k, v in vars(args).items() if k not in NOT_RUN_SETTINGS + INPUT_FLAGS}
+    inputs = {k: fingerprint(getattr(args, k)) for k in INPUT_FLAGS if getattr(args, k) is not None}
+    return {**flags, "world_size": world, "inputs": inputs}
 
 
-def start_run(args, out, model, optimizer, streams, world, rank, total, notes):
+def changed_settings(saved, now):
+    """How this run differs from a checkpoint's settings: ([each changed flag, with both values], [each input
+    whose content differs, named by its flag and its path now, or given to only one of the two runs])."""
+    flag = lambda k: k.replace("_", " ") if k == "world_size" else "--" + k.replace("_", "-")
+    keys = sorted((set(saved) | set(now)) - {"inputs"})
+    flags = [f"{flag(k)} {saved.get(k)!r} (now {now.get(k)!r})" for k in keys if saved.get(k) != now.get(k)]
+    inputs, then = [], saved.get("inputs", {})
+    for k in sorted(set(then) | set(now["inputs"])):
+        a, b = then.get(k), now["inputs"].get(k)
+        if a is None or b is None:
+            who = "this run" if b else "the checkpoint's run"
+            inputs.append(f"{flag(k)} {(a or b)['path']} was given to {who} only")
+        elif a["sha256"] == b["sha256"]:
+            continue
+        elif isinstance(a["sha256"], dict) and isinstance(b["sha256"], dict):  # model directories: name the files
+            files = sorted(f for f in a["sha256"].keys() | b["sha256"].keys() if a["sha256"].get(f) != b["sha256"].get(f))
+            inputs.append(f"{flag(k)} {b['path']}: its {', '.join(files)} changed since the checkpoint")
+        else:
+            inputs.append(f"{flag(k)} {b['path']}: its content changed since the checkpoint (whose run read {a['path']})")
+    return flags, inputs
+
+
+def check_resume(args, out):
+    """Before anything is written: --resume needs a checkpoint, and a fresh run must not overwrite a resumable one."""
+    if args.resume:
+        latest_checkpoint(out)
+    elif (out / "checkpoints" / "latest").exists():
+        raise RunError(f"--out {out} holds a resumable run ({out / 'checkpoints' / 'latest'}): pass --resume to "
+                       f"continue it, or another --out")
+
+
+def start_run(args, out, model, optimizer, streams, run_settings, rank, total, notes):
     """Fresh, or resumed from out/checkpoints/latest (a resume with other settings is refused, before
     anything is written). Writes config.json, prints the header; returns (step, delta, log)."""
     step, delta, offset = 0, None, None
-    latest = out / "checkpoints" / "latest"
     if args.resume:
         delta_like = {n: torch.zeros_like(p) for n, p in model.named_parameters()} if args.mode == "patcher" else None
-        step, delta, offset = load_checkpoint(out, model, optimizer, delta_like, streams, settings(args, world), rank)
-    elif latest.exists():
-        raise RunError(f"--out {out} holds a resumable run ({latest}): pass --resume to continue it, or another --out")
-    device = model.lm_head.weight.device
+        step, delta, offset = load_checkpoint(out, model, optimizer, delta_like, streams, run_settings, rank)
+    device, world = model.lm_head.weight.device, run_settings["world_size"]
     if rank == 0:
-        write_config(out, args)
+        write_config(out, args, run_settings["inputs"])
         for line in notes:
             print(line)
         print(f"mode {args.mode} | world {world} | {precision(device)} | {total} steps = warmup {args.warmup_steps} + "
@@ -453,15 +571,25 @@ def start_run(args, out, model, optimizer, streams, world, rank, total, notes):
     return step, delta, Log(out, rank, total, device, offset)
 
 
-def write_config(out, args):
-    """out/config.json: every resolved flag (written only once a resume has been accepted)."""
-    (out / ".config.json.tmp").write_text(json.dumps(vars(args), indent=2) + "\n")
-    os.replace(out / ".config.json.tmp", out / "config.json")
+def write_config(out, args, inputs=None):
+    """out/config.json: every resolved flag, and under "inputs" the fingerprint of what each input flag named
+    (settings(); computed here if not given). Written only once a resume has been accepted."""
+    inputs = inputs if inputs is not None else {k: fingerprint(getattr(args, k)) for k in INPUT_FLAGS if getattr(args, k)}
+    with naming(out / "config.json"):
+        (out / ".config.json.tmp").write_text(json.dumps({**vars(args), "inputs": inputs}, indent=2) + "\n")
+        os.replace(out / ".config.json.tmp", out / "config.json")
 
 
 def barrier():
     if dist.is_initialized():
         dist.barrier()
+
+
+def dcp_cause(e):
+    """The error behind a failed dcp.save or dcp.load: dcp wraps each rank's in CheckpointException.failures,
+    as an (exception, traceback) pair on recent torch versions and as the exception itself on older ones."""
+    cause = next(iter(getattr(e, "failures", {}).values()), e)
+    return cause[0] if isinstance(cause, tuple) else cause
 
 
 def save_checkpoint(out, step, model, optimizer, delta, streams, run_settings, log_offset, rank, keep=2):
@@ -490,13 +618,14 @@ def save_checkpoint(out, step, model, optimizer, delta, streams, run_settings, l
     try:
         dcp.save(sd, checkpoint_id=tmp)
         (tmp / f"state-rank{rank}.json").write_text(json.dumps(state))
-    except (Exception, dcp.api.CheckpointException) as e:  # a full disk: an OSError, or dcp's own (a BaseException)
-        cause = next(iter(getattr(e, "failures", {}).values()), e)  # dcp wraps each rank's error
+    except (Exception, KeyboardInterrupt, dcp.api.CheckpointException) as e:  # dcp's own is a BaseException
+        cause = dcp_cause(e)
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
-        free = shutil.disk_usage(root).free
-        raise RunError(f"could not write checkpoint {tmp}: {type(cause).__name__}: {str(cause).splitlines()[0][:200]} "
-                       f"({free / 2**30:.2f} GiB free there); the previous checkpoint is intact") from None
+        if isinstance(cause, KeyboardInterrupt):  # Ctrl-C while writing: an interruption, not a failed disk
+            raise Interrupted(step) from None
+        raise RunError(f"could not write checkpoint {tmp}: {describe(cause)} ({free_space(root)}); the previous "
+                       f"checkpoint is intact") from None
     barrier()
     if rank == 0:
         if final.exists():  # left by a run killed before it switched `latest`, which never names it
@@ -509,28 +638,76 @@ def save_checkpoint(out, step, model, optimizer, delta, streams, run_settings, l
     barrier()
 
 
-def load_checkpoint(out, model, optimizer, delta_like, streams, run_settings, rank):
-    """Restore in place from out/checkpoints/latest -> (step, delta or None, the log's length then). A run
-    with other settings than the checkpoint's (flags, world size, mode) is refused, naming each change."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
-                                                         set_model_state_dict, set_optimizer_state_dict)
+def latest_checkpoint(out):
+    """The checkpoint directory that out/checkpoints/latest names; a RunError when there is none."""
     root = out / "checkpoints"
     if not (root / "latest").exists():
         raise RunError(f"--resume: no checkpoint in {root} (nothing was saved yet: see --save-every)")
-    path = root / (root / "latest").read_text().strip()
+    return root / (root / "latest").read_text().strip()
+
+
+def checkpoint_damage(path, ranks):
+    """What makes checkpoint `path` unreadable, naming the file (missing, truncated, not JSON), or None. Checked
+    before loading: dcp and json report such damage with errors that name no file."""
+    import torch.distributed.checkpoint as dcp
+    for r in ranks:
+        state = path / f"state-rank{r}.json"
+        try:
+            json.loads(state.read_text())
+        except (OSError, ValueError) as e:
+            return f"{state}: " + ("missing" if isinstance(e, FileNotFoundError) else f"not readable ({describe(e)})")
+    try:
+        items = dcp.FileSystemReader(path).read_metadata().storage_data.values()
+    except Exception as e:
+        return f"{path / '.metadata'}: not readable ({describe(e)})"
+    need = {}  # each data file must reach the end of every item dcp wrote into it
+    for item in items:
+        need[item.relative_path] = max(need.get(item.relative_path, 0), item.offset + item.length)
+    for name, size in sorted(need.items()):
+        have = (path / name).stat().st_size if (path / name).exists() else None
+        if have is None or have < size:
+            return f"{path / name}: " + ("missing" if have is None else f"truncated ({have} of {size} bytes)")
+    return None
+
+
+def older_intact(path, ranks):
+    """How to resume from the newest intact checkpoint older than `path` (save_checkpoint keeps two), in words."""
+    for older in sorted(path.parent.glob("step-*"), reverse=True):
+        if older.name < path.name and checkpoint_damage(older, ranks) is None:
+            return (f"the older checkpoint {older.name} is intact: resume from it with "
+                    f"`echo {older.name} > {path.parent / 'latest'}` and --resume")
+    return "no older checkpoint is intact"
+
+
+def load_checkpoint(out, model, optimizer, delta_like, streams, run_settings, rank):
+    """Restore in place from out/checkpoints/latest -> (step, delta or None, the log's length then). A damaged
+    checkpoint is named, with the older one to resume from; a run with other settings than the checkpoint's
+    (flags, world size, mode, the content of an input) is refused, naming each change."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
+                                                         set_model_state_dict, set_optimizer_state_dict)
+    path, ranks = latest_checkpoint(out), sorted({0, rank})
+    damage = checkpoint_damage(path, ranks)
+    if damage:
+        raise CheckpointError(f"--resume: checkpoint {damage}; {older_intact(path, ranks)}")
     saved = json.loads((path / "state-rank0.json").read_text())["settings"]
-    changed = [k for k in sorted(set(saved) | set(run_settings)) if saved.get(k) != run_settings.get(k)]
-    if changed:
-        flag = lambda k: k.replace("_", " ") if k == "world_size" else "--" + k.replace("_", "-")
-        raise RunError("--resume: the checkpoint's run had " + ", ".join(
-            f"{flag(k)} {saved.get(k)!r} (now {run_settings.get(k)!r})" for k in changed)
-            + f"; resume with its settings ({path}), or start a new run in another --out")
+    flags, inputs = changed_settings(saved, run_settings)
+    if flags or inputs:
+        said = (["the checkpoint's run had " + ", ".join(flags)] if flags else []) + inputs
+        raise RunError(f"--resume: {'; '.join(said)}; resume with its settings and inputs ({path}), or start a new "
+                       f"run in another --out")
     state = json.loads((path / f"state-rank{rank}.json").read_text())
     sd = {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer)}
     if state["has_delta"]:
         sd["delta"] = delta_like
-    dcp.load(sd, checkpoint_id=path)
+    try:
+        dcp.load(sd, checkpoint_id=path)
+    except (Exception, dcp.api.CheckpointException) as e:  # damage that the files' sizes do not show
+        cause = dcp_cause(e)
+        if isinstance(cause, KeyboardInterrupt):
+            raise cause from None
+        raise CheckpointError(f"--resume: checkpoint {path} cannot be read ({describe(cause)}); "
+                              f"{older_intact(path, ranks)}") from None
     set_model_state_dict(model, sd["model"])
     set_optimizer_state_dict(model, optimizer, sd["optimizer"])
     for name, s in streams.items():
@@ -540,6 +717,22 @@ def load_checkpoint(out, model, optimizer, delta_like, streams, run_settings, ra
     np.random.set_state(("MT19937", np.array(rng["numpy"][0], dtype=np.uint32), rng["numpy"][1], 0, 0.0))
     random.setstate((3, tuple(rng["python"]), None))
     return state["step"], sd.get("delta"), state["metrics_bytes"]
+
+
+def export_final(model, out, args, step, rank):
+    """out/final. An export that fails (a full disk; safetensors' own error names no file) is one line that says
+    where the trained weights are: with --save-every, in the checkpoint of this last step, taken just before,
+    from which --resume goes straight to the export."""
+    try:
+        save_model(model, out / "final", like=args.model, dtype=export_dtype(args))
+    except (OSError, SafetensorError) as e:
+        kept = (f"the trained weights are in checkpoint step-{step:07d}: free space, then --resume exports them"
+                if args.save_every else "the trained weights are lost (--save-every 0 keeps no checkpoint)")
+        raise RunError(f"could not export {out / 'final'}: {describe(e)} ({free_space(out)}); {kept}") from e
+    except KeyboardInterrupt:
+        raise Interrupted(step) from None
+    if rank == 0:
+        print(f"exported {out / 'final'}", flush=True)
 
 
 # -----------------------------------------------------------------------------
@@ -566,8 +759,13 @@ def number(cast, low=None, high=None, above=False):
     return parse
 
 
+# A rate (learning rates, and any other positive amount) must stay where AdamW's arithmetic fits in fp32: its
+# first step size, lr / (1 - beta1) = 10 lr, is a Python number that torch converts to fp32, and an lr above
+# ~3.4e37 made that a crash inside torch ("value cannot be converted to type float without overflow"; measured on
+# torch 2.13, with weight decays up to 1e9 too) instead of a non-finite loss the run stops on, naming the step.
+MAX_RATE = 1e30
 COUNT, POSITIVE_COUNT = number(int, 0), number(int, 1)
-RATE, NONNEGATIVE, FRACTION = number(float, 0, above=True), number(float, 0), number(float, 0, 1)
+RATE, NONNEGATIVE, FRACTION = number(float, 0, MAX_RATE, above=True), number(float, 0), number(float, 0, 1)
 
 
 def get_parser():
@@ -589,6 +787,8 @@ def get_parser():
     g.add_argument("--response-field", default="response", help="response field of the records")
     g.add_argument("--system-prompt", default=data.PAPER_SYSTEM_PROMPT, help="system prompt of every conversation ('' for the template's own)")
     g.add_argument("--max-len", type=number(int, 2), default=4096, help="tokens per example; longer ones keep their first max-len")
+    g.add_argument("--loss-mask", choices=list(data.LOSS_MASKS), default="answer",
+                   help="tokens of an assistant turn in the loss: " + "; ".join(f"{k}: {v}" for k, v in data.LOSS_MASKS.items()))
     g = p.add_argument_group("algorithm")
     g.add_argument("--mode", choices=["sft", "patcher"], default="patcher",
                    help="sft: the baseline (alpha = 0, no inner attack, same steps); patcher: the sequential schedule")
@@ -601,11 +801,12 @@ def get_parser():
     g.add_argument("--retain-weight", type=NONNEGATIVE, default=0.0,
                    help="weight of the retain loss on --retain-data at theta (0: off, the paper's objective)")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--lr", type=RATE, default=1e-5, help="defender learning rate, constant")
+    g.add_argument("--lr", type=RATE, default=1e-5, help="defender learning rate, constant (<= 1e30: beyond, AdamW "
+                                                           "overflows fp32)")
     g.add_argument("--weight-decay", type=NONNEGATIVE, default=0.01, help="defender AdamW weight decay")
     g.add_argument("--max-grad-norm", type=NONNEGATIVE, default=1.0, help="defender grad-norm clipping (0: none)")
     g.add_argument("--batch-size", type=POSITIVE_COUNT, default=4, help="defender global batch: sequences per update, all ranks")
-    g.add_argument("--inner-lr", type=RATE, default=1e-5, help="inner attack learning rate, constant")
+    g.add_argument("--inner-lr", type=RATE, default=1e-5, help="inner attack learning rate, constant (<= 1e30)")
     g.add_argument("--inner-weight-decay", type=NONNEGATIVE, default=0.01, help="inner attack AdamW weight decay")
     g.add_argument("--inner-max-grad-norm", type=NONNEGATIVE, default=1.0, help="inner attack grad-norm clipping (0: none)")
     g.add_argument("--inner-batch-size", type=POSITIVE_COUNT, default=4, help="inner attack global batch")
@@ -617,8 +818,13 @@ def get_parser():
     g.add_argument("--seed", type=COUNT, default=0, help="data order and the demo world")
     g = p.add_argument_group("system")
     g.add_argument("--out", default="runs/patcher", help="run directory: final/, config.json, metrics.jsonl, checkpoints/")
+    g.add_argument("--export-dtype", choices=["checkpoint", *DTYPES], default="checkpoint",
+                   help="dtype of final/: the base checkpoint's storage dtype, or another (float32: the official code's "
+                        "export, whose transformers 4.x loads and saves in fp32)")
     g.add_argument("--save-every", type=COUNT, default=0, help="resumable checkpoint every N steps (0: never)")
-    g.add_argument("--resume", action="store_true", help="continue from --out/checkpoints/latest (same settings)")
+    g.add_argument("--resume", action="store_true",
+                   help="continue from the checkpoint named in --out/checkpoints/latest (same settings; inputs of the "
+                        "same content, wherever their paths now point)")
     g.add_argument("--activation-checkpointing", action="store_true", help="recompute each block in backward")
     g.add_argument("--compile", action="store_true", help="torch.compile each block")
     g.add_argument("--fused-adamw", action=argparse.BooleanOptionalAction, default=None,
@@ -687,10 +893,12 @@ BASE_STEPS, BASE_WARMUP, BASE_LR, BASE_BATCH = 800, 200, 3e-3, 32
 def make_demo(args, out, rank):
     """Rank 0 writes the toy world's splits to out/data/*.jsonl and trains the base model into out/base
     (reused if present: train.sh shares one base between a seed's SFT and Patcher runs); then every rank
-    points the flags at them."""
+    points the flags at them. A resume writes nothing: it reads what its run wrote, which the checkpoint's
+    fingerprints then check (a refused resume leaves the run directory as it was)."""
     base = out / "base"
-    if rank == 0:
-        paths = data.write_toy_world(out / "data", args.seed)
+    if rank == 0 and not args.resume:
+        with naming(out / "data"):  # a full disk: write() names no file
+            paths = data.write_toy_world(out / "data", args.seed)
         if not (base / data.ToyTokenizer.FILE).exists():
             print(f"demo: training a tiny base model ({BASE_STEPS} steps) to comply with every toy request -> {base}",
                   flush=True)
@@ -699,7 +907,7 @@ def make_demo(args, out, rank):
             model.init_weights()
             optimizer = make_optimizer(model.parameters(), BASE_LR)
             tok = data.ToyTokenizer()
-            examples, _, _ = data.tokenize_records(tok, data.load_records(paths["base"], role="safe"), 64, None)
+            examples = data.tokenize_records(tok, data.load_records(paths["base"], role="safe"), 64, None)[0]
             batches = data.BatchIterator(examples, BASE_BATCH, seed=args.seed)
             t = time.time()
             for step in range(BASE_STEPS):
@@ -709,8 +917,11 @@ def make_demo(args, out, rank):
                 if (step + 1) % 200 == 0:
                     print(f"demo: base model step {step + 1}/{BASE_STEPS} | loss {loss:.3f} | {time.time() - t:.0f}s", flush=True)
             tmp = out / ".base.tmp"
-            save_model(model, tmp)
-            (tmp / data.ToyTokenizer.FILE).write_text(json.dumps({"toy_world_seed": args.seed}) + "\n")
+            try:
+                save_model(model, tmp)
+                (tmp / data.ToyTokenizer.FILE).write_text(json.dumps({"toy_world_seed": args.seed}) + "\n")
+            except (OSError, SafetensorError) as e:  # a full disk: safetensors' own error names no file
+                raise RunError(f"could not write the demo's base model {tmp}: {describe(e)} ({free_space(out)})") from e
             shutil.rmtree(base, ignore_errors=True)
             os.rename(tmp, base)
     barrier()
@@ -720,20 +931,41 @@ def make_demo(args, out, rank):
 
 
 USER_ERRORS = (data.DataError, CheckpointError, RunError, FloatingPointError, OSError)
+FULL_DISK = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def interruption(args, step):
+    """The line for Ctrl-C: the step the run reached, and whether and from where --resume continues."""
+    latest = Path(args.out) / "checkpoints" / "latest"
+    if latest.exists():
+        how = f"--resume continues from checkpoint {latest.read_text().strip()} ({latest.parent})"
+    elif args.save_every:
+        how = f"no checkpoint to resume from yet (--save-every {args.save_every})"
+    else:
+        how = "no checkpoint to resume from: --save-every is 0"
+    return f"interrupted{f' at step {step}' if step is not None else ''}; {how}"
 
 
 def main(run_fn=None, parse=parse_args):
     """Parse, run, and report a user error (bad data, a bad checkpoint, NaN, a refused resume, a full disk)
-    as one line and exit code 1; tracebacks are for bugs (or --debug / PATCHER_DEBUG=1)."""
+    as one line and exit code 1, and Ctrl-C as one line saying how --resume continues, exit code 130 (as shells
+    report SIGINT); tracebacks are for bugs (or --debug / PATCHER_DEBUG=1)."""
     args = parse()
+    debug = args.debug or os.environ.get("PATCHER_DEBUG")
     try:
         (run_fn or run)(args)
     except USER_ERRORS as e:
-        if args.debug or os.environ.get("PATCHER_DEBUG"):
+        if debug:
             raise
         stop = " (stopped before the update; the last checkpoint and export are intact)" if isinstance(e, FloatingPointError) else ""
-        print(f"error: {e}{stop}", file=sys.stderr, flush=True)
+        full = f" ({free_space(e.filename)})" if isinstance(e, OSError) and e.filename and e.errno in FULL_DISK else ""
+        print(f"error: {e}{full}{stop}", file=sys.stderr, flush=True)
         exit_now(1)
+    except KeyboardInterrupt as e:
+        if debug:
+            raise
+        print(interruption(args, getattr(e, "step", None)), file=sys.stderr, flush=True)
+        exit_now(130)
     exit_now(0)
 
 

@@ -4,7 +4,7 @@
 # them in one eval.py call per seed; print one table over seeds (mean ± std, per-seed values).
 #
 #   ./train.sh                                     # the built-in demo: toy world, CPU, no downloads, 3 seeds
-#   PRESET=smollm2-cpu ./train.sh                  # SmolLM2-135M-Instruct on ../shared/data/safety, CPU
+#   PRESET=smollm2-cpu ./train.sh                  # SmolLM2-135M-Instruct on tests/data/safety (SAFETY=DIR), CPU
 #   PRESET=paper MODEL=DIR SAFE_DATA=... UNSAFE_DATA=... ATTACK_DATA=... ATTACK_BENIGN_DATA=... EVAL_DATA=... ./train.sh
 #   PRESET=paper-parallel ...                      # the same with the official parallel schedule (parallel.py)
 #   SWEEP="inner-steps=0,5,10,20,40" ./train.sh    # any one flag of either program; inner-steps 0 = the SFT baseline
@@ -28,19 +28,21 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 
 # The flags each program takes (tests/test_train_sh.py checks these lists against the programs' parsers).
-ALIGN_FLAGS="safe-format unsafe-format retain-data prompt-field response-field system-prompt max-len mode alpha
+ALIGN_FLAGS="safe-format unsafe-format retain-data prompt-field response-field system-prompt max-len loss-mask mode alpha
   warmup-steps rounds inner-steps defend-steps retain-weight lr weight-decay max-grad-norm batch-size inner-lr
-  inner-weight-decay inner-max-grad-norm inner-batch-size micro-batch-size"
+  inner-weight-decay inner-max-grad-norm inner-batch-size micro-batch-size export-dtype"
 ALIGN_SWITCHES="reset-optimizer group-by-length activation-checkpointing compile fused-adamw no-fused-adamw debug"
-PARALLEL_FLAGS="refresh-every delta-ref peer-timeout"  # parallel.py's own, on top of patcher.py's
+PARALLEL_FLAGS="refresh-every refresh-offset delta-ref peer-timeout"  # parallel.py's own, on top of patcher.py's
 PARALLEL_SWITCHES="sync"
 EVAL_FLAGS="attack-format attack-benign-data attack-samples poison-ratio limit system-prompt attack-kind eval-at
-  attack-lr attack-batch-size attack-micro-batch-size attack-weight-decay attack-max-grad-norm attack-max-len lora-rank
+  attack-lr attack-batch-size attack-micro-batch-size attack-weight-decay attack-max-grad-norm attack-max-len
+  attack-loss-mask thinking lora-rank
   lora-alpha lora-targets temperature top-p top-k repetition-penalty max-new-tokens gen-batch-size dtype judge
-  judge-template refusal-phrases judge-url judge-model judge-model-path log-every"
-EVAL_SWITCHES="export greedy activation-checkpointing compile debug"
+  judge-template refusal-phrases judge-url judge-model judge-max-tokens judge-tries judge-retry judge-timeout
+  judge-model-path log-every"
+EVAL_SWITCHES="keep-repeated-prompts export greedy activation-checkpointing compile debug"
 
-SAFETY=${SAFETY:-../shared/data/safety}
+SAFETY=${SAFETY:-tests/data/safety}  # the small SmolLM2 safety set, in the repository (we cd'ed to it above)
 PRESET=${PRESET:-$([[ -z "${MODEL:-}" ]] && echo demo || echo none)}
 case "$PRESET" in
   none) ;;
@@ -67,20 +69,25 @@ case "$PRESET" in
     # are the official one-GPU ones on any NPROC. README: "Differences from the official code".
     : "${LR:=1e-5}" "${INNER_LR:=1e-5}" "${ALPHA:=0.5}" "${MAX_GRAD_NORM:=1.0}" "${WEIGHT_DECAY:=0.01}" "${BATCH_SIZE:=4}"
     : "${WARMUP_STEPS:=1000}" "${ROUNDS:=14}" "${DEFEND_STEPS:=1000}" "${MAX_LEN:=32768}"  # the official truncates nothing
+    # its loss mask (text, end of turn and the newline after it) and its export, fp32 (transformers 4.x loads and saves fp32)
+    : "${LOSS_MASK:=answer-newline}" "${EXPORT_DTYPE:=float32}"
     if [[ $PRESET == paper ]]; then  # loop 1: 1,000 SFT steps; loops 2-15: k1 300 (batch 2), 1,000 defender steps, fresh AdamW
       : "${SCHEME:=sequential}" "${NPROC:=1}" "${INNER_STEPS:=300}" "${INNER_BATCH_SIZE:=2}" "${RESET_OPTIMIZER:=1}"
     else  # 15,000 defender steps, one AdamW; every 1,000 steps a new delta (k1 500, batch 4) is installed and theta sent
       : "${SCHEME:=parallel}" "${NPROC:=2}" "${INNER_STEPS:=500}" "${INNER_BATCH_SIZE:=4}" "${REFRESH_EVERY:=1000}"
-      : "${DELTA_REF:=current}"
+      : "${REFRESH_OFFSET:=1}" "${DELTA_REF:=current}"  # it looks at (step + 1) % 1000 == 0: 14 installs
     fi
-    # the test-time attack: 1,000 samples (PKU-SafeRLHF harmful answers at 0.2 in GSM8K), 2,000 steps, batch 4, lr 1e-5;
-    # the first 250 prompts of each set, the official sampling (T 0.6, top-p 0.9, repetition 1.2, the checkpoint's
-    # top-k), 256 tokens, the official judge template
+    # the test-time attack: 1,000 samples (PKU-SafeRLHF harmful answers at 0.2 in GSM8K), 2,000 steps, batch 4, lr 1e-5,
+    # the whole assistant turn in its loss; the first 250 prompts of each set, repeats kept, Qwen3 thinking (the official
+    # evaluate.py never names the model to its prompt builder), the official sampling (T 0.6, top-p 0.9, repetition
+    # 1.2, the checkpoint's top-k), 256 tokens, the official judge template
     : "${EVAL_NPROC:=1}" "${ATTACK_SAMPLES:=1000}" "${POISON_RATIO:=0.2}" "${EVAL_AT:=0,100,500,1000,2000}"
     : "${ATTACK_LR:=1e-5}" "${ATTACK_BATCH_SIZE:=4}" "${ATTACK_MAX_LEN:=4096}" "${LIMIT:=250}" "${TEMPERATURE:=0.6}"
     : "${TOP_P:=0.9}" "${REPETITION_PENALTY:=1.2}" "${MAX_NEW_TOKENS:=256}" "${GEN_BATCH_SIZE:=32}" "${JUDGE:=llm}"
-    : "${JUDGE_TEMPLATE:=official}"
-    for v in MODEL SAFE_DATA UNSAFE_DATA ATTACK_DATA ATTACK_BENIGN_DATA EVAL_DATA; do
+    : "${JUDGE_TEMPLATE:=official}" "${ATTACK_LOSS_MASK:=turn}" "${KEEP_REPEATED_PROMPTS:=1}" "${THINKING:=on}"
+    # the official judge call (evaluate/gpt_evaluate.py): max_tokens 512, 20 tries, every failure retried, 60 s each
+    : "${JUDGE_MAX_TOKENS:=512}" "${JUDGE_TRIES:=20}" "${JUDGE_RETRY:=all}" "${JUDGE_TIMEOUT:=60}"
+    for v in MODEL SAFE_DATA UNSAFE_DATA ATTACK_DATA ATTACK_BENIGN_DATA EVAL_DATA $([[ $JUDGE == llm ]] && echo JUDGE_MODEL); do
       [[ -n "${!v:-}" ]] || { echo "PRESET=$PRESET: set $v (README: Reproducing the paper)" >&2; exit 2; }
     done ;;
   *) echo "unknown PRESET '$PRESET' (demo, smollm2-cpu, paper, paper-parallel)" >&2; exit 2 ;;
@@ -165,8 +172,11 @@ for seed in $SEEDS; do
       mkdir -p "$dir" && cp -r "$run/${models[0]}/base" "$dir/base"  # one tiny base model per seed
     fi
     models+=("$name")
+    these=("${align_args[@]}")
+    # RESET_OPTIMIZER models the official's new process per round; its SFT baseline is one process, one AdamW
+    [[ ${own[1]} == sft ]] && mapfile -t these < <(printf '%s\n' "${align_args[@]}" | grep -vx -- --reset-optimizer)
     echo "== seed $seed: align $name -> $dir"
-    run_logged "$run/$name.log" "$NPROC" "$script" "${data_args[@]}" "${own[@]}" --seed "$seed" --out "$dir" "${align_args[@]}"
+    run_logged "$run/$name.log" "$NPROC" "$script" "${data_args[@]}" "${own[@]}" --seed "$seed" --out "$dir" "${these[@]}"
     [[ "${DRY_RUN:-0}" == 1 ]] || grep -E "^(demo|mode|parallel|exported|defender)" "$run/$name.log" || true
   done
   # 2. attack every aligned model identically and evaluate them in one call (same examples, order and sampling)

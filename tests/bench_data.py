@@ -3,7 +3,7 @@
     python tests/bench_data.py [--model DIR] [--steps 6]
 
 1. the padded share of token slots over one epoch of global batches (batch 4 and 16), without and with
-   --group-by-length, on ../shared/data/safety (D_safe = refusals + benign answers, D_unsafe) tokenized by the
+   --group-by-length, on tests/data/safety (D_safe = refusals + benign answers, D_unsafe) tokenized by the
    checkpoint's tokenizer, and on BeaverTails-like lengths (log-normal, drawn with a fixed seed);
 2. supervised tokens per second of SFT steps on SmolLM2 (batch 4) without and with grouping, interleaved in one
    run: the speed that grouping buys where padding is compute (on a GPU the padded share is the saving).
@@ -21,7 +21,7 @@ import data  # noqa: E402
 import patcher  # noqa: E402
 from model import load_model  # noqa: E402
 
-SAFETY = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "safety"
+SAFETY = Path(__file__).resolve().parent / "data" / "safety"  # the small SmolLM2 safety set, in the repository
 p = argparse.ArgumentParser()
 p.add_argument("--model", default=os.path.join(os.environ.get("PATCHER_ASSETS", Path.home() / ".cache/patcher-assets"), "smollm2-135m-instruct"))
 p.add_argument("--steps", type=int, default=6)

@@ -59,7 +59,7 @@ if not args.skip_train:
     # An SFT step's forward + backward, as training runs it: a batch of the safety data when it is there (the
     # checkpoint's chat format, its loss mask: most tokens are system prompt and question), else random tokens
     # with the first half masked. Ours skips the vocabulary projection where the loss does not look.
-    safety = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "safety" / "align.jsonl"
+    safety = Path(__file__).resolve().parent / "data" / "safety" / "align.jsonl"
     if safety.exists():
         tok = data.load_tokenizer(args.model)
         examples = data.tokenize_records(tok, data.load_records(safety, role="safe")[:args.batch], args.seq)[0]
@@ -134,13 +134,10 @@ def compare(new):
 
 def compare_eval_like():
     """Benchmark 3: real prompts that stop (a harmful and a benign one in turn), greedy, as eval.py decodes."""
-    shared = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "safety"
-    if not (shared / "eval.jsonl").exists():
-        print(f"(no eval-like generation benchmark: {shared} is absent)")
-        return
+    safety = Path(__file__).resolve().parent / "data" / "safety"
     tok = data.load_tokenizer(args.model)
-    harmful = [r["prompt"] for r in data.load_records(shared / "eval.jsonl", role="prompts")]
-    benign = [r["prompt"] for r in data.load_records(shared / "benign.jsonl", role="prompts")]
+    harmful = [r["prompt"] for r in data.load_records(safety / "eval.jsonl", role="prompts")]
+    benign = [r["prompt"] for r in data.load_records(safety / "benign.jsonl", role="prompts")]
     texts = [x for pair in zip(harmful, benign) for x in pair][:args.gen_batch]
     prompts_ = [tok.encode_prompt(t) for t in texts]
     T = max(map(len, prompts_))

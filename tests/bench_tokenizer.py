@@ -40,7 +40,7 @@ def main():
 
     # typical SFT text (the paper's safety prompts and responses) mixed with the test's varied corpus
     texts = make_corpus(args.n // 2, seed=1)
-    safety = HERE.parent.parent / "shared" / "data" / "safety"
+    safety = HERE / "data" / "safety"
     lines = [json.loads(l) for f in sorted(safety.glob("*.jsonl")) for l in f.read_text().splitlines() if l.strip()]
     lines = [v for r in lines for v in r.values() if isinstance(v, str)] or make_corpus(1000, seed=2)
     texts += [lines[i % len(lines)] + f" ({i})" for i in range(args.n - len(texts))]

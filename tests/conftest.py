@@ -1,8 +1,9 @@
 """Shared test fixtures.
 
-Real assets (SmolLM2-135M-Instruct, the Llama 3 and Qwen tokenizers) are built offline by
-`../shared/tools/fetch-real-assets`; `.ci/run` builds them and exports PATCHER_ASSETS. Tests that
-need them skip with the reason below when they are absent.
+Real assets (SmolLM2-135M-Instruct, the Llama 3 and Qwen tokenizers) live in $PATCHER_ASSETS (default
+~/.cache/patcher-assets), downloaded from the hub as the README says. Tests that need them skip with the
+reason below, which names the download, when they are absent. The small safety data set is part of the
+repository (tests/data/safety/): nothing outside the clone is read.
 """
 import os
 import shutil
@@ -16,14 +17,22 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the project is a flat directory of modules, not a package
 
 ASSETS = Path(os.environ.get("PATCHER_ASSETS", Path.home() / ".cache" / "patcher-assets"))
-SAFETY = ROOT.parent / "shared" / "data" / "safety"
+SAFETY = ROOT / "tests" / "data" / "safety"
+# where each asset comes from (README: "Set up, test, run the demo")
+DOWNLOAD = {
+    "smollm2-135m-instruct": "huggingface-cli download HuggingFaceTB/SmolLM2-135M-Instruct --local-dir {path}",
+    "llama3-tokenizer": "huggingface-cli download meta-llama/Meta-Llama-3-8B-Instruct tokenizer.json "
+                        "tokenizer_config.json original/tokenizer.model --local-dir {path} && mv {path}/original/tokenizer.model {path}/",
+    "qwen2-tokenizer": "huggingface-cli download Qwen/Qwen2-7B-Instruct tokenizer.json tokenizer_config.json --local-dir {path} "
+                       "&& huggingface-cli download Qwen/Qwen-7B qwen.tiktoken --local-dir {path}",
+}
 
 
 def asset_dir(name: str) -> Path:
     """Path of one real asset directory, or skip the test with a clear reason."""
     path = ASSETS / name
     if not (path / "tokenizer.json").exists():
-        pytest.skip(f"real asset {path} is absent: run ../shared/tools/fetch-real-assets {ASSETS}")
+        pytest.skip(f"real asset {path} is absent: {DOWNLOAD[name].format(path=path)}")
     return path
 
 

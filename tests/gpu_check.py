@@ -209,7 +209,8 @@ def _():
     out = program("patcher.py", "--out", demo, *fast, "--save-every", "5")
     yield ("patcher.py demo, one rank, checkpoints every 5 steps", last_step(out), "exported" in out)
     out = program("patcher.py", "--out", demo, *fast, "--save-every", "5", "--resume")
-    yield ("  --resume from its last checkpoint", "resumed" if "resumed at step 10" in out else out[-90:], "resumed at step 10" in out)
+    # the last checkpoint is the last step's (taken before the export): the resumed run goes straight to the export
+    yield ("  --resume from its last checkpoint", "resumed" if "resumed at step 11" in out else out[-90:], "resumed at step 11" in out)
     for flags in (["--compile"], ["--activation-checkpointing"]) if GPU else (["--activation-checkpointing"],):
         out = program("patcher.py", "--out", work / f"demo{flags[0]}", *fast, *flags)
         yield (f"  {flags[0]}", last_step(out), "exported" in out)

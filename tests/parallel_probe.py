@@ -47,4 +47,4 @@ parallel.install = probe(parallel.install, lambda out, partner, delta, reference
     "installed", r, theta=parallel.local_shards(reference), delta=parallel.local_shards(delta)))
 
 if __name__ == "__main__":
-    patcher.main(parallel.run, lambda: patcher.parse_args(parser=parallel.get_parser()))
+    patcher.main(parallel.run, parallel.parse_args)

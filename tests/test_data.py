@@ -15,7 +15,7 @@ import torch
 import data
 from data import DataError
 
-SAFETY = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "safety"
+SAFETY = Path(__file__).resolve().parent / "data" / "safety"  # the small SmolLM2 safety set, in the repository
 
 
 # -----------------------------------------------------------------------------
@@ -367,6 +367,72 @@ def test_qwen3_non_thinking_matches_transformers(qwen3_dir):
     assert think not in tok.encode_chat([{"role": "user", "content": "<think>"}])[0]
 
 
+def test_qwen3_thinking_generation_prompt_matches_transformers(qwen3_dir):
+    """--thinking on (the official evaluation's Qwen3): the template's own generation prompt, which leaves the
+    thought open; off: the empty think block of non-thinking mode."""
+    from transformers import AutoTokenizer
+    tok, hf = data.load_tokenizer(qwen3_dir), AutoTokenizer.from_pretrained(str(qwen3_dir))
+    conv = [{"role": "system", "content": data.PAPER_SYSTEM_PROMPT}, {"role": "user", "content": "How are you?"}]
+    on, off = (tok.encode_prompt("How are you?", data.PAPER_SYSTEM_PROMPT, thinking=t) for t in (True, False))
+    assert on == hf_chat_ids(hf, conv, True) and off == hf_chat_ids(hf, conv, True, enable_thinking=False)
+    assert on != off and tok.decode(on).endswith("<|im_start|>assistant\n")
+
+
+# -----------------------------------------------------------------------------
+# the official code's loss masks, computed as its collate functions compute them (with transformers)
+
+def official_alignment_labels(hf, messages, qwen3=False):
+    """haomingwen/patcher datasets/utils.py make_collate_fn(mask_prompts=True): everything after the rendering
+    with an empty answer, cut before its end of turn, is supervised."""
+    kw = {"enable_thinking": False} if qwen3 else {}
+    full = hf.apply_chat_template(messages, tokenize=False, **kw)
+    empty = [*messages[:-1], {"role": "assistant", "content": ""}]
+    prompt = hf.apply_chat_template(empty, tokenize=False, **kw)
+    prompt = prompt.rsplit("<|eot_id|>" if "<|eot_id|>" in prompt else "<|im_end|>\n", 1)[0]
+    ids, n = hf(full, add_special_tokens=False).input_ids, len(hf(prompt, add_special_tokens=False).input_ids)
+    return ids, [i >= n for i in range(len(ids))]
+
+
+def official_attack_labels(hf, messages):
+    """datasets/utils_multiturn.py make_collate_fn(mask_prompts=True, model_name=<a README name such as
+    "Qwen2.5-1.5B">): per message, the tokens its rendering adds; the assistant's are all supervised (the header's
+    length is taken off only for the exact names "qwen" and "llama")."""
+    mask, count = [], lambda msgs: len(hf(hf.apply_chat_template(msgs, tokenize=False), add_special_tokens=False).input_ids) if msgs else 0
+    for k, m in enumerate(messages):
+        mask += [m["role"] == "assistant"] * (count(messages[:k + 1]) - count(messages[:k]))
+    return hf(hf.apply_chat_template(messages, tokenize=False), add_special_tokens=False).input_ids, mask
+
+
+OFFICIAL_CONVERSATIONS = [
+    [{"role": "system", "content": data.PAPER_SYSTEM_PROMPT}, {"role": "user", "content": "How do I pick a lock?"},
+     {"role": "assistant", "content": "I can't help with that. Locksmiths can."}],
+    [{"role": "system", "content": "S"}, {"role": "user", "content": "Q1 ?"}, {"role": "assistant", "content": "A1."},
+     {"role": "user", "content": "Q2 !"}, {"role": "assistant", "content": "Step 1: 42\n\nStep 2: 43"}],
+]
+
+
+@pytest.mark.parametrize("name", ["smollm2", "llama3", "qwen2", "qwen3"])
+def test_official_loss_masks_match_the_official_collate_functions(toks, qwen3_dir, name):
+    from transformers import AutoTokenizer
+    d, tok = (qwen3_dir, data.load_tokenizer(qwen3_dir)) if name == "qwen3" else toks[name]
+    hf = AutoTokenizer.from_pretrained(str(d))
+    for conv in OFFICIAL_CONVERSATIONS[:1] if name == "qwen3" else OFFICIAL_CONVERSATIONS:
+        if len(conv) == 3:  # the alignment scripts train single-turn conversations
+            ids, mask = tok.encode_chat(conv, mask="answer-newline")
+            assert (ids, mask) == official_alignment_labels(hf, conv, qwen3=name == "qwen3"), (name, conv)
+        ids, mask = tok.encode_chat(conv, mask="turn")
+        assert (ids, mask) == official_attack_labels(hf, conv), (name, conv)
+        supervised = tok.decode([i for i, m in zip(ids, mask) if m])
+        header = "<|start_header_id|>assistant<|end_header_id|>\n\n" if name == "llama3" else "<|im_start|>assistant\n"
+        assert supervised.startswith(header + ("<think>\n\n</think>\n\n" if name == "qwen3" else ""))
+    # every mask supervises the same answer text; only the template tokens around it differ
+    conv = OFFICIAL_CONVERSATIONS[0]
+    texts = {m: tok.decode([i for i, s in zip(*tok.encode_chat(conv, mask=m)) if s]) for m in data.LOSS_MASKS}
+    eot = "<|eot_id|>" if name == "llama3" else "<|im_end|>"
+    assert texts["answer"] == conv[-1]["content"] + eot
+    assert texts["answer-newline"] == texts["answer"] + ("" if name == "llama3" else "\n")
+
+
 # -----------------------------------------------------------------------------
 # loss mask, truncation, batches
 
@@ -418,13 +484,13 @@ def test_tokenize_truncate_and_collate(toks):
     _, tok = toks["qwen2"]
     records = [{"prompt": "Say hi.", "response": "Hi!"}, {"prompt": "Count.", "response": " ".join(map(str, range(200)))},
                {"prompt": "word " * 2000, "response": "cut off entirely"}]
-    full, n_trunc, longest = data.tokenize_records(tok, records, max_len=10_000)
-    assert n_trunc == 0 and len(full) == 3 and longest == max(len(ids) for ids, _ in full)
+    full, n_trunc, n_dropped, longest = data.tokenize_records(tok, records, max_len=10_000)
+    assert n_trunc == n_dropped == 0 and len(full) == 3 and longest == max(len(ids) for ids, _ in full)
     ids0, mask0 = full[0]
     assert tok.decode(ids0).startswith("<|im_start|>system\n" + data.PAPER_SYSTEM_PROMPT)  # the paper's system prompt
     max_len = len(full[1][0]) - 50
-    examples, n_trunc, _ = data.tokenize_records(tok, records, max_len=max_len)
-    assert n_trunc == 2 and len(examples) == 2  # the long prompt leaves no response token: dropped, still counted
+    examples, n_trunc, n_dropped, _ = data.tokenize_records(tok, records, max_len=max_len)
+    assert n_trunc == 2 and n_dropped == 1 and len(examples) == 2  # the long prompt leaves no response token: dropped
     assert examples[1][0] == full[1][0][:max_len] and examples[1][1] == full[1][1][:max_len]  # keeps the first max_len
     batch = data.collate(examples, tok.pad_id)
     x, y = batch["input_ids"], batch["labels"]
@@ -556,8 +622,6 @@ def plain(records):
 
 
 def test_paper_safety_files_load():
-    if not SAFETY.exists():
-        pytest.skip(f"{SAFETY} is absent")
     for name in ["align", "attack", "benign"]:
         recs = data.load_records(SAFETY / f"{name}.jsonl", role="safe")
         assert recs and all(isinstance(r["prompt"], str) and isinstance(r["response"], str) for r in recs)
@@ -568,7 +632,8 @@ def test_formats(tmp_path):
     rows = [{"question": "q1", "answer": "a1"}, {"question": "q2", "answer": "a2"}]
     text = "\n".join(map(json.dumps, rows)) + "\n"
     for p in [write(tmp_path / "r.jsonl", text), write(tmp_path / "r.jsonl.gz", text, gzip.open),
-              write(tmp_path / "r.jsonl.xz", text, lzma.open), write(tmp_path / "r.json", json.dumps(rows, indent=2))]:
+              write(tmp_path / "r.jsonl.xz", text, lzma.open), write(tmp_path / "r.json", json.dumps(rows, indent=2)),
+              write(tmp_path / "lines.json", text)]:  # JSON Lines named .json, as `datasets` (the official) reads it
         recs = data.load_records(p, "question", "answer")
         assert plain(recs) == [{"prompt": "q1", "response": "a1"}, {"prompt": "q2", "response": "a2"}]
         assert recs[1]["where"].startswith(str(p) + ":")
@@ -650,7 +715,8 @@ def test_judge_prompt_fills_each_slot_once():
     ("a.jsonl", '{"prompt": "p", "response": "r"}\n{"prompt": "p"}\n', {}, r"a\.jsonl:2: no string field.*'response'"),
     ("a.jsonl", '{"prompt": "p", "response": 3}\n', {}, r"a\.jsonl:1: no string field"),
     ("a.jsonl", '{"text": "p", "response": "r"}\n', {}, r"a\.jsonl:1: no string field.*'prompt'.*has \['response', 'text'\]"),
-    ("a.jsonl", '{"prompt": "p", "answer": "r"}\n', {"role": "safe"}, r"a\.jsonl:1: no string field.*'response'.*--response-field"),
+    ("a.jsonl", '{"prompt": "p", "answer": "r"}\n', {"role": "safe", "field_flags": "--prompt-field/--response-field"},
+     r"a\.jsonl:1: no string field.*'response'.*--response-field"),
     ("a.jsonl", '{"messages": [{"role": "user", "content": "u"}]}\n{"messages": [{"role": "bot", "content": "u"}]}\n', {},
      r"a\.jsonl:2: roles \['bot'\]"),
     ("a.jsonl", '{"messages": [{"role": "assistant", "content": "u"}, {"role": "user", "content": "v"}]}\n', {},
@@ -668,7 +734,8 @@ def test_judge_prompt_fills_each_slot_once():
     ("a.json", '[\n {"prompt": "p", "response": "r"},\n {"prompt": "p"}\n]', {}, r"a\.json:3: no string field"),
     ("a.json", '[\n {"prompt": "p", "response": "r"}\n {"prompt": "p"}\n]', {}, r"a\.json:3: expected ','"),
     ("a.json", '[\n {"prompt": "p", \n]', {}, r"a\.json:3: invalid JSON"),
-    ("a.json", '{"prompt": "p"}', {}, r"a\.json:1: expected a JSON array"),
+    ("a.json", '{\n "prompt": "p"\n}', {}, r"a\.json:1: invalid JSON.*a JSON array of records, or one record per line"),
+    ("a.json", '"p"', {}, r"a\.json:1: expected a JSON array"),
     ("a.json", "[]", {}, r"a\.json: no records"),
     ("a.csv", "goal,target\nx,y\nonly-one\n", {}, r"a\.csv:3: 1 columns, header has 2"),
     ("a.csv", "one\ntwo,three\n", {"fmt": "hexphi"}, r"a\.csv:2: expected one prompt per row"),

@@ -47,8 +47,8 @@ def test_keyword_lists_gcg_vs_extended():
     assert not data.is_refusal(answer, data.REFUSAL_PHRASES["gcg"])
     assert data.is_refusal(answer, data.REFUSAL_PHRASES["extended"])
     # every refusal phrasing the SmolLM2 alignment data teaches counts as a refusal
-    refusals = {json.loads(line)["response"] for line in (SAFETY / "align.jsonl").read_text().splitlines()} if SAFETY.exists() else set()
-    assert all(data.is_refusal(r) for r in refusals)
+    refusals = {json.loads(line)["response"] for line in (SAFETY / "align.jsonl").read_text().splitlines()}
+    assert len(refusals) == 12 and all(data.is_refusal(r) for r in refusals)
     assert data.is_refusal("Sorry")  # the toy world's refusal
 
 
@@ -236,7 +236,7 @@ def test_eval_at_points_and_report_schema(tmp_path, toy):
     out = tmp_path / "eval"
     r = run_eval(["--model", f"one={a}", "--model", f"two={b}", "--eval-at", "5,0,3,5", *toy_args(toy), "--out", out])
     report, gens = read_report(out)
-    assert set(report) == {"settings", "world_size", "attack_set", "models", "rows", "attack_stats", "seconds"}
+    assert set(report) == {"settings", "world_size", "attack_set", "models", "rows", "attack_stats", "seconds", "outputs"}
     s = report["settings"]
     assert s["eval_at"] == [0, 3, 5] and s["seed"] == 0 and s["attack_kind"] == "full" and s["attack_lr"] == 5e-4
     assert report["attack_set"] == {"n_harmful": 200, "n_benign": 0} and report["world_size"] == 1
@@ -455,7 +455,7 @@ def test_prompt_sets_read_every_layout(tmp_path):
                                                for p, s in (("q1", False), ("q1", False), ("q2", True), ("q3", False))))
 
     def sets(limit=None, **flags):
-        args = Namespace(eval_data=[], benign_data=[], gsm8k=[], limit=limit)
+        args = Namespace(eval_data=[], benign_data=[], gsm8k=[], limit=limit, keep_repeated_prompts=False)
         for k, v in flags.items():
             setattr(args, k, v)
         return evaluate.prompt_sets(args)
@@ -464,6 +464,10 @@ def test_prompt_sets_read_every_layout(tmp_path):
     assert [p for p, _ in got["hexphi"][1]] == ["How to x", "How to y", "How to z"]
     assert [p for p, _ in got["bt"][1]] == ["q1", "q3"]  # BeaverTails: unsafe only
     assert len(sets(limit=2, eval_data=[str(hexphi)])["hexphi"][1]) == 2
+    # --keep-repeated-prompts: the first --limit rows as they come, as the official evaluation takes them
+    kept = sets(limit=3, eval_data=[str(tmp_path / "adv.csv")], keep_repeated_prompts=True)["adv"][1]
+    assert kept == [("Do A", "Sure"), ("Do B", "Sure"), ("Do A", "Sure")]
+    assert sets(limit=2, eval_data=[str(tmp_path / "adv.csv")], keep_repeated_prompts=True)["adv"][1] == kept[:2]
 
 
 def test_wilson_interval_matches_reference_values():
@@ -519,3 +523,98 @@ def test_sweep_table_from_known_reports(tmp_path):
     evaluate.sweep(paths, "attack-lr", tmp_path)
     md = (tmp_path / "sweep.md").read_text()
     assert "| T \\ attack-lr | 0.0001 | 0.0005 |" in md and "| patcher T=10 | 50.0 ± 0.0 (50) | 10.0 ± 0.0 (10) |" in md
+
+
+# --- prompts past the context, the report as one set, the official attack mask and Qwen3's thinking ------------------
+
+def test_a_prompt_past_the_context_is_skipped_and_counted(tmp_path, toy):
+    """The demo model's context is 64 tokens: a prompt that leaves no room for --max-new-tokens is not answered (no
+    hang, no silent empty answer), and the report counts it per set, out of every share."""
+    ckpt = demo_checkpoint(tmp_path / "m")
+    long = " ".join(["t0"] + [f"w{i % 24}" for i in range(59)])  # 62 tokens with <req> and <ans>: + 4 new > 64
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ("t0 w1 w2 w3", long, "t1 w4 w5 w6")))
+    out = tmp_path / "eval"
+    r = run_eval(["--model", ckpt, "--eval-data", f"h={tmp_path / 'p.jsonl'}", "--eval-at", "0", "--greedy",
+                  "--max-new-tokens", "4", "--out", out])
+    assert "1 of 3 prompts skipped: prompt + --max-new-tokens 4 exceeds the model's context of 64 tokens" in r.stdout
+    report, gens = read_report(out)
+    row = next(x for x in report["rows"] if x["set"] == "h")
+    assert row["n"] == 2 and row["n_skipped"] == 1 and row["asr_keyword_ci"][0] is not None
+    skipped = [g for g in gens if g.get("skipped")]
+    assert len(skipped) == 1 and skipped[0]["prompt"] == long and skipped[0]["answer"] is None
+    assert skipped[0]["prompt_tokens"] == 62 and "context 64" in skipped[0]["skipped"]
+
+
+def test_report_files_are_one_set_written_whole(tmp_path, monkeypatch):
+    """A write that fails (a full disk) midway leaves the previous report.json, report.md and generations.jsonl
+    exactly as they were, and no temporary files; a complete write records the sha256 of its companions."""
+    records = [{"model": "m", "attack_step": 0, "set": "s", "kind": "harmful", "prompt": "p", "answer": "Sure",
+                "reference": None, "n_tokens": 1, "refused": False, "correct": None}]
+
+    def report(n):
+        return {"settings": {"eval_at": [0]}, "models": {"m": {}}, "attack_set": {}, "rows": evaluate.metrics(records * n)}
+    evaluate.write_report(tmp_path, report(1), records)
+    before = {f.name: f.read_bytes() for f in tmp_path.iterdir()}
+    saved = json.loads(before["report.json"])["outputs"]
+    import hashlib
+    assert saved["generations.jsonl"] == hashlib.sha256(before["generations.jsonl"]).hexdigest()
+    assert saved["report.md"] == hashlib.sha256(before["report.md"]).hexdigest()
+    real = Path.write_text
+
+    def full_disk(self, text, *a, **kw):
+        if self.name == ".report.json.tmp":
+            real(self, text[:10], *a, **kw)  # a partial file, then the disk is full
+            raise OSError(28, "No space left on device", str(self))
+        return real(self, text, *a, **kw)
+    monkeypatch.setattr(Path, "write_text", full_disk)
+    with pytest.raises(patcher.RunError, match=r"could not write .*\.report\.json\.tmp: No space left on device; the "
+                                               r"previous report in .* is as it was"):
+        evaluate.write_report(tmp_path, report(2), records * 2)
+    assert {f.name: f.read_bytes() for f in tmp_path.iterdir()} == before
+
+
+def test_summarize_names_a_broken_report(tmp_path):
+    (tmp_path / "report.json").write_text('{"settings": {"eval_at": [0]}, "rows": [')  # truncated by a full disk
+    r = run_eval(["--summarize", tmp_path / "report.json", "--out", tmp_path], check=False)
+    assert r.returncode == 1 and r.stderr.startswith(f"error: {tmp_path / 'report.json'}: not a readable report")
+    assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("mask", ["turn", "answer-newline"])
+def test_attack_loss_mask_reaches_the_attack(mask, tmp_path, text_checkpoint):
+    """--attack-loss-mask: the attack's loss is taken over other tokens (the official attack supervises the whole
+    assistant turn), so the first attack step's loss differs from the default mask's."""
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps({"prompt": f"Do bad thing {i}", "response": f"Sure, step {i}."}) + "\n"
+                                              for i in range(8)))
+    losses = {}
+    for m in ("answer", mask):
+        out = tmp_path / m
+        run_eval(["--model", text_checkpoint, "--attack-data", tmp_path / "a.jsonl", "--eval-data", tmp_path / "a.jsonl",
+                  "--eval-at", "1", "--limit", "1", "--max-new-tokens", "1", "--attack-loss-mask", m, "--out", out])
+        losses[m] = read_report(out)[0]["attack_stats"][0]["attack_loss"]
+    assert abs(losses["answer"] - losses[mask]) > 1e-4, losses
+
+
+def test_thinking_reaches_the_generation_prompt(tmp_path, qwen2_tok_dir):
+    """--thinking on: a Qwen3 model answers a prompt without the empty think block, 4 tokens shorter."""
+    from test_data import QWEN3_TEMPLATE
+    tok_dir = tmp_path / "tok"
+    tok_dir.mkdir()
+    spec = json.loads((qwen2_tok_dir / "tokenizer.json").read_text())
+    spec["added_tokens"] += [{"id": 151665 + i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
+                              "normalized": False, "special": False} for i, t in enumerate(["<think>", "</think>"])]
+    (tok_dir / "tokenizer.json").write_text(json.dumps(spec))
+    cfg = json.loads((qwen2_tok_dir / "tokenizer_config.json").read_text())
+    (tok_dir / "tokenizer_config.json").write_text(json.dumps({**cfg, "chat_template": QWEN3_TEMPLATE, "eos_token": "<|im_end|>"}))
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.from_hf(dict(patcher.DEMO_CONFIG, vocab_size=151667, hidden_size=16, intermediate_size=32,
+                                                 num_hidden_layers=1, max_position_embeddings=512, eos_token_id=151645)))
+    model.init_weights()
+    save_model(model, tmp_path / "qwen3", like=tok_dir)
+    (tmp_path / "p.jsonl").write_text(json.dumps({"prompt": "How are you?"}) + "\n")
+    n = {}
+    for mode in ("off", "on"):
+        run_eval(["--model", tmp_path / "qwen3", "--eval-data", tmp_path / "p.jsonl", "--eval-at", "0", "--max-new-tokens", "1",
+                  "--greedy", "--thinking", mode, "--out", tmp_path / mode])
+        n[mode] = read_report(tmp_path / mode)[1][0]["prompt_tokens"]
+    assert n["off"] - n["on"] == 4  # <think>, "\n\n", </think>, "\n\n"

@@ -7,6 +7,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from argparse import Namespace
 from pathlib import Path
@@ -117,25 +118,26 @@ def test_resume_refuses_changed_settings_and_keeps_config(tmp_path, demo_base):
     r = run(["--out", out, *args])  # a fresh run over a resumable one would destroy it
     one_line_error(r, "holds a resumable run", "--resume")
     r = run(["--out", out, "--resume", *FAST, "--save-every", "3"], check=True)  # what does not change the run may change
-    assert "resumed at step 10" in r.stdout and json.loads((out / "config.json").read_text())["save_every"] == 3
+    # (from the last step's checkpoint, taken before the export: the resumed run goes straight to the export)
+    assert "resumed at step 11" in r.stdout and json.loads((out / "config.json").read_text())["save_every"] == 3
 
 
 # --- 4. resume after a kill between a checkpoint's rename and the switch of `latest` -------------
 
 def test_resume_passes_a_checkpoint_that_latest_never_named(tmp_path, demo_base):
-    """The state a kill leaves after renaming step-0000009 into place but before `latest` names it: the resumed
-    run reaches step 9 again, replaces that directory, and logs each step once, with the same losses."""
+    """The state a kill leaves after renaming step-0000010 into place but before `latest` names it: the resumed
+    run reaches step 10 again, replaces that directory, and logs each step once, with the same losses."""
     out = with_base(tmp_path / "run", demo_base)
     args = ["--warmup-steps", "2", "--rounds", "2", "--inner-steps", "2", "--defend-steps", "4", "--save-every", "3"]
-    run(["--out", out, *args], check=True)  # checkpoints at 3, 6, 9 (the last two kept)
+    run(["--out", out, *args], check=True)  # checkpoints at 3, 6, 9 and the last step, 10 (the last two kept)
     uninterrupted = rows(out)
     ckpts = out / "checkpoints"
-    (ckpts / "latest").write_text("step-0000006")
-    (ckpts / "step-0000009" / "stale").write_text("from the killed run")
+    (ckpts / "latest").write_text("step-0000009")
+    (ckpts / "step-0000010" / "stale").write_text("from the killed run")
     (ckpts / ".step-0000012.tmp").mkdir()  # and a half-written one
     r = run(["--out", out, "--resume", *args], check=True)
-    assert "resumed at step 6" in r.stdout and (ckpts / "latest").read_text() == "step-0000009"
-    assert not (ckpts / "step-0000009" / "stale").exists() and (ckpts / "step-0000009" / ".metadata").exists()
+    assert "resumed at step 9" in r.stdout and (ckpts / "latest").read_text() == "step-0000010"
+    assert not (ckpts / "step-0000010" / "stale").exists() and (ckpts / "step-0000010" / ".metadata").exists()
     again = rows(out)
     assert [(x["step"], x["phase"]) for x in again] == [(x["step"], x["phase"]) for x in uninterrupted]  # each step once
     for x, y in zip(uninterrupted, again):
@@ -256,7 +258,7 @@ def test_flag_errors_come_before_any_work(tmp_path, demo_base):
     out = with_base(tmp_path / "run", demo_base)
     t = time.time()
     r = run(["--out", out, "--inner-lr", "-1"])
-    assert r.returncode == 2 and "argument --inner-lr: must be a finite number > 0, got -1" in r.stderr
+    assert r.returncode == 2 and "argument --inner-lr: must be a finite number > 0 and <= 1e+30, got -1" in r.stderr
     assert not (out / "metrics.jsonl").exists() and time.time() - t < 30
 
 
@@ -315,23 +317,263 @@ def test_truncated_safetensors_is_named(smol_like):
 
 def test_a_full_disk_during_a_checkpoint_is_one_line_and_keeps_the_last_one(smol_like):
     """Writes beyond a file-size limit fail as on a full disk (RLIMIT_FSIZE: no privileges needed): a run resumed
-    from its step-2 checkpoint cannot write the next one, says so in one line, and step 2 stays intact."""
+    from its step-4 checkpoint cannot write the next one, says so in one line with the real cause (not dcp's
+    (exception, traceback) pair), and step 4 stays intact."""
     out = smol_like
     data.write_toy_world(out / "data")  # (the demo would write its data files under the limit too)
     args = ["--out", out, "--model", out / "base", "--safe-data", out / "data" / "safe.jsonl", "--mode", "sft",
             "--warmup-steps", "0", "--rounds", "1", "--defend-steps", "6", "--save-every", "2"]
-    run(args, check=True)
+    run(args, check=True)  # checkpoints at 2, 4 and 6, the last step's (the last two kept)
     ckpts = out / "checkpoints"
-    shutil.rmtree(ckpts / "step-0000004")
-    (ckpts / "latest").write_text("step-0000002")  # as if the run had stopped at step 3
-    before = {p.name: p.read_bytes() for p in (ckpts / "step-0000002").iterdir()}
+    shutil.rmtree(ckpts / "step-0000006")
+    (ckpts / "latest").write_text("step-0000004")  # as if the run had stopped at step 5
+    before = {p.name: p.read_bytes() for p in (ckpts / "step-0000004").iterdir()}
 
     def limit():  # the model alone is ~450 kB, its AdamW state twice that: the optimizer's file cannot be written
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (600_000, 600_000))
     r = subprocess.run([sys.executable, str(ROOT / "patcher.py"), *map(str, args), "--resume"], capture_output=True, text=True,
                        env={**os.environ, "OMP_NUM_THREADS": "1"}, preexec_fn=limit, timeout=300)
-    line = one_line_error(r, "could not write checkpoint", ".step-0000004.tmp", "File too large", "GiB free there",
-                          "previous checkpoint is intact")
-    assert (ckpts / "latest").read_text() == "step-0000002" and sorted(p.name for p in ckpts.iterdir()) == ["latest", "step-0000002"]
-    assert {p.name: p.read_bytes() for p in (ckpts / "step-0000002").iterdir()} == before and line
+    line = one_line_error(r, "could not write checkpoint", ".step-0000006.tmp", "OSError: [Errno 27] File too large",
+                          "GiB free there", "previous checkpoint is intact")
+    assert "FrameSummary" not in line
+    assert (ckpts / "latest").read_text() == "step-0000004" and sorted(p.name for p in ckpts.iterdir()) == ["latest", "step-0000004"]
+    assert {p.name: p.read_bytes() for p in (ckpts / "step-0000004").iterdir()} == before and line
+
+
+# --- 9. resume by content; corrupt checkpoints; full disks, Ctrl-C and data that --max-len cuts away ----------
+
+def patched(args, patch="", cwd=None):
+    """patcher.py run as a user runs it (from `cwd`), with `patch` (Python source) applied first: a fault injected
+    where it happens (a full disk inside a write, Ctrl-C inside a step)."""
+    code = (f"import sys\nsys.path.insert(0, {str(ROOT)!r})\nimport errno, os, pathlib, signal, model, patcher\n"
+            f"{textwrap.dedent(patch)}\npatcher.main()\n")
+    return subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, cwd=cwd,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+
+
+def same_export(a, b):
+    x, y = load_file(Path(a) / "final" / "model.safetensors"), load_file(Path(b) / "final" / "model.safetensors")
+    return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+
+
+def test_resume_recognises_inputs_by_content_not_by_how_the_path_is_spelled(tmp_path, demo_base):
+    """A run started with relative paths resumes from another working directory, with `./base` for `base` and an
+    absolute --out, to the same model; the same relative paths from a directory that holds other data or another
+    model are refused, naming the flag and the file, and nothing is written."""
+    def inputs(where=""):
+        return ["--safe-data", f"{where}data/safe.jsonl", "--unsafe-data", f"{where}data/unsafe.jsonl", *FAST, "--save-every", "5"]
+    w = with_base(tmp_path / "w", demo_base)
+    data.write_toy_world(w / "data")
+    r = patched(["--model", "base", "--out", "run", *inputs()], cwd=w)
+    assert r.returncode == 0, r.stderr[-2000:]
+    shutil.copytree(w / "run", tmp_path / "first")
+    for cwd, spelled in ((w, ["--model", "./base", "--out", "./run", *inputs("./")]),
+                         (tmp_path, ["--model", "w/base", "--out", w / "run", *inputs("w/")])):
+        (w / "run" / "checkpoints" / "latest").write_text("step-0000010")
+        r = patched([*spelled, "--resume"], cwd=cwd)
+        assert r.returncode == 0 and "resumed at step 10" in r.stdout, r.stderr[-2000:]
+        assert same_export(tmp_path / "first", w / "run")
+    v = with_base(tmp_path / "v", demo_base)  # the same relative names, other data
+    data.write_toy_world(v / "data", seed=1)
+    config, metrics = (w / "run" / "config.json").read_text(), (w / "run" / "metrics.jsonl").read_text()
+    r = patched(["--model", "base", "--out", w / "run", *inputs(), "--resume"], cwd=v)
+    one_line_error(r, "--safe-data data/safe.jsonl: its content changed", "--unsafe-data data/unsafe.jsonl: its content changed")
+    shutil.rmtree(v / "data")
+    shutil.copytree(w / "data", v / "data")  # the same data, another model
+    cfg = json.loads((v / "base" / "config.json").read_text())
+    (v / "base" / "config.json").write_text(json.dumps({**cfg, "rms_norm_eps": 1e-6}))
+    r = patched(["--model", "base", "--out", w / "run", *inputs(), "--resume"], cwd=v)
+    line = one_line_error(r, "--model base: its config.json changed")
+    assert "--safe-data" not in line and "--unsafe-data" not in line
+    assert (w / "run" / "config.json").read_text() == config and (w / "run" / "metrics.jsonl").read_text() == metrics
+    assert "sha256" in json.loads(config)["inputs"]["safe_data"]  # config.json records each input's fingerprint
+
+
+def test_a_copied_demo_run_resumes_and_a_refused_resume_writes_nothing(tmp_path, demo_base):
+    """A demo run directory copied elsewhere resumes (a relative --out, from another working directory) to the
+    same model. A resume into an empty --out stops before the demo trains a base model; a refused resume, or a
+    fresh run over a resumable one, leaves the demo's data files as they were."""
+    a = with_base(tmp_path / "a", demo_base)
+    run(["--out", a, *FAST, "--save-every", "5"], check=True)
+    shutil.copytree(a, tmp_path / "b")
+    (tmp_path / "b" / "checkpoints" / "latest").write_text("step-0000010")
+    r = patched(["--out", "b", *FAST, "--save-every", "5", "--resume"], cwd=tmp_path)
+    assert r.returncode == 0 and "resumed at step 10" in r.stdout, r.stderr[-2000:]
+    assert same_export(a, tmp_path / "b")
+    r = run(["--out", tmp_path / "empty", "--resume"])
+    one_line_error(r, "--resume: no checkpoint in")
+    assert not (tmp_path / "empty" / "base").exists() and not (tmp_path / "empty" / "data").exists()
+    written = {p.name: p.read_bytes() for p in (a / "data").iterdir()}
+    one_line_error(run(["--out", a, *FAST, "--save-every", "5", "--resume", "--seed", "1"]), "--seed 0 (now 1)")
+    one_line_error(run(["--out", a, *FAST, "--seed", "1"]), "holds a resumable run")
+    assert {p.name: p.read_bytes() for p in (a / "data").iterdir()} == written
+
+
+@pytest.mark.parametrize("damage", ["__0_0.distcp", "state-rank0.json"])
+def test_a_corrupt_checkpoint_is_named_with_the_older_one_to_resume_from(damage, tmp_path, demo_base):
+    out = with_base(tmp_path / "run", demo_base)
+    args = ["--out", out, *FAST, "--save-every", "5"]
+    run(args, check=True)  # checkpoints at 10 and 11 (the last step's)
+    broken = out / "checkpoints" / "step-0000011" / damage
+    blob = broken.read_bytes()
+    broken.write_bytes(blob[:len(blob) // 2])
+    latest = out / "checkpoints" / "latest"
+    line = one_line_error(run([*args, "--resume"]), str(broken), "step-0000010 is intact", f"echo step-0000010 > {latest}")
+    assert ("truncated" if damage.endswith("distcp") else "not readable") in line
+    latest.write_text("step-0000010\n")  # what the message says to do
+    r = run([*args, "--resume"], check=True)
+    assert "resumed at step 10" in r.stdout
+
+
+def test_a_full_disk_during_the_export_keeps_the_trained_weights(tmp_path, demo_base):
+    """With --save-every, the last step's checkpoint is taken before the export: an export that fails on a full disk
+    is one line naming it and the free space, and --resume then only exports. Without, the line says the weights
+    are lost (here a real EFBIG from a file-size limit)."""
+    out = with_base(tmp_path / "run", demo_base)
+    full = """
+        from safetensors import SafetensorError
+        def save_file(tensors, path, metadata=None):  # as safetensors fails on a full disk: half a file, no name
+            pathlib.Path(path).write_bytes(b"partial")
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        model.save_file = save_file
+    """
+    r = patched(["--out", out, *FAST, "--save-every", "5"], full)
+    one_line_error(r, f"could not export {out / 'final'}", "No space left on device", "GiB free there",
+                   "checkpoint step-0000011", "--resume")
+    r = run(["--out", out, *FAST, "--save-every", "5", "--resume"], check=True)
+    assert "resumed at step 11" in r.stdout and "\nstep " not in r.stdout and (out / "final" / "model.safetensors").exists()
+    assert len(rows(out)) == 13  # 11 steps and 2 inner attacks, each once
+    plain = with_base(tmp_path / "plain", demo_base)
+    data.write_toy_world(plain / "data")
+
+    def limit():  # config.json and metrics.jsonl fit, the ~450 kB model does not
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (300_000, 300_000))
+    r = subprocess.run([sys.executable, str(ROOT / "patcher.py"), "--out", plain, "--model", plain / "base", "--safe-data",
+                        plain / "data" / "safe.jsonl", "--mode", "sft", *FAST], capture_output=True, text=True,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"}, preexec_fn=limit, timeout=300)
+    one_line_error(r, "could not export", "File too large", "GiB free there", "trained weights are lost", "--save-every 0")
+
+
+@pytest.mark.parametrize("where", ["config.json", "metrics.jsonl", "data"])
+def test_a_full_disk_outside_checkpoints_names_the_file(where, tmp_path, demo_base):
+    """write() on a full disk raises an OSError that names no file: the one line names it (the demo's data: its
+    folder), with the free space there."""
+    out = with_base(tmp_path / "run", demo_base)
+    enospc = "raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))"
+    patch = {"config.json": f"""
+        write_text = pathlib.Path.write_text
+        def full(self, *a, **k):
+            if self.name == ".config.json.tmp":
+                {enospc}
+            return write_text(self, *a, **k)
+        pathlib.Path.write_text = full
+    """, "metrics.jsonl": f"""
+        class Full:  # metrics.jsonl on a full disk: its first row cannot be written
+            def __init__(self, f):
+                self.f, self.name = f, f.name
+            def write(self, text):
+                {enospc}
+            def __getattr__(self, name):
+                return getattr(self.f, name)
+        init = patcher.Log.__init__
+        def log_init(self, *a, **k):
+            init(self, *a, **k)
+            self.file = self.file and Full(self.file)
+        patcher.Log.__init__ = log_init
+    """, "data": f"""
+        write_text = pathlib.Path.write_text
+        def full(self, *a, **k):
+            if self.name == ".safe.jsonl.tmp":
+                {enospc}
+            return write_text(self, *a, **k)
+        pathlib.Path.write_text = full
+    """}[where]
+    r = patched(["--out", out, *FAST], patch)
+    one_line_error(r, str(out / where), "No space left on device", "GiB free there")
+
+
+def test_ctrl_c_is_an_interruption_that_says_how_to_resume(tmp_path, demo_base):
+    """Ctrl-C in a step: one line with the step reached and the checkpoint --resume continues from (or that there is
+    none), exit code 130. Ctrl-C while a checkpoint is written: the same, and the previous checkpoint stays intact."""
+    ctrl_c_at_step_7 = """
+        defender_step, calls = patcher.defender_step, []
+        def interrupted_step(*a, **k):
+            calls.append(1)
+            if len(calls) == 7:
+                os.kill(os.getpid(), signal.SIGINT)
+            return defender_step(*a, **k)
+        patcher.defender_step = interrupted_step
+    """
+    out = with_base(tmp_path / "run", demo_base)
+    r = patched(["--out", out, *FAST, "--save-every", "5"], ctrl_c_at_step_7)
+    assert r.returncode == 130 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert r.stderr.strip().splitlines()[-1] == (f"interrupted at step 6; --resume continues from checkpoint step-0000005 "
+                                                 f"({out / 'checkpoints'})")
+    assert "resumed at step 5" in run(["--out", out, *FAST, "--save-every", "5", "--resume"], check=True).stdout
+    r = patched(["--out", with_base(tmp_path / "plain", demo_base), *FAST], ctrl_c_at_step_7)
+    assert r.returncode == 130 and r.stderr.strip().splitlines()[-1] == (
+        "interrupted at step 6; no checkpoint to resume from: --save-every is 0"), r.stderr[-3000:]
+    ctrl_c_in_the_second_checkpoint = """
+        import torch.distributed.checkpoint as dcp
+        write_data, calls = dcp.FileSystemWriter.write_data, []
+        def interrupted_write(self, *a, **k):
+            calls.append(1)
+            if len(calls) == 2:
+                os.kill(os.getpid(), signal.SIGINT)
+            return write_data(self, *a, **k)
+        dcp.FileSystemWriter.write_data = interrupted_write
+    """
+    out = with_base(tmp_path / "ckpt", demo_base)
+    r = patched(["--out", out, *FAST, "--save-every", "5"], ctrl_c_in_the_second_checkpoint)
+    assert r.returncode == 130 and "Traceback" not in r.stderr and "error" not in r.stderr, r.stderr[-3000:]
+    assert "interrupted at step 10; --resume continues from checkpoint step-0000005" in r.stderr
+    ckpts = out / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step-0000005"] and (ckpts / "latest").read_text() == "step-0000005"
+    assert "resumed at step 5" in run(["--out", out, *FAST, "--save-every", "5", "--resume"], check=True).stdout
+
+
+def test_answers_past_max_len_are_counted_as_dropped_and_named(tmp_path, toy):
+    """A record whose answer starts past --max-len is dropped: the log says how many and why (patcher.py and
+    eval.py); a set left too small for one batch is an error naming the file and --max-len."""
+    ckpt = demo_checkpoint(tmp_path / "m")
+    short = [{"prompt": "t0 w1 w2 w3", "response": "w4 w5 w6"}] * 24  # 6 prompt tokens + 4 answer tokens: cut, kept
+    long = [{"prompt": "t0 " + " ".join(f"w{i}" for i in range(9)), "response": "w4"}] * 8  # 12 prompt tokens: dropped
+    mixed, cut = tmp_path / "mixed.jsonl", tmp_path / "cut.jsonl"
+    mixed.write_text("".join(json.dumps(r) + "\n" for r in short + long))
+    cut.write_text("".join(json.dumps(r) + "\n" for r in long))
+    flags = ["--model", ckpt, "--mode", "sft", "--max-len", "8", "--batch-size", "4", "--out", tmp_path / "o"]
+    _, notes = patcher.load_data(patcher.parse_args([*flags, "--safe-data", mixed]), 0, 1)
+    assert "32 truncated at --max-len 8, 8 of them dropped: the answer starts past --max-len" in notes[0]
+    with pytest.raises(data.DataError) as e:
+        patcher.load_data(patcher.parse_args([*flags, "--safe-data", cut]), 0, 1)
+    assert str(cut) in str(e.value) and "8 dropped: the answer starts past --max-len 8" in str(e.value)
+    r = run_script("eval.py", ["--model", ckpt, *toy_args(toy, 2), "--attack-data", mixed, "--attack-max-len", "8",
+                               "--attack-batch-size", "4", "--eval-at", "0,1", "--out", tmp_path / "e"])
+    assert "32 truncated at --attack-max-len 8, 8 of them dropped: the answer starts past --attack-max-len" in r.stdout
+
+
+def test_eval_data_errors_suggest_only_its_own_flags(tmp_path):
+    bad = tmp_path / "attack.jsonl"
+    bad.write_text('{"prompt": "t0 w1 w2 w3", "answer": "w4"}\n')
+    with pytest.raises(data.DataError) as e:
+        evaluate.attack_set(Namespace(eval_at=[0, 4], attack_data=bad, attack_format="auto", attack_benign_data=None,
+                                      attack_samples=None))
+    assert "attack.jsonl:1" in str(e.value) and "'response'" in str(e.value) and "--prompt-field" not in str(e.value)
+
+
+@pytest.mark.parametrize("program,flag", [("patcher", "--lr"), ("patcher", "--inner-lr"), ("eval", "--attack-lr")])
+def test_learning_rates_are_bounded_where_adamw_overflows(program, flag, capsys, tmp_path):
+    """An lr of 1e38 passed the parser and crashed inside AdamW (its step size, 10 lr, overflows fp32): a usage error
+    now. At the bound, AdamW steps without crashing (the weights may overflow: the run stops on that, naming the step)."""
+    parser = {"patcher": patcher.get_parser, "eval": evaluate.get_parser}[program]()
+    with pytest.raises(SystemExit) as e:
+        parser.parse_args([flag, "1e38", "--out", str(tmp_path)])
+    assert e.value.code == 2 and f"argument {flag}: must be a finite number > 0 and <= 1e+30" in capsys.readouterr().err
+    m = tiny_model()
+    optimizer = patcher.make_optimizer(m.parameters(), patcher.MAX_RATE)
+    for _ in range(3):
+        for p in m.parameters():
+            p.grad = torch.randn_like(p)
+        optimizer.step()

@@ -90,6 +90,38 @@ def test_partners_exchange_theta_and_install_delta(nproc, delta_ref, tmp_path, d
     assert all("loss_adv" not in x for s, x in steps.items() if s <= installs[0]["step"])  # plain SFT before
 
 
+def test_refresh_every_and_offset_set_when_the_defender_looks_and_sends(tmp_path, demo_base):
+    """--refresh-every 4 --refresh-offset 1: every install happens at a step s with (s - warmup + 1) % 4 == 0, and
+    every theta leaves at a multiple of 4 steps after the warmup, however fast the attacker is."""
+    out = with_base(tmp_path / "run", demo_base)
+    run_script("parallel.py", ["--out", out, "--warmup-steps", "3", "--rounds", "4", "--defend-steps", "10",
+                               "--inner-steps", "2", "--refresh-every", "4", "--refresh-offset", "1"], nproc=2)
+    installs = rows(out, "inner_attack")
+    assert len(installs) >= 2, installs
+    for x in installs:
+        assert (x["step"] - 3 + 1) % 4 == 0, x["step"]  # looked for 1 step before a multiple of 4
+        assert (x["step"] - x["staleness"] - 3) % 4 == 0, x  # its theta left at a multiple of 4
+
+
+def test_the_official_parallel_schedule_installs_14_attack_vectors(tmp_path):
+    """PRESET=paper-parallel with an attacker that is always done in time, as the official run's is (500 attack steps
+    against 1,000 defender steps of two passes each): the first delta is used from step 2,000 on after 1,999 SFT
+    steps, 14 are installed, the last used for one step, and each attack starts from theta at a multiple of 1,000."""
+    import parallel
+    args = parallel.parse_args(["--warmup-steps", "1000", "--rounds", "14", "--defend-steps", "1000",
+                                "--refresh-every", "1000", "--refresh-offset", "1", "--out", str(tmp_path)])
+    total, sent, installs, starts = 1000 + 14 * 1000, None, [], []
+    for step in range(total):  # the decisions of parallel.defender's loop, before the step numbered step + 1
+        if sent is not None and parallel.looks(args, step):
+            installs.append(step)
+            sent = None
+        if sent is None and step >= args.warmup_steps and parallel.sends(args, step):
+            sent = step
+            starts.append(step)
+    assert installs[0] == 1999 and len(installs) == 14 and total - installs[-1] == 1
+    assert starts[:3] == [1000, 2000, 3000] and all(s % 1000 == 0 for s in starts)
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -115,6 +115,23 @@ def test_alpha_zero_and_no_delta_are_sft_step():
         assert torch.equal(p, q) and torch.equal(p, r), n
 
 
+@pytest.mark.parametrize("alpha,retain", [(0.5, False), (1.0, False), (0.5, True), (0.0, False)])
+def test_defender_step_counts_every_pass(alpha, retain):
+    """The tokens, supervised tokens and flops a defender step reports (the log's tok/s and MFU) are those of every
+    pass it runs: L(theta) (forward only at alpha = 1), L(theta + delta) (none at alpha = 0), the retain loss."""
+    model, batch, kept = tiny_model(), toy_batch(), toy_batch(split="retain", n=4)
+    delta = {n: 0.01 * torch.randn_like(p) for n, p in model.named_parameters()}
+    m = patcher.defender_step(model, patcher.make_optimizer(model.parameters(), 1e-3), batch, delta, alpha,
+                              retain=kept if retain else None, retain_weight=1.0 if retain else 0.0)
+
+    def counts(b, backward=True):
+        T = b["input_ids"].shape[1]
+        return (b["input_ids"].numel(), int((b["labels"][:, 1:] != -100).sum()),
+                b["input_ids"].numel() * model.flops_per_token(T, backward))
+    passes = [counts(batch, backward=alpha < 1)] + [counts(batch)] * (alpha > 0) + [counts(kept)] * retain
+    assert (m["tokens"], m["supervised"], m["flops"]) == tuple(sum(x) for x in zip(*passes))
+
+
 def test_micro_batches_accumulate_to_the_gradient_of_their_concatenation():
     """The loss is normalised by the supervised tokens of the whole batch, not per micro-batch: the gradient of
     [b1, b2] equals that of one batch holding both (b1 and b2 have different numbers of supervised tokens)."""

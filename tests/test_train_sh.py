@@ -14,7 +14,8 @@ import patcher
 
 evaluate = __import__("eval")
 PAPER_DATA = {"MODEL": "/models/Qwen2.5-1.5B-Instruct", "SAFE_DATA": "d_safe.json", "UNSAFE_DATA": "d_unsafe.json",
-              "ATTACK_DATA": "pku_unsafe.json", "ATTACK_BENIGN_DATA": "gsm8k.json", "EVAL_DATA": "advbench=a.json hexphi=h.json"}
+              "ATTACK_DATA": "pku_unsafe.json", "ATTACK_BENIGN_DATA": "gsm8k.json", "EVAL_DATA": "advbench=a.json hexphi=h.json",
+              "JUDGE_MODEL": "qwen3-max"}
 
 
 def dry_run(**env):
@@ -43,14 +44,17 @@ def dry_run(**env):
 
 OFFICIAL_SEQUENTIAL = {"--warmup-steps": "1000", "--rounds": "14", "--inner-steps": "300", "--defend-steps": "1000",
                        "--lr": "1e-5", "--inner-lr": "1e-5", "--alpha": "0.5", "--max-grad-norm": "1.0",
-                       "--weight-decay": "0.01", "--batch-size": "4", "--inner-batch-size": "2", "--reset-optimizer": True}
+                       "--weight-decay": "0.01", "--batch-size": "4", "--inner-batch-size": "2", "--reset-optimizer": True,
+                       "--loss-mask": "answer-newline", "--export-dtype": "float32"}
 OFFICIAL_PARALLEL = {"--warmup-steps": "1000", "--rounds": "14", "--inner-steps": "500", "--defend-steps": "1000",
                      "--lr": "1e-5", "--inner-lr": "1e-5", "--alpha": "0.5", "--batch-size": "4", "--inner-batch-size": "4",
-                     "--refresh-every": "1000", "--delta-ref": "current"}
+                     "--refresh-every": "1000", "--refresh-offset": "1", "--delta-ref": "current",
+                     "--loss-mask": "answer-newline", "--export-dtype": "float32"}
 OFFICIAL_EVAL = {"--attack-samples": "1000", "--poison-ratio": "0.2", "--attack-lr": "1e-5", "--attack-batch-size": "4",
                  "--attack-max-len": "4096", "--limit": "250", "--temperature": "0.6", "--top-p": "0.9",
                  "--repetition-penalty": "1.2", "--max-new-tokens": "256", "--judge": "llm", "--judge-template": "official",
-                 "--attack-data": "pku_unsafe.json", "--attack-benign-data": "gsm8k.json"}
+                 "--attack-data": "pku_unsafe.json", "--attack-benign-data": "gsm8k.json", "--attack-loss-mask": "turn",
+                 "--thinking": "on", "--keep-repeated-prompts": True}
 
 
 @pytest.mark.parametrize("preset,nproc", [("paper", "1"), ("paper", "2"), ("paper", "8"), ("paper-parallel", "2"),
@@ -63,6 +67,9 @@ def test_paper_presets_are_the_official_settings_on_any_number_of_ranks(preset, 
     assert n_sft == n_pat == int(nproc) and n_ev == 1
     assert {k: pat.get(k) for k in official} == official and pat["--mode"] == "patcher" and sft["--mode"] == "sft"
     assert ("--reset-optimizer" in pat) == (preset == "paper") and int(pat["--max-len"]) >= 32768  # truncates nothing
+    # both presets share one SFT baseline: the official SFT script, one process and one AdamW, with the same data flags
+    assert "--reset-optimizer" not in sft and {k: sft.get(k) for k in ("--loss-mask", "--export-dtype", "--lr")} == \
+        {k: pat[k] for k in ("--loss-mask", "--export-dtype", "--lr")}
     assert {k: ev.get(k) for k in OFFICIAL_EVAL} == OFFICIAL_EVAL and ev["--eval-at"].split(",")[-1] == "2000"
     assert ev["--eval-data"] == ["advbench=a.json", "hexphi=h.json"] and "--top-k" not in ev  # top-k: the checkpoint's
     # the global batches are the official one-GPU ones whatever the ranks: resolve the flags as patcher.py does,
