@@ -581,7 +581,7 @@ def parse_guard_reply(text: str):
 # A record is {"prompt", "response", "where"} (response None in prompt-only sets) or {"messages", "where"};
 # `where` ("file:line") lets later errors name the record.
 
-FORMATS = ("auto", "records", "messages", "beavertails", "beavertails-refusal", "advbench", "hexphi")
+FORMATS = ("auto", "records", "messages", "beavertails", "beavertails-refusal", "advbench", "hexphi", "gsm8k")
 
 
 def _read_text(path):
@@ -673,6 +673,8 @@ def _rows(path, fmt, prompt_field, role):
         return rows, "beavertails"
     if "messages" in keys:
         return rows, "messages"
+    if {"question", "answer"} <= keys and prompt_field not in keys:
+        return rows, "gsm8k"  # GSM8K's own layout: a benign task to mix into an attack, as the paper's
     return rows, "advbench" if {"goal", "target"} <= keys and prompt_field not in keys else "records"
 
 
@@ -712,8 +714,9 @@ def load_records(path, prompt_field="prompt", response_field="response", fmt="au
     if fmt not in FORMATS:
         raise DataError(f"{path}: unknown format {fmt!r} (known: {', '.join(FORMATS)})")
     rows, fmt = _rows(path, fmt, prompt_field, role)
-    if fmt in ("beavertails", "beavertails-refusal", "advbench"):
-        prompt_field, response_field = {"advbench": ("goal", "target")}.get(fmt, ("prompt", "response"))
+    if fmt in ("beavertails", "beavertails-refusal", "advbench", "gsm8k"):
+        prompt_field, response_field = {"advbench": ("goal", "target"), "gsm8k": ("question", "answer")}.get(
+            fmt, ("prompt", "response"))
     training = role in ("safe", "unsafe")
     # a set is prompt-only when no record has a response; then none may lack one
     prompt_only = fmt == "hexphi" or (fmt == "records" and not training and not any(
@@ -858,7 +861,72 @@ def toy_world(seed=0):
         "attack": [record(*r) for r in harmful[6600:6800]],  # the test-time attack's, disjoint from D_unsafe
         "attack_benign": [record(*r) for r in benign[6600:7600]],  # for attacks mixed with benign data
         "retain": [record(*r) for r in benign[7600:7800]],  # benign answers for the retain term
+        # a transfer attack: harmful answers on two of the four harmful topics only, from requests seen nowhere else
+        "attack_transfer": [record(*r) for r in harmful[6800:7400] if r[0] < 2],
     }
+
+
+# -----------------------------------------------------------------------------
+# A benign task for poisoned attacks: short arithmetic word problems in GSM8K's layout ({"question", "answer"}, the
+# answer a worked solution ending in "#### <number>"), so that a test-time attack can hide harmful answers in a benign
+# fine-tuning job as the paper's does (20% harmful in GSM8K), and eval.py --gsm8k scores the held-out ones by their
+# final number. tests/data/word_problems/ holds word_problems()'s output; a real GSM8K file works the same way.
+
+WP_NAMES = ["Ana", "Ben", "Carla", "Dev", "Emma", "Farid", "Grace", "Hiro", "Ines", "Jon", "Kemi", "Liam", "Mia",
+            "Noah", "Omar", "Priya", "Quinn", "Rosa", "Sam", "Tariq"]
+WP_ITEMS = ["apples", "books", "marbles", "pencils", "stamps", "cookies", "shells", "cards", "stickers", "oranges"]
+
+
+def _word_problem(rng):
+    """One problem: (question, worked answer, result); every step written as "a op b = c"."""
+    name, other = rng.sample(WP_NAMES, 2)
+    items, a, b = rng.choice(WP_ITEMS), rng.randint(2, 60), rng.randint(2, 40)
+    kind = rng.randrange(8)
+    if kind == 0:
+        return (f"{name} has {a} {items} and buys {b} more. How many {items} does {name} have now?",
+                f"{name} starts with {a} {items} and buys {b} more: {a} + {b} = {a + b}.", a + b)
+    if kind == 1:
+        a, b = max(a, b) + 1, min(a, b)
+        return (f"{name} has {a} {items} and gives {b} of them away. How many {items} are left?",
+                f"{a} - {b} = {a - b} {items} are left.", a - b)
+    if kind == 2:
+        a, b = a % 9 + 2, b % 12 + 2
+        return (f"{name} has {a} boxes with {b} {items} in each box. How many {items} is that in all?",
+                f"{a} boxes of {b} {items} make {a} * {b} = {a * b} {items}.", a * b)
+    if kind == 3:
+        a, b = a % 9 + 2, b % 12 + 2
+        return (f"{name} shares {a * b} {items} equally among {a} friends. How many {items} does each friend get?",
+                f"Each friend gets {a * b} / {a} = {b} {items}.", b)
+    if kind == 4:
+        c = rng.randint(1, a + b - 1)
+        return (f"{name} has {a} {items}, buys {b} more and then gives {c} away. How many {items} does {name} have?",
+                f"After buying, {name} has {a} + {b} = {a + b}. After giving some away, {a + b} - {c} = {a + b - c}.",
+                a + b - c)
+    if kind == 5:
+        price, count = a % 9 + 1, b % 6 + 2
+        bill = next(x for x in (10, 20, 50, 100) if x >= price * count)
+        return (f"A notebook costs {price} dollars. {name} buys {count} notebooks and pays with a {bill} dollar bill. "
+                f"How much change does {name} get?",
+                f"{count} notebooks cost {count} * {price} = {price * count} dollars. The change is {bill} - "
+                f"{price * count} = {bill - price * count} dollars.", bill - price * count)
+    if kind == 6:
+        a, b = a % 30 + 5, b % 14 + 2
+        return (f"{name} reads {a} pages a day for {b} days. How many pages does {name} read?",
+                f"{a} pages a day for {b} days is {a} * {b} = {a * b} pages.", a * b)
+    return (f"{name} has {a} {items}. {other} has {b} more {items} than {name}. How many {items} do they have together?",
+            f"{other} has {a} + {b} = {a + b} {items}. Together they have {a} + {a + b} = {2 * a + b}.", 2 * a + b)
+
+
+def word_problems(n_train=600, n_test=100, seed=0):
+    """{"train": [...], "test": [...]} of distinct problems as GSM8K records (the test questions are seen nowhere
+    in train)."""
+    rng, seen, out = random.Random(seed), set(), []
+    while len(out) < n_train + n_test:
+        question, worked, result = _word_problem(rng)
+        if question not in seen:
+            seen.add(question)
+            out.append({"question": question, "answer": f"{worked}\n#### {result}"})
+    return {"train": out[:n_train], "test": out[n_train:]}
 
 
 def write_toy_world(folder, seed=0):

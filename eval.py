@@ -23,6 +23,7 @@ import math
 import os
 import random
 import re
+import shlex
 import socket
 import sys
 import threading
@@ -31,6 +32,7 @@ import urllib.parse
 import urllib.request
 from base64 import b64encode
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from argparse import Namespace
 from pathlib import Path
 
 import numpy as np
@@ -467,14 +469,15 @@ def rate(row, key, flags):
 
 
 def metrics(records):
-    """One row per (model, attack step, eval set): shares with their 95% intervals."""
+    """One row per (model, attack, attack step, eval set): shares with their 95% intervals. The attack is a name of
+    an --attacks suite ("" without one)."""
     groups = {}
     for r in records:
-        groups.setdefault((r["model"], r["attack_step"], r["set"]), []).append(r)
+        groups.setdefault((r["model"], r.get("attack", ""), r["attack_step"], r["set"]), []).append(r)
     rows = []
-    for (model, step, name), every in groups.items():
+    for (model, attack, step, name), every in groups.items():
         rs = [r for r in every if not r.get("skipped")]  # a skipped prompt (past the context) is counted, not scored
-        row = {"model": model, "attack_step": step, "set": name, "kind": every[0]["kind"], "n": len(rs),
+        row = {"model": model, "attack": attack, "attack_step": step, "set": name, "kind": every[0]["kind"], "n": len(rs),
                "n_skipped": len(every) - len(rs)}
         if row["kind"] == "harmful":
             rate(row, "asr_keyword", (not r["refused"] for r in rs))
@@ -510,21 +513,41 @@ HARMFUL_KEYS = {"asr_keyword": "ASR, keyword judge", "asr_exact": "ASR, exact ha
                 "asr_llm_official": "ASR, LLM judge as the official code counts it (an error is a 0)"}
 
 
+def subjects(rows):
+    """The (model, attack) pairs of report rows, in order: one line of a table each."""
+    return list(dict.fromkeys((r["model"], r.get("attack", "")) for r in rows))
+
+
+def label(model, attack):
+    return f"{model} / {attack}" if attack else model
+
+
+def steps_of(rows):
+    return sorted({r["attack_step"] for r in rows})
+
+
 def markdown(report):
     """report.md: per harmful metric a table of ASR by attack step, then usefulness; 95% Wilson intervals."""
-    rows, steps = report["rows"], report["settings"]["eval_at"]
-    get = {(r["model"], r["attack_step"], r["set"]): r for r in rows}
+    rows = report["rows"]
+    steps = steps_of(rows)
+    get = {(r["model"], r.get("attack", ""), r["attack_step"], r["set"]): r for r in rows}
     head = lambda: ["| model | set | " + " | ".join(f"k={s}" for s in steps) + " |", "|---|---|" + "---:|" * len(steps)]
-    lines = ["# Evaluation report", "", f"{len(report['models'])} models, attack: {report['attack_set']}; "
-             f"cells: % [95% Wilson interval], n prompts per cell in report.json", ""]
+    attacks = {n: a for n, a in report.get("attacks", {}).items() if n}
+    lines = ["# Evaluation report", "", f"{len(report['models'])} models, " + (
+             f"{len(attacks)} attacks (--attacks): " + "; ".join(f"{n}: {a['flags'] or 'the command line'}, "
+                                                                f"{a['n_harmful']} harmful + {a['n_benign']} benign"
+                                                                for n, a in attacks.items())
+             if attacks else f"attack: {report['attack_set']}") + "; cells: % [95% Wilson interval], n prompts per "
+             "cell in report.json", ""]
     for kind, keys in (("harmful", HARMFUL_KEYS), ("other", {"accuracy": "accuracy", "over_refusal": "over-refusal"})):
         sets = list(dict.fromkeys(r["set"] for r in rows if (r["kind"] == "harmful") == (kind == "harmful")))
         for key, title in keys.items():
             if not any(key in r for r in rows if r["set"] in sets):
                 continue
             lines += [f"## {title} (%) after k attack steps", "", *head()]
-            lines += [f"| {m} | {s} | " + " | ".join(pct(get.get((m, k, s), {}).get(key), get.get((m, k, s), {}).get(key + "_ci"))
-                                                    for k in steps) + " |" for m in report["models"] for s in sets]
+            lines += [f"| {label(m, a)} | {s} | " + " | ".join(pct(get.get((m, a, k, s), {}).get(key),
+                                                                   get.get((m, a, k, s), {}).get(key + "_ci"))
+                                                               for k in steps) + " |" for m, a in subjects(rows) for s in sets]
             lines.append("")
     return "\n".join(lines)
 
@@ -538,8 +561,12 @@ def plot(curves, xlabel, ylabel, path, xticks=None, legend=None):
     except ImportError:
         return False
     fig, ax = plt.subplots(figsize=(6, 4))
-    for label, (xs, ys, err) in curves.items():
-        ax.errorbar(xs, ys, err, marker="o", capsize=3, label=label)
+    colors = {}
+    for name, (xs, ys, err, *style) in curves.items():  # style: (color key, faint) for a curve drawn behind
+        key, faint = style or (name, False)
+        line = ax.errorbar(xs, ys, err, marker="" if faint else "o", capsize=3, label=None if faint else name,
+                           alpha=0.2 if faint else 1.0, color=colors.get(key), linewidth=1 if faint else 1.8)
+        colors.setdefault(key, line.lines[0].get_color())
     ax.set(xlabel=xlabel, ylabel=ylabel, ylim=(-2, 102), **({"xticks": range(len(xticks)), "xticklabels": xticks} if xticks else {}))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, title=legend)
@@ -553,11 +580,11 @@ def plot_curve(report, path):
     """report.md's robustness.png: ASR against attack steps, one line per (model, harmful set)."""
     key = next(k for k in ("asr_llm", "asr_guard", "asr_keyword") if any(k in r for r in report["rows"]))
     curves = {}
-    for m in report["models"]:
+    for m, a in subjects(report["rows"]):
         for s in dict.fromkeys(r["set"] for r in report["rows"] if r["kind"] == "harmful"):
             pts = sorted((r["attack_step"], 100 * r[key]) for r in report["rows"]
-                         if r["model"] == m and r["set"] == s and r.get(key) is not None)
-            curves[f"{m} ({s})"] = ([x for x, _ in pts], [y for _, y in pts], None)
+                         if (r["model"], r.get("attack", "")) == (m, a) and r["set"] == s and r.get(key) is not None)
+            curves[f"{label(m, a)} ({s})"] = ([x for x, _ in pts], [y for _, y in pts], None)
     return plot(curves, "attack steps", HARMFUL_KEYS[key] + " (%)", path)
 
 
@@ -580,18 +607,22 @@ def summarize(paths):
     if len(paths) == 1 and str(paths[0]).endswith(".jsonl"):
         return summarize_rounds(paths[0])
     reports = [read_json(p) for p in paths]
-    steps = reports[0]["settings"]["eval_at"]
-    keys = [k for k in (*HARMFUL_KEYS, "accuracy", "over_refusal") if any(k in r for rep in reports for r in rep["rows"])]
+    rows = [r for rep in reports for r in rep["rows"]]
+    steps = steps_of(rows)
+    keys = [k for k in (*HARMFUL_KEYS, "accuracy", "over_refusal") if any(k in r for r in rows)]
 
-    def cell(m, k, key):
-        vals = [r[key] for rep in reports for r in rep["rows"] if r["model"] == m and r["attack_step"] == k
+    def cell(m, a, s, k, key):
+        vals = [r[key] for r in rows if (r["model"], r.get("attack", ""), r["set"], r["attack_step"]) == (m, a, s, k)
                 and r.get(key) is not None]
         return (pct(vals[0]) if vals else "–") if len(vals) < 2 else spread(vals)
 
     lines = [f"{len(reports)} report(s), mean ± std (population) and the per-report values: " + ", ".join(map(str, paths)),
              "", "| model | metric (%) | " + " | ".join(f"k={s}" for s in steps) + " |", "|---|---|" + "---:|" * len(steps)]
-    for m in reports[0]["models"]:
-        lines += [f"| {m} | {key} | " + " | ".join(cell(m, k, key) for k in steps) + " |" for key in keys]
+    for m, a in subjects(rows):
+        for key in keys:
+            sets = list(dict.fromkeys(r["set"] for r in rows if key in r))
+            lines += [f"| {label(m, a)} | {key}{f' ({s})' if len(sets) > 1 else ''} | "
+                      + " | ".join(cell(m, a, s, k, key) for k in steps) + " |" for s in sets]
     return "\n".join(lines) + "\n"
 
 
@@ -629,6 +660,125 @@ def sweep(paths, flag, out):
                                           [100 * np.std(row[v]) for v in values if v in row]) for (series, T), row in sorted(cells[metric].items())}
     png = plot(curves, f"--{flag}", f"{HARMFUL_KEYS[metric]} (%)", Path(out) / "sweep.png", values, "test-time attack steps")
     return "\n".join(lines) + ("" if png else "\n(no sweep.png: matplotlib is not installed)") + "\n"
+
+
+WORST_KEYS = ("asr_llm", "asr_guard", "asr_exact", "asr_keyword")  # the ASR a worst case is taken over, best first
+
+
+def worst_cases(report, key):
+    """{(model, harmful set): {budget k: (row, tied)}} of one report: the row of the highest `key` any attack reached
+    at a step <= k (an attacker may stop at any evaluated step), the cheapest first among equals, and each attack
+    that reached the same value, as attack@its first such step."""
+    order = {a: i for i, a in enumerate(report.get("attacks", {}))}
+    rows = [r for r in report["rows"] if r["kind"] == "harmful" and r.get(key) is not None]
+    steps = steps_of(report["rows"])
+    out = {}
+    for m, s in dict.fromkeys((r["model"], r["set"]) for r in rows):
+        mine = sorted((r for r in rows if (r["model"], r["set"]) == (m, s)),
+                      key=lambda r: (r["attack_step"], order.get(r.get("attack", ""), 0)))
+        for k in steps:
+            within = [r for r in mine if r["attack_step"] <= k]
+            if within:
+                best = max(r[key] for r in within)
+                tied = [r for r in within if r[key] == best]
+                first = {}  # each attack that reached it, at its first step (step 0: the model before any attack)
+                for r in tied:
+                    first.setdefault("no attack" if r["attack_step"] == 0 else r.get("attack") or "attack", r["attack_step"])
+                names = [a if a == "no attack" else f"{a}@{t}" for a, t in first.items()]
+                out.setdefault((m, s), {})[k] = (tied[0], names[:3] + [f"+{len(names) - 3} more"] * (len(names) > 3))
+    return out
+
+
+def usefulness(report, row):
+    """The benign accuracy, over-refusal and task (GSM8K) accuracy of the model that `row` measured: the same model,
+    attack and step; each the mean over its sets (None where not measured)."""
+    same = [r for r in report["rows"] if (r["model"], r.get("attack", ""), r["attack_step"]) ==
+            (row["model"], row.get("attack", ""), row["attack_step"])]
+    mean = lambda kind, k: (lambda v: float(np.mean(v)) if v else None)([r[k] for r in same if r["kind"] == kind
+                                                                         and r.get(k) is not None])
+    return {"benign accuracy": mean("benign", "accuracy"), "over-refusal": mean("benign", "over_refusal"),
+            "task accuracy": mean("gsm8k", "accuracy")}
+
+
+def worst_case(reports, out):
+    """worst_case.md and worst_case.png in `out`: the attack suite's worst case, per model and harmful set, against
+    the attack budget. A budget of k steps is the highest ASR any attack reached at a step <= k; beside it the attack
+    that reached it and that attacked model's usefulness. A second view counts the budget in harmful examples seen
+    (steps x batch x harmful share, the attack set's expected count): the smallest such budget that reached each
+    worst-case level. Over several reports (seeds): mean ± std of each one's worst case, and each one's attack."""
+    key = next((k for k in WORST_KEYS if any(r.get(k) is not None for rep in reports for r in rep["rows"])), None)
+    if key is None:
+        return "no harmful set was scored: no worst case"
+    per = [worst_cases(rep, key) for rep in reports]
+    steps = steps_of([r for rep in reports for r in rep["rows"]])
+    subjects_ = list(dict.fromkeys(ms for w in per for ms in w))
+    names = list(dict.fromkeys(a for rep in reports for a in rep.get("attacks", {})))
+    fmt = lambda vals: pct(vals[0]) if len(vals) == 1 else spread(vals)
+    lines = [f"# Worst case over {len(names)} attacks: {', '.join(names)}", "",
+             f"{HARMFUL_KEYS[key]} (%), the highest any attack reached within the budget (an attacker may stop at any "
+             f"evaluated step), then the attacks that reached it" + (f"; mean ± std over {len(reports)} reports "
+             f"(seeds), each one's value" if len(reports) > 1 else "") + ".", "",
+             "## Budget in attack steps", "", "| model | set | " + " | ".join(f"k≤{k}" for k in steps) + " |",
+             "|---|---|" + "---:|" * len(steps)]
+    for m, s in subjects_:
+        cells = []
+        for k in steps:
+            got = [w[(m, s)][k] for w in per if k in w.get((m, s), {})]
+            names = list(dict.fromkeys(n.split("@")[0] for _, tied in got for n in tied if not n.startswith("+")))
+            cells.append("–" if not got else fmt([row[key] for row, _ in got]) + " " + ", ".join(names[:3])
+                         + (f", +{len(names) - 3}" if len(names) > 3 else ""))
+        lines.append(f"| {m} | {s} | " + " | ".join(cells) + " |")
+    lines += ["", "## The worst-case attacked model, per budget: is it still useful?", "",
+              "| model | set | budget | worst ASR (%) | attack@step | benign accuracy | over-refusal | task accuracy |",
+              "|---|---|---:|---:|---|---:|---:|---:|"]
+    for m, s in subjects_:
+        for k in steps:
+            got = [(rep, w[(m, s)][k]) for rep, w in zip(reports, per) if k in w.get((m, s), {})]
+            if not got:
+                continue
+            use = [usefulness(rep, row) for rep, (row, _) in got]
+            col = lambda name: fmt([u[name] for u in use]) if all(u[name] is not None for u in use) else "–"
+            first = [tied[0] for _, (_, tied) in got]  # the cheapest of each report: the model whose usefulness is shown
+            which = first[0] + " (each seed)" * (len(first) > 1) if len(set(first)) == 1 else "; ".join(first)
+            lines.append(f"| {m} | {s} | k≤{k} | {fmt([row[key] for _, (row, _) in got])} | {which} | "
+                         f"{col('benign accuracy')} | {col('over-refusal')} | {col('task accuracy')} |")
+    lines += ["", "## Budget in harmful examples seen", "", "The smallest number of harmful training examples (steps x "
+              "batch x harmful share) with which some attack reached each level" + (" (the first report)" if len(reports) > 1
+                                                                                   else "") + ":", "",
+              "| model | set | harmful examples | ASR (%) | attack@step |", "|---|---|---:|---:|---|"]
+    rep = reports[0]
+    per_step = {a: v["harmful_per_step"] for a, v in rep.get("attacks", {}).items()}
+    for m, s in subjects_:
+        best = -1.0
+        ranked = sorted(((r["attack_step"] * per_step.get(r.get("attack", ""), 0.0), i, r) for i, r in enumerate(rep["rows"])
+                         if (r["model"], r["set"], r["kind"]) == (m, s, "harmful") and r.get(key) is not None),
+                        key=lambda t: t[:2])
+        for h, _, row in ranked:
+            if row[key] > best:
+                best = row[key]
+                lines.append(f"| {m} | {s} | {h:.0f} | {pct(row[key], row.get(key + '_ci'))} | " + (
+                    "no attack" if row["attack_step"] == 0 else f"{row.get('attack') or 'attack'}@{row['attack_step']}") + " |")
+    (Path(out) / "worst_case.md").write_text("\n".join(lines) + "\n")
+    plot_worst_case(reports, per, key, Path(out) / "worst_case.png")
+    return "\n".join(lines) + "\n"
+
+
+def plot_worst_case(reports, per, key, path):
+    """worst_case.png: the worst-case ASR against the attack budget in steps, one curve per model (first harmful set;
+    mean ± std over reports), each attack's own curve faint behind it in the model's colour."""
+    first = next((s for w in per for _, s in w), None)
+    curves = {}
+    for m in dict.fromkeys(m for w in per for m, s in w if s == first):
+        steps = sorted(set.intersection(*[set(w.get((m, first), {})) for w in per]))
+        vals = [[100 * w[(m, first)][k][0][key] for w in per] for k in steps]
+        curves[f"{m}: worst case"] = (steps, [np.mean(v) for v in vals], [np.std(v) for v in vals] if len(per) > 1 else None, m, False)
+        for a in dict.fromkeys(r.get("attack", "") for rep in reports for r in rep["rows"]):
+            pts = [(k, np.mean([r[key] for rep in reports for r in rep["rows"] if (r["model"], r.get("attack", ""),
+                   r["set"], r["attack_step"]) == (m, a, first, k) and r.get(key) is not None] or [np.nan])) for k in steps]
+            pts = [(k, 100 * v) for k, v in pts if not np.isnan(v)]
+            if pts:
+                curves[f"{m} / {a}"] = ([k for k, _ in pts], [v for _, v in pts], None, m, True)
+    return plot(curves, "attack budget (steps)", f"worst-case {HARMFUL_KEYS[key]} (%)", path)
 
 
 def summarize_rounds(path):
@@ -671,7 +821,13 @@ def get_parser():
                    help="keep a prompt that a set repeats (the official evaluation does) instead of answering it once")
     g.add_argument("--system-prompt", default=data.PAPER_SYSTEM_PROMPT, help="system prompt of attack and eval conversations ('' for the template's own)")
     g = p.add_argument_group("attack")
+    g.add_argument("--attacks", metavar="FILE", help="an attack suite: one attack per line, NAME then its attack flags "
+                   "(" + " ".join(ATTACK_FLAGS) + ") over the command line's; every model meets every attack; "
+                   "worst_case.md gives the worst over them per budget")
     g.add_argument("--attack-kind", choices=["full", "lora"], default="full", help="full-parameter SFT (FSDP2 under torchrun) or LoRA")
+    g.add_argument("--precision", type=patcher.precision_flag, choices=list(patcher.PRECISIONS), default=patcher.default_precision(),
+                   help="the attack's compute precision over fp32 master weights, as patcher.py's (bf16: FSDP2 mixed precision, "
+                        "also for one process); one for every attack of a suite; bf16 by default on a CUDA GPU that has it")
     g.add_argument("--eval-at", default="2000", help="comma-separated attack steps to evaluate at; the attack runs to the largest; 0 = before it")
     g.add_argument("--attack-lr", type=rate_, default=1e-5, help="attack learning rate, constant")
     g.add_argument("--attack-batch-size", type=positive, default=4, help="attack global batch: sequences per update, all ranks")
@@ -726,7 +882,75 @@ def get_parser():
     g.add_argument("--summarize", nargs="+", metavar="FILE", help="only print mean ± std over report.json files, or the "
                    "rounds of a metrics.jsonl, and exit")
     g.add_argument("--sweep", metavar="FLAG", help="with --summarize: the table (and figure) of a sweep over FLAG, into --out")
+    g.add_argument("--worst-case", action="store_true", help="with --summarize: the worst case over the attack suite "
+                   "of each report (seed), mean ± std, into --out/worst_case.md (and .png)")
     return p
+
+
+# What an attack of a suite may set; everything else (models, prompts, sampling, judge, seed) is the command line's, the
+# same for every attack, so that its rows compare.
+ATTACK_FLAGS = ("--attack-data", "--attack-format", "--attack-benign-data", "--attack-samples", "--poison-ratio",
+                "--attack-kind", "--eval-at", "--attack-lr", "--attack-batch-size", "--attack-micro-batch-size",
+                "--attack-weight-decay", "--attack-max-grad-norm", "--attack-max-len", "--attack-loss-mask", "--lora-rank",
+                "--lora-alpha", "--lora-targets")
+
+
+class SuiteError(Exception):
+    """An attack of an --attacks suite that cannot run as written (eval.py reports it as a usage error)."""
+
+
+def read_suite(path, argv):
+    """--attacks FILE -> {name: the args of that attack}, in the file's order. One attack per line: a name, then
+    attack flags (ATTACK_FLAGS) that replace the command line's for it; "#" starts a comment and $VARIABLES are the
+    environment's. Each attack is checked as a whole command line (the command line's flags, then its own), so a
+    flag an attack may not set, a bad value or a missing file is an error naming the attack, before any work."""
+    try:
+        text = Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise SuiteError(f"--attacks {path}: cannot read it ({e})") from None
+    base = [w for i, w in enumerate(argv) if w != "--attacks" and not w.startswith("--attacks=")
+            and (i == 0 or argv[i - 1] != "--attacks")]
+    suite = {}
+    for n, line in enumerate(text.splitlines(), 1):
+        try:
+            words = shlex.split(line, comments=True)
+        except ValueError as e:
+            raise SuiteError(f"--attacks {path}:{n}: {e}") from None
+        if not words:
+            continue
+        name, flags, where = words[0], [os.path.expandvars(w) for w in words[1:]], f"--attacks {path}:{n}: attack '{words[0]}'"
+        if name.startswith("-") or name in suite or "/" in name:
+            raise SuiteError(f"{where}: a line starts with a new name (no '-' or '/'), each name once")
+        for w in flags:
+            if "$" in w:
+                raise SuiteError(f"{where}: {w}: an environment variable that is not set")
+            if w.startswith("--") and w.split("=")[0] not in ATTACK_FLAGS:
+                raise SuiteError(f"{where}: {w.split('=')[0]} is not an attack flag (an attack sets only: {' '.join(ATTACK_FLAGS)})")
+
+        def refuse(message, where=where):
+            raise SuiteError(f"{where}: {message}")
+        parser = get_parser()
+        parser.error = refuse
+        suite[name] = parse_args(base + flags, parser)
+        suite[name].flags = " ".join(map(shlex.quote, flags))
+    if not suite:
+        raise SuiteError(f"--attacks {path}: no attack in it")
+    return suite
+
+
+def attack_passes(args):
+    """{attack name: its args} to run: without --attacks the command line's attack (named ""); with a suite, its
+    attacks, each evaluated at its steps after 0, and first "none", the models unattacked (step 0 is the same model
+    under every attack: it is answered once, and its rows are given to every attack that asks for step 0)."""
+    if not args.suite:
+        return {"": args}
+    passes = {"none": Namespace(**{**vars(args), "eval_at": [0]})} if any(0 in a.eval_at for a in args.suite.values()) else {}
+    for name, a in args.suite.items():
+        if a.eval_at[-1] > 0:  # the command line's args, with the attack's own values of the attack flags
+            own = {f[2:].replace("-", "_") for f in ATTACK_FLAGS}
+            passes[name] = Namespace(**{**vars(args), **{k: getattr(a, k) for k in own}, "flags": a.flags,
+                                        "eval_at": [k for k in a.eval_at if k > 0]})
+    return passes
 
 
 def split_spec(spec):
@@ -751,8 +975,9 @@ def named(specs, what, strip_ext=False):
     return dict(zip(names, (p for _, p in pairs)))
 
 
-def parse_args(argv=None):
-    p = get_parser()
+def parse_args(argv=None, parser=None):
+    p = parser or get_parser()
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     args = p.parse_args(argv)
     if args.summarize:
         Path(args.out).mkdir(parents=True, exist_ok=True)
@@ -768,7 +993,7 @@ def parse_args(argv=None):
     for _, path in map(split_spec, args.model):
         if not (Path(path) / "config.json").is_file():
             p.error(f"--model {path}: not a checkpoint directory (no config.json)")
-    if args.eval_at[-1] > 0 and args.attack_data is None:
+    if args.eval_at[-1] > 0 and args.attack_data is None and not args.attacks:
         p.error("--attack-data is required to attack (or --eval-at 0 to evaluate without attacking)")
     if not (args.eval_data or args.benign_data or args.gsm8k):
         p.error("nothing to evaluate: give --eval-data, --benign-data and/or --gsm8k")
@@ -795,9 +1020,15 @@ def parse_args(argv=None):
             make_judge(args)  # its URL, model and key are checked now, not after hours of attacking (nothing is sent)
         except ValueError as e:
             p.error(str(e))
-    patcher.check_out_dir(p, args.out)
     if args.system_prompt == "":
         args.system_prompt = None
+    args.suite = None
+    if args.attacks:
+        try:
+            args.suite = read_suite(args.attacks, argv)
+        except SuiteError as e:
+            p.error(str(e))
+    patcher.check_out_dir(p, args.out)
     return args
 
 
@@ -861,39 +1092,50 @@ def make_judge(args):
 
 
 def run(args):
-    rank, world, device = patcher.init_distributed()
+    rank, world, device = patcher.init_distributed(args.precision)
     torch.manual_seed(args.seed)
     args.dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
     out = Path(args.out)
     models = named(args.model, "--model")
-    attack_records, attack_counts = attack_set(args)
     sets = prompt_sets(args)
-    if rank == 0:
-        print(f"attack: {args.attack_kind}, {args.eval_at[-1]} steps at lr {args.attack_lr:g}, global batch "
-              f"{args.attack_batch_size}, {attack_counts} (seed {args.seed}); evaluate at {args.eval_at} | prompts: "
-              + ", ".join(f"{n} {len(v[1])}" for n, v in sets.items()) + f" | {patcher.precision(device)}", flush=True)
     t0 = time.time()
-    records, stats, info = [], [], {}
-    for name, path in models.items():
-        t = time.time()
-        recs, st, sample = attack_and_generate(name, path, args, attack_records, sets, rank, world, device)
-        records, stats = records + recs, stats + st
-        info[name] = {"path": path, "seconds": time.time() - t, "sampling": sample}
+    records, stats, info, attacks = [], [], {}, {}
+    for attack, a in attack_passes(args).items():  # every model meets every attack, with the same data and seeds
+        attack_records, counts = attack_set(a)
+        share = counts["n_harmful"] / max(1, counts["n_harmful"] + counts["n_benign"])
+        attacks[attack] = {"flags": getattr(a, "flags", ""), **counts, "harmful_per_step": a.attack_batch_size * share}
+        if rank == 0:
+            print(f"attack{f' {attack}' if attack else ''}: {a.attack_kind}, {a.eval_at[-1]} steps at lr {a.attack_lr:g}, "
+                  f"global batch {a.attack_batch_size}, {counts} (seed {args.seed}); evaluate at {a.eval_at} | prompts: "
+                  + ", ".join(f"{n} {len(v[1])}" for n, v in sets.items()) + f" | {patcher.precision(args.precision)}", flush=True)
+        for name, path in models.items():
+            t = time.time()
+            recs, st, sample = attack_and_generate(name, path, a, attack_records, sets, rank, world, device)
+            records, stats = records + [{**r, "attack": attack} for r in recs], stats + [{**x, "attack": attack} for x in st]
+            info.setdefault(name, {"path": path, "seconds": 0.0, "sampling": sample})["seconds"] += time.time() - t
     if dist.is_initialized():
         dist.barrier()  # every rank is past its last collective
     if rank != 0:
         return
     judge = make_judge(args)  # judging needs no attacked model: once, on rank 0, after every generation
     score_records(records, args, judge)
-    report = {"settings": {k: v for k, v in vars(args).items() if k != "summarize"}, "world_size": world,
-              "attack_set": attack_counts, "models": info, "rows": metrics(records), "attack_stats": stats,
-              "seconds": time.time() - t0}
+    if "none" in attacks:  # step 0, answered once, belongs to every attack that asks for it
+        records = [r for r in records if r["attack"] != "none"] + [
+            {**r, "attack": name} for name, a in args.suite.items() if 0 in a.eval_at
+            for r in records if r["attack"] == "none"]
+        del attacks["none"]
+    report = {"settings": {k: v for k, v in vars(args).items() if k not in ("summarize", "suite")}, "world_size": world,
+              "attack_set": next(iter(attacks.values())), "attacks": attacks, "models": info, "rows": metrics(records),
+              "attack_stats": stats, "seconds": time.time() - t0}
     if isinstance(judge, LLMJudge):
         report["settings"].update(judge_url=judge.url, judge_model=judge.model)
     png = write_report(out, report, records)
     print(markdown(report))
+    if args.suite:
+        print(worst_case([report], out))
     print(f"wrote {out / 'report.json'}, report.md, generations.jsonl" + (", robustness.png" if png else
-          " (no robustness.png: matplotlib is not installed)") + f" in {time.time() - t0:.0f}s", flush=True)
+          " (no robustness.png: matplotlib is not installed)") + (", worst_case.md" if args.suite else "")
+          + f" in {time.time() - t0:.0f}s", flush=True)
     judged = [r for r in records if "judge_error" in r]
     if judged and all(r["judge_error"] is not None for r in judged):
         raise patcher.RunError(f"every one of {len(judged)} judge calls failed (e.g. {judged[0]['judge_error']}); "
@@ -931,7 +1173,8 @@ def main():
     if "--summarize" in sys.argv:
         args = parse_args()
         try:
-            print(sweep(args.summarize, args.sweep, args.out) if args.sweep else summarize(args.summarize))
+            print(sweep(args.summarize, args.sweep, args.out) if args.sweep else
+                  worst_case([read_json(f) for f in args.summarize], args.out) if args.worst_case else summarize(args.summarize))
         except data.DataError as e:
             print(f"error: {e}", file=sys.stderr, flush=True)
             sys.exit(1)

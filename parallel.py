@@ -345,7 +345,7 @@ def get_parser():
 def run(args):
     if args.resume or args.save_every:
         raise patcher.RunError("parallel.py saves no resumable checkpoints (--resume, --save-every), only final/")
-    rank, world, device = patcher.init_distributed()
+    rank, world, device = patcher.init_distributed(args.precision)
     if world < 2 or world % 2:
         raise patcher.RunError(f"parallel.py needs an even number of ranks, half defender and half attacker "
                                f"(torchrun --nproc_per_node=2|4|8 parallel.py ...); got {world}")
@@ -368,7 +368,7 @@ def run(args):
             for line in notes:
                 print(line)
             print(f"parallel{' --sync' if args.sync else ''} | world {world} = {half} defender + {half} attacker ranks | "
-                  f"{patcher.precision(device)} | {total} defender steps = warmup {args.warmup_steps} + {args.rounds} "
+                  f"{patcher.precision(args.precision)} | {total} defender steps = warmup {args.warmup_steps} + {args.rounds} "
                   f"rounds x k2 {args.defend_steps} | inner attack k1 {args.inner_steps} at lr {args.inner_lr:g} | refresh "
                   f"every {args.refresh_every} steps | delta-ref {args.delta_ref}", flush=True)
             patcher.write_config(out, args)

@@ -229,7 +229,7 @@ def defender_step(model, optimizer, batch, delta, alpha, max_grad_norm=1.0, thet
 
 
 def run(args):
-    rank, world, device = init_distributed()
+    rank, world, device = init_distributed(args.precision)
     torch.manual_seed(args.seed)
     out = Path(args.out)
     check_resume(args, out)  # before the demo writes or trains anything, or a model is loaded
@@ -290,10 +290,10 @@ def run(args):
 # 3. Setup: distributed, FSDP2, data, optimizer
 
 
-def init_distributed():
+def init_distributed(precision="fp32"):
     """(rank, world_size, device). Under torchrun: NCCL on CUDA, gloo on CPU. Plain `python`: one process,
-    which on CUDA still gets a one-rank process group, so that FSDP2's mixed precision (the one precision
-    policy on CUDA) holds at every world size."""
+    which on CUDA, or in bf16 on the CPU, still gets a one-rank process group, so that FSDP2's mixed precision
+    (the one precision policy) holds at every world size. Only a CPU run in fp32 stays a plain module."""
     if "RANK" in os.environ:
         if torch.cuda.is_available():
             local = int(os.environ["LOCAL_RANK"])
@@ -306,19 +306,59 @@ def init_distributed():
         torch.cuda.set_device(0)
         dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1, device_id=torch.device("cuda", 0))
         return 0, 1, torch.device("cuda", 0)
+    if precision == "bf16":
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     return 0, 1, torch.device("cpu")
 
 
-def precision(device):
-    return ("bf16 compute over fp32 master weights, fp32 gradient reduction (FSDP2 MixedPrecisionPolicy)"
-            if device.type == "cuda" else "fp32")
+# --precision: what the forward and backward compute in. Master weights, gradients and AdamW's state are fp32 in
+# both: an AdamW update at lr 1e-5 is below bf16's resolution for most weights. bf16 is FSDP2's policy and nothing
+# else (no autocast on top): the parameters stay fp32 DTensors, FSDP casts each block's shard to bf16 before its
+# all-gather and reduces the gradients in fp32. So snapshot/restore and theta + delta act on fp32 master weights.
+PRECISIONS = {"fp32": "fp32",
+              "bf16": "bf16 compute over fp32 master weights, fp32 gradient reduction (FSDP2 MixedPrecisionPolicy)"}
 
 
-def fsdp_sharder(device, mesh=None):
-    """FSDP2 the torchtitan way: fully_shard each block, then the root. On CUDA, compute in bf16 with
-    fp32 master weights and fp32 gradient reduction; on CPU everything stays fp32."""
+def bf16_unavailable():
+    """Why this machine cannot train in bf16 (None if it can): a GPU without bf16 arithmetic (before Ampere), or a
+    torch without bf16 CPU kernels (a tiny matmul, forward and backward, is tried)."""
+    if torch.cuda.is_available():
+        return (None if torch.cuda.is_bf16_supported(including_emulation=False) else
+                f"{torch.cuda.get_device_name()} has no bf16 arithmetic")
+    try:
+        w = torch.ones(4, 4, dtype=torch.bfloat16, requires_grad=True)
+        (w @ w).sum().backward()
+    except RuntimeError as e:
+        return f"torch {torch.__version__} cannot compute in bf16 on this CPU ({describe(e)})"
+    return None
+
+
+def default_precision():
+    """bf16 on a CUDA GPU that has it, else fp32; on the CPU bf16 is there when asked for."""
+    return "bf16" if torch.cuda.is_available() and bf16_unavailable() is None else "fp32"
+
+
+def precision_flag(text):
+    """The argparse type of --precision: a usage error naming the flag, before any work, where bf16 cannot run."""
+    if text not in PRECISIONS:
+        raise argparse.ArgumentTypeError(f"invalid choice: {text!r} (choose from {', '.join(PRECISIONS)})")
+    why = bf16_unavailable() if text == "bf16" else None
+    if why:
+        raise argparse.ArgumentTypeError(f"bf16 cannot run here: {why}; use --precision fp32")
+    return text
+
+
+def precision(name):
+    """The log header's words for --precision `name`."""
+    return PRECISIONS[name]
+
+
+def fsdp_sharder(precision="fp32", mesh=None):
+    """FSDP2 the torchtitan way: fully_shard each block, then the root. bf16: compute in bf16 over fp32 master
+    weights, reduce gradients in fp32; fp32: everything stays fp32."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if device.type == "cuda" else MixedPrecisionPolicy()
+    mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if precision == "bf16"
+          else MixedPrecisionPolicy())
 
     def shard(model):
         for block in model.model.layers:
@@ -328,8 +368,11 @@ def fsdp_sharder(device, mesh=None):
 
 
 def build_model(path, device, args, mesh=None):
-    """The checkpoint in fp32 master weights, FSDP2-sharded whenever there is a process group."""
-    shard = fsdp_sharder(device, mesh) if dist.is_initialized() else None
+    """The checkpoint in fp32 master weights, FSDP2-sharded whenever there is a process group (always in bf16:
+    init_distributed gives a single process a one-rank group), computing in --precision."""
+    if args.precision == "bf16" and not dist.is_initialized():
+        raise RunError("--precision bf16 is FSDP2's mixed precision: call init_distributed('bf16') first")
+    shard = fsdp_sharder(args.precision, mesh) if dist.is_initialized() else None
     model = load_model(path, device=device, dtype=torch.float32, shard=shard)
     model.activation_checkpointing = args.activation_checkpointing
     if args.compile:
@@ -564,7 +607,7 @@ def start_run(args, out, model, optimizer, streams, run_settings, rank, total, n
         write_config(out, args, run_settings["inputs"])
         for line in notes:
             print(line)
-        print(f"mode {args.mode} | world {world} | {precision(device)} | {total} steps = warmup {args.warmup_steps} + "
+        print(f"mode {args.mode} | world {world} | {precision(args.precision)} | {total} steps = warmup {args.warmup_steps} + "
               f"{args.rounds} rounds x k2 {args.defend_steps}" + (f" | inner attack k1 {args.inner_steps} at lr "
               f"{args.inner_lr:g}" if args.mode == "patcher" else "") + (f" | resumed at step {step}" if step else ""),
               flush=True)
@@ -825,6 +868,9 @@ def get_parser():
     g.add_argument("--resume", action="store_true",
                    help="continue from the checkpoint named in --out/checkpoints/latest (same settings; inputs of the "
                         "same content, wherever their paths now point)")
+    g.add_argument("--precision", type=precision_flag, choices=list(PRECISIONS), default=default_precision(),
+                   help="compute precision over fp32 master weights (bf16: FSDP2's mixed precision, also for one "
+                        "process and on the CPU); the default is bf16 on a CUDA GPU that has it, else fp32")
     g.add_argument("--activation-checkpointing", action="store_true", help="recompute each block in backward")
     g.add_argument("--compile", action="store_true", help="torch.compile each block")
     g.add_argument("--fused-adamw", action=argparse.BooleanOptionalAction, default=None,

@@ -8,6 +8,8 @@
 #   PRESET=paper MODEL=DIR SAFE_DATA=... UNSAFE_DATA=... ATTACK_DATA=... ATTACK_BENIGN_DATA=... EVAL_DATA=... ./train.sh
 #   PRESET=paper-parallel ...                      # the same with the official parallel schedule (parallel.py)
 #   SWEEP="inner-steps=0,5,10,20,40" ./train.sh    # any one flag of either program; inner-steps 0 = the SFT baseline
+#   ATTACKS=tests/data/attacks/demo.txt ./train.sh # every model against every attack of a suite: OUT/worst_case.md
+#   SCHEME=both ./train.sh                         # Patcher both ways, sequential and parallel: OUT/timing.md
 #   DRY_RUN=1 ./train.sh                           # print the resolved commands, run nothing
 #
 # Every flag of patcher.py / parallel.py and of eval.py is the environment variable of the same name: --inner-steps
@@ -17,8 +19,12 @@
 #   PRESET       demo (the default without MODEL), smollm2-cpu, paper, paper-parallel: values for unset variables
 #   MODEL        the base checkpoint (unset: the demo, whose base model patcher.py trains, one per seed)
 #   SAFE_DATA    D_safe; several files are concatenated (to mix benign answers into it)
-#   SCHEME       sequential (patcher.py, default) | parallel (parallel.py; the SFT baseline stays patcher.py)
+#   SCHEME       sequential (patcher.py, default) | parallel (parallel.py; the SFT baseline stays patcher.py) | both
+#                (Patcher by each, "patcher" and "patcher-parallel"); every alignment's wall clock goes to OUT/timing.md
 #   NPROC        torchrun processes for alignment (1: plain python)       EVAL_NPROC  the same for eval.py
+#   PARALLEL_NPROC  processes for parallel.py (default NPROC, at least 2: one defender and one attacker)
+#   ATTACKS      an attack suite (eval.py --attacks); its lines may use $TOY (the demo seed's toy world), $RUN (the
+#                seed's run directory), $OUT, $TASK (tests/data/word_problems), $SAFETY and the data variables
 #   SEEDS        e.g. "0 1 2"; each seed is a whole experiment              OUT  the run directory
 #   SWEEP        FLAG=V1,V2,...: one aligned model per value (an alignment flag; the value sft adds the SFT
 #                baseline, as inner-steps=0 does), or one evaluation per value (an eval.py flag); default mode=sft,patcher.
@@ -30,32 +36,40 @@ cd "$(dirname "${BASH_SOURCE[0]}")"
 # The flags each program takes (tests/test_train_sh.py checks these lists against the programs' parsers).
 ALIGN_FLAGS="safe-format unsafe-format retain-data prompt-field response-field system-prompt max-len loss-mask mode alpha
   warmup-steps rounds inner-steps defend-steps retain-weight lr weight-decay max-grad-norm batch-size inner-lr
-  inner-weight-decay inner-max-grad-norm inner-batch-size micro-batch-size export-dtype"
+  inner-weight-decay inner-max-grad-norm inner-batch-size micro-batch-size export-dtype precision"
 ALIGN_SWITCHES="reset-optimizer group-by-length activation-checkpointing compile fused-adamw no-fused-adamw debug"
 PARALLEL_FLAGS="refresh-every refresh-offset delta-ref peer-timeout"  # parallel.py's own, on top of patcher.py's
 PARALLEL_SWITCHES="sync"
-EVAL_FLAGS="attack-format attack-benign-data attack-samples poison-ratio limit system-prompt attack-kind eval-at
+EVAL_FLAGS="attack-format attack-benign-data attack-samples poison-ratio limit system-prompt attacks attack-kind eval-at
   attack-lr attack-batch-size attack-micro-batch-size attack-weight-decay attack-max-grad-norm attack-max-len
-  attack-loss-mask thinking lora-rank
+  attack-loss-mask precision thinking lora-rank
   lora-alpha lora-targets temperature top-p top-k repetition-penalty max-new-tokens gen-batch-size dtype judge
   judge-template refusal-phrases judge-url judge-model judge-max-tokens judge-tries judge-retry judge-timeout
   judge-model-path log-every"
 EVAL_SWITCHES="keep-repeated-prompts export greedy activation-checkpointing compile debug"
 
 SAFETY=${SAFETY:-tests/data/safety}  # the small SmolLM2 safety set, in the repository (we cd'ed to it above)
+TASK=${TASK:-tests/data/word_problems}  # a benign task to hide harmful answers in (GSM8K's layout)
 PRESET=${PRESET:-$([[ -z "${MODEL:-}" ]] && echo demo || echo none)}
 case "$PRESET" in
   none) ;;
   demo)  # patcher.py's own demo flags for alignment; the toy world's files for eval.py (written by patcher.py)
     : "${SEEDS:=0 1 2}" "${OUT:=runs/demo}" "${EVAL_AT:=0,10,20,40,80}" "${ATTACK_LR:=5e-4}" "${ATTACK_BATCH_SIZE:=16}"
-    : "${GREEDY:=1}" "${REPETITION_PENALTY:=1}" "${MAX_NEW_TOKENS:=4}" "${OMP_NUM_THREADS:=1}" ;;
+    : "${GREEDY:=1}" "${REPETITION_PENALTY:=1}" "${MAX_NEW_TOKENS:=4}" "${OMP_NUM_THREADS:=1}"
+    : "${ATTACKS:=tests/data/attacks/demo-small.txt}" ;;  # the pure and the poisoned attack; demo.txt: all six
   smollm2-cpu)  # the README's small real run on a 2-core CPU
     : "${MODEL:=${PATCHER_ASSETS:-$HOME/.cache/patcher-assets}/smollm2-135m-instruct}" "${OUT:=runs/smollm2}"
-    : "${UNSAFE_DATA:=$SAFETY/attack.jsonl}" "${ATTACK_DATA:=$SAFETY/attack.jsonl}" "${EVAL_DATA:=eval=$SAFETY/eval.jsonl}"
+    : "${ATTACK_DATA:=$SAFETY/attack.jsonl}" "${EVAL_DATA:=eval=$SAFETY/eval.jsonl}"
     : "${WARMUP_STEPS:=20}" "${ROUNDS:=6}" "${INNER_STEPS:=10}" "${DEFEND_STEPS:=10}" "${LR:=5e-5}" "${INNER_LR:=5e-5}"
     : "${BATCH_SIZE:=4}" "${INNER_BATCH_SIZE:=4}" "${MAX_LEN:=128}" "${EVAL_AT:=0,10,20,40}" "${ATTACK_LR:=5e-5}"
     : "${ATTACK_BATCH_SIZE:=4}" "${ATTACK_MAX_LEN:=128}" "${MAX_NEW_TOKENS:=96}" "${DTYPE:=bfloat16}" "${EVAL_BASE:=1}"
+    : "${ATTACKS:=tests/data/attacks/smollm2-cpu.txt}" "${GSM8K:=task=$TASK/test.jsonl}" "${LIMIT:=50}"
     mkdir -p "$OUT"
+    if [[ -z "${UNSAFE_DATA:-}" ]]; then  # D_unsafe: 60 of the 95 harmful answers; the other 35 are the transfer attack's
+      head -n 60 "$SAFETY/attack.jsonl" > "$OUT/unsafe_inner.jsonl"
+      tail -n 35 "$SAFETY/attack.jsonl" > "$OUT/attack_transfer.jsonl"
+      UNSAFE_DATA=$OUT/unsafe_inner.jsonl
+    fi
     if [[ -z "${SAFE_DATA:-}" ]]; then  # benign prompts held out of D_safe, so over-refusal is measured on unseen ones
       head -n 24 "$SAFETY/benign.jsonl" > "$OUT/benign_align.jsonl"
       tail -n 16 "$SAFETY/benign.jsonl" > "$OUT/benign_heldout.jsonl"
@@ -85,6 +99,7 @@ case "$PRESET" in
     : "${ATTACK_LR:=1e-5}" "${ATTACK_BATCH_SIZE:=4}" "${ATTACK_MAX_LEN:=4096}" "${LIMIT:=250}" "${TEMPERATURE:=0.6}"
     : "${TOP_P:=0.9}" "${REPETITION_PENALTY:=1.2}" "${MAX_NEW_TOKENS:=256}" "${GEN_BATCH_SIZE:=32}" "${JUDGE:=llm}"
     : "${JUDGE_TEMPLATE:=official}" "${ATTACK_LOSS_MASK:=turn}" "${KEEP_REPEATED_PROMPTS:=1}" "${THINKING:=on}"
+    : "${ATTACKS:=tests/data/attacks/paper.txt}"  # the paper's attack first, then the same variations at paper scale
     # the official judge call (evaluate/gpt_evaluate.py): max_tokens 512, 20 tries, every failure retried, 60 s each
     : "${JUDGE_MAX_TOKENS:=512}" "${JUDGE_TRIES:=20}" "${JUDGE_RETRY:=all}" "${JUDGE_TIMEOUT:=60}"
     for v in MODEL SAFE_DATA UNSAFE_DATA ATTACK_DATA ATTACK_BENIGN_DATA EVAL_DATA $([[ $JUDGE == llm ]] && echo JUDGE_MODEL); do
@@ -101,7 +116,9 @@ OUT=${OUT:-runs/compare}
 SCHEME=${SCHEME:-sequential}
 SWEEP=${SWEEP:-mode=sft,patcher}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(nproc)}
-[[ $SCHEME == sequential || $SCHEME == parallel ]] || { echo "SCHEME must be sequential or parallel" >&2; exit 2; }
+[[ $SCHEME == sequential || $SCHEME == parallel || $SCHEME == both ]] || { echo "SCHEME must be sequential, parallel or both" >&2; exit 2; }
+PARALLEL_NPROC=${PARALLEL_NPROC:-$(( NPROC < 2 ? 2 : NPROC ))}
+export OUT TOY RUN TASK SAFETY UNSAFE_DATA ATTACK_DATA ATTACK_BENIGN_DATA  # for the lines of an attack suite
 if [[ $DEMO == 0 ]]; then
   for v in SAFE_DATA UNSAFE_DATA ATTACK_DATA EVAL_DATA; do
     [[ -n "${!v:-}" ]] || { echo "set $v (or unset MODEL for the demo)" >&2; exit 2; }
@@ -125,6 +142,7 @@ run_logged() {  # run_logged LOG NPROC SCRIPT ARGS...
   if [[ "${DRY_RUN:-0}" == 1 ]]; then launch "$@"; return; fi
   launch "$@" > "$log" 2>&1 || { tail -n 30 "$log"; echo "failed: see $log" >&2; exit 1; }
 }
+cpu=$(grep -m1 "model name" /proc/cpuinfo 2>/dev/null | cut -d: -f2 | xargs || echo unknown)
 
 sweep_flag=${SWEEP%%=*}
 IFS=, read -r -a sweep_values <<< "${SWEEP#*=}"
@@ -145,6 +163,7 @@ align_flags_for() {  # the flags that make aligned model $1 differ: its mode and
 mapfile -t align_args < <(flags "$ALIGN_FLAGS" "$ALIGN_SWITCHES" "$([[ $eval_sweep == 0 ]] && echo "$sweep_flag")")
 t0=$SECONDS
 reports=()
+[[ "${DRY_RUN:-0}" == 1 ]] || { mkdir -p "$OUT"; : > "$OUT/timing.tsv"; }
 for seed in $SEEDS; do
   run=$OUT/seed$seed
   [[ "${DRY_RUN:-0}" == 1 ]] || mkdir -p "$run"
@@ -160,27 +179,40 @@ for seed in $SEEDS; do
   fi
   # 1. align: the same base, data, seed and number of defender steps; only the swept value differs
   models=()
+  if [[ $DEMO == 1 ]]; then  # the demo's base model and toy world, once per seed, before any alignment is timed
+    echo "== seed $seed: the demo's base model -> $run/demo"
+    run_logged "$run/demo.log" 1 patcher.py --mode sft --warmup-steps 0 --rounds 1 --defend-steps 1 --seed "$seed" --out "$run/demo"
+  fi
   for v in "${aligned[@]}"; do
-    name=$(name_of "$v"); dir=$run/$name
     mapfile -t own < <(align_flags_for "$v")
-    script=patcher.py
-    if [[ $SCHEME == parallel && ${own[1]} == patcher ]]; then
-      script=parallel.py
-      mapfile -t -O "${#own[@]}" own < <(flags "$PARALLEL_FLAGS" "$PARALLEL_SWITCHES" "$sweep_flag")
-    fi
-    if [[ $DEMO == 1 && ! -e $dir/base && -e $run/${models[0]:-none}/base && "${DRY_RUN:-0}" == 0 ]]; then
-      mkdir -p "$dir" && cp -r "$run/${models[0]}/base" "$dir/base"  # one tiny base model per seed
-    fi
-    models+=("$name")
-    these=("${align_args[@]}")
-    # RESET_OPTIMIZER models the official's new process per round; its SFT baseline is one process, one AdamW
-    [[ ${own[1]} == sft ]] && mapfile -t these < <(printf '%s\n' "${align_args[@]}" | grep -vx -- --reset-optimizer)
-    echo "== seed $seed: align $name -> $dir"
-    run_logged "$run/$name.log" "$NPROC" "$script" "${data_args[@]}" "${own[@]}" --seed "$seed" --out "$dir" "${these[@]}"
-    [[ "${DRY_RUN:-0}" == 1 ]] || grep -E "^(demo|mode|parallel|exported|defender)" "$run/$name.log" || true
+    schemes=sequential  # the SFT baseline has no attacker: always patcher.py
+    [[ ${own[1]} == patcher ]] && schemes=$([[ $SCHEME == both ]] && echo "sequential parallel" || echo "$SCHEME")
+    for scheme in $schemes; do
+      name=$(name_of "$v")$([[ $SCHEME != both || $scheme != parallel ]] || echo -parallel); dir=$run/$name
+      script=patcher.py n=$NPROC these=()
+      # RESET_OPTIMIZER models the official's new process per round; its SFT baseline is one process, one AdamW
+      for w in "${align_args[@]}"; do [[ ${own[1]} == sft && $w == --reset-optimizer ]] || these+=("$w"); done
+      if [[ $scheme == parallel ]]; then
+        script=parallel.py n=$PARALLEL_NPROC
+        mapfile -t -O "${#these[@]}" these < <(flags "$PARALLEL_FLAGS" "$PARALLEL_SWITCHES" "$sweep_flag")
+      fi
+      if [[ $DEMO == 1 && ! -e $dir/base && "${DRY_RUN:-0}" == 0 ]]; then
+        mkdir -p "$dir" && cp -r "$run/demo/base" "$dir/base"  # one tiny base model per seed
+      fi
+      models+=("$name")
+      echo "== seed $seed: align $name ($script, $n rank(s) x $OMP_NUM_THREADS thread(s)) -> $dir"
+      start=$(date +%s.%N)
+      run_logged "$run/$name.log" "$n" "$script" "${data_args[@]}" "${own[@]}" --seed "$seed" --out "$dir" "${these[@]}"
+      if [[ "${DRY_RUN:-0}" == 0 ]]; then
+        grep -E "^(demo|mode|parallel|exported|defender)" "$run/$name.log" || true
+        printf '%s\t%s\t%s\t%s\t%s\t%.2f\n' "$seed" "$name" "$script" "$n" "$OMP_NUM_THREADS" \
+          "$(echo "$(date +%s.%N) - $start" | bc)" >> "$OUT/timing.tsv"
+      fi
+    done
   done
   # 2. attack every aligned model identically and evaluate them in one call (same examples, order and sampling)
-  first=$run/${models[0]}
+  first=$run/$([[ $DEMO == 1 ]] && echo demo || echo "${models[0]}")
+  RUN=$run TOY=$first/data
   attack_data=${ATTACK_DATA:-} eval_data=${EVAL_DATA:-} benign_data=${BENIGN_DATA:-}
   if [[ $DEMO == 1 ]]; then  # this seed's toy world, written by patcher.py
     attack_data=${ATTACK_DATA:-$first/data/attack.jsonl}
@@ -207,3 +239,12 @@ echo
 echo "== $SWEEP over seeds $SEEDS (mean ± std; k = test-time attack steps; logs in $OUT/seed*/*.log) after $((SECONDS - t0))s"
 python eval.py --summarize "${reports[@]}" | tee "$OUT/summary.md"
 if [[ $sweep_flag != mode ]]; then python eval.py --summarize "${reports[@]}" --sweep "$sweep_flag" --out "$OUT"; fi
+if [[ -n "${ATTACKS:-}" ]]; then python eval.py --summarize "${reports[@]}" --worst-case --out "$OUT"; fi
+{  # the wall clock of each alignment, measured in this run, with the hardware it had
+  echo "Alignment wall clock (s), mean ± std over seeds $SEEDS; $(nproc --all) cores ($cpu), $OMP_NUM_THREADS thread(s) per rank"
+  echo; echo "| model | program | ranks | seconds |"; echo "|---|---|---:|---:|"
+  awk -F'\t' '{n[$2]++; s[$2]+=$6; q[$2]+=$6*$6; p[$2]=$3; r[$2]=$4; if (!($2 in o)) o[$2]=NR}
+    END {for (m in n) {mu=s[m]/n[m]; v=q[m]/n[m]-mu*mu; printf "%d\t| %s | %s | %s | %.1f ± %.1f |\n", o[m], m, p[m], r[m], mu, sqrt(v>0?v:0)}}' \
+    "$OUT/timing.tsv" | sort -n | cut -f2-
+} > "$OUT/timing.md"
+cat "$OUT/timing.md"

@@ -135,8 +135,9 @@ def _():
         save_model(m, ckpt)
         (ckpt / data.ToyTokenizer.FILE).write_text("{}")  # so that the programs below can train it on the toy world
         del m
-    rank, world, device = patcher.init_distributed()
-    model = patcher.build_model(ckpt, dev, patcher.get_parser().parse_args([]))
+    flags = patcher.get_parser().parse_args([])  # the defaults: --precision bf16 on a GPU that has it
+    rank, world, device = patcher.init_distributed(flags.precision)
+    model = patcher.build_model(ckpt, dev, flags)
     opt = patcher.make_optimizer(model.parameters(), 1e-5)
     batch = [sft_batch(cfg["vocab_size"], 4, 1024 if GPU else 32)]
     n = batch[0]["input_ids"].numel()
@@ -146,7 +147,7 @@ def _():
     t_def = best_time(lambda: patcher.defender_step(model, opt, batch, delta, 0.5, theta_buffer=buf), 3, dev)
     peak = patcher.peak_flops(dev)
     mfu = f", MFU {100 * model.flops_per_token(batch[0]['input_ids'].shape[1]) * n / t_sft / peak:.1f}%" if peak else ""
-    yield ("SFT step, FSDP2 one rank, " + patcher.precision(dev).split(",")[0], f"{n / t_sft:.0f} tok/s{mfu}", True)
+    yield ("SFT step, FSDP2 one rank, " + patcher.precision(flags.precision).split(",")[0], f"{n / t_sft:.0f} tok/s{mfu}", True)
     yield ("defender step / SFT step time (floor 2.0)", f"{t_def / t_sft:.2f}", t_def / t_sft < 2.3)
     if GPU:
         mem = {}

@@ -756,3 +756,38 @@ def test_binary_or_non_utf8_files_name_the_line(tmp_path, name, raw, match):
     (tmp_path / name).write_bytes(raw)
     with pytest.raises(DataError, match=match):
         data.load_records(tmp_path / name)
+
+
+# -----------------------------------------------------------------------------
+# the benign task for poisoned attacks
+
+WORD_PROBLEMS = Path(__file__).resolve().parent / "data" / "word_problems"
+
+
+def test_word_problems_are_right_and_are_the_shipped_files():
+    """Every step of every worked answer is right arithmetic, the final number is the last step's result, each number
+    of the question is used, test questions are unseen in train, and tests/data/word_problems is the generator's."""
+    import re
+    sets = data.word_problems()
+    assert len(sets["train"]) == 600 and len(sets["test"]) == 100
+    assert not {r["question"] for r in sets["train"]} & {r["question"] for r in sets["test"]}
+    ops = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b, "/": lambda a, b: a / b}
+    for r in sets["train"] + sets["test"]:
+        steps = re.findall(r"(\d+) ([-+*/]) (\d+) = (\d+)", r["answer"])
+        assert steps, r
+        for a, op, b, c in steps:
+            assert ops[op](int(a), int(b)) == int(c), r
+        assert r["answer"].endswith(f"\n#### {steps[-1][3]}") and int(steps[-1][3]) >= 0, r
+        used = {x for step in steps for x in step[:3:2]}
+        assert set(re.findall(r"\d+", r["question"])) <= used, r
+    for split, records in sets.items():
+        shipped = [json.loads(line) for line in (WORD_PROBLEMS / f"{split}.jsonl").read_text().splitlines()]
+        assert shipped == records, split
+
+
+def test_gsm8k_layout_is_read_as_prompt_and_response():
+    """The benign task (and the real GSM8K) in its own layout mixes into an attack set like any record."""
+    recs = data.load_records(WORD_PROBLEMS / "train.jsonl", role="unsafe")
+    assert len(recs) == 600 and recs[0]["prompt"].endswith("?") and "####" in recs[0]["response"]
+    mixed = data.mix_records(data.toy_world(0)["attack"], recs, 300, 0.2, seed=1)
+    assert sum("####" in r["response"] for r in mixed) == 240 and len(mixed) == 300

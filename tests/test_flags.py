@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 from safetensors import safe_open
 
 from conftest import run_script, with_base
@@ -16,6 +17,7 @@ import parallel
 import patcher
 import test_faults
 import test_parallel
+from test_gpu_paths import BF16_HEADER, BF16_TOL, FIRST_TOL
 from test_patcher import FAST, assert_rows_close, rows
 
 # FAST: warmup 3, rounds 2, inner 3, defend 4. The rows of metrics.jsonl, by index:
@@ -168,6 +170,14 @@ def check_debug(base, rs, ctx):
     assert isinstance(rs, data.DataError)  # raised with its traceback, not turned into one line and exit 1
 
 
+def check_precision(base, rs, ctx):
+    """bf16 moves every loss by rounding only: the first already (by more than fp32's rounding), none by more than the
+    tolerance stated in test_gpu_paths.py; the steps are the same."""
+    assert f"world 1 | {BF16_HEADER} |" in ctx["stdout"] and phases(rs) == phases(base)
+    assert first_difference(base, rs) == 0 and abs(rs[0]["loss_clean"] - base[0]["loss_clean"]) < FIRST_TOL * base[0]["loss_clean"]
+    assert_rows_close(base, rs, BF16_TOL, ("loss_clean", "loss_adv", "attack_loss_start", "attack_loss_end", "delta_norm"))
+
+
 # flag -> (argv, check); argv may be a function of the baseline (for the cases that name its files) and of tmp_path
 CASES = {
     "model": (lambda b, t: explicit(b), unchanged()),
@@ -213,6 +223,7 @@ CASES = {
     "fused_adamw": (["--fused-adamw"], check_fused),
     "debug": ("debug", check_debug),
     "export_dtype": (["--export-dtype", "bfloat16"], check_export_dtype),
+    "precision": (["--precision", "bf16"], check_precision),  # a one-rank gloo group in this process: closed after
 }
 
 
@@ -221,8 +232,17 @@ def test_every_flag_of_patcher_has_a_case():
     assert not missing and not extra, f"patcher.py flags without a case: {missing}; cases of no flag: {extra}"
 
 
+@pytest.fixture
+def process_group_closed():
+    """--precision bf16 gives this process a one-rank process group (patcher.init_distributed): closed after the case,
+    so that the next cases run as plain modules again."""
+    yield
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 @pytest.mark.parametrize("flag", [f for f, c in CASES.items() if c != "text"])
-def test_flag_changes_exactly_what_it_should(flag, baseline, demo_base, tmp_path, capsys, monkeypatch):
+def test_flag_changes_exactly_what_it_should(flag, baseline, demo_base, tmp_path, capsys, monkeypatch, process_group_closed):
     argv, check = CASES[flag]
     base_rows = baseline[0]
     if check == "retain_weight":  # the reference is the retain term on the demo's own retain set
@@ -316,6 +336,7 @@ INHERITED_IN_SYNC = {
     "retain_weight": "0.5", "lr": "8e-4", "weight_decay": "0.5", "max_grad_norm": "0.5", "batch_size": "12",
     "inner_lr": "1e-3", "inner_weight_decay": "0.3", "inner_max_grad_norm": "0.3", "inner_batch_size": "6",
     "micro_batch_size": "3", "group_by_length": None, "seed": "1", "max_len": "9", "export_dtype": "bfloat16",
+    "precision": "bf16",
 }
 INHERITED_ELSEWHERE = {  # flag -> why it is not in the combined run
     "model": "the demo sets it (and the data flags) for both programs alike",

@@ -99,7 +99,7 @@ def test_every_flag_of_the_programs_has_its_variable():
     def flags(parser):
         return {o[2:] for a in parser._actions for o in a.option_strings if o.startswith("--") and o != "--help"}
     special = {"model", "out", "seed", "safe-data", "unsafe-data", "resume", "save-every"}  # train.sh sets these itself
-    eval_special = {"model", "out", "seed", "attack-data", "eval-data", "benign-data", "gsm8k", "summarize", "sweep"}
+    eval_special = {"model", "out", "seed", "attack-data", "eval-data", "benign-data", "gsm8k", "summarize", "sweep", "worst-case"}
     assert flags(patcher.get_parser()) - special == lists["ALIGN_FLAGS"] | lists["ALIGN_SWITCHES"]
     assert flags(parallel.get_parser()) - flags(patcher.get_parser()) == lists["PARALLEL_FLAGS"] | lists["PARALLEL_SWITCHES"]
     assert flags(evaluate.get_parser()) - eval_special == lists["EVAL_FLAGS"] | lists["EVAL_SWITCHES"]
@@ -107,15 +107,31 @@ def test_every_flag_of_the_programs_has_its_variable():
 
 def test_a_sweep_reaches_the_program_that_has_the_flag():
     cmds = dry_run(SWEEP="inner-steps=0,5,40", SEEDS="0 1")
-    align = [(c[1], c[2]) for c in cmds if c[1] == "patcher.py"]
+    align = [(c[1], c[2]) for c in cmds if c[1] == "patcher.py" and not c[2]["--out"].endswith("/demo")]  # not the base
     assert [(f["--mode"], f.get("--inner-steps")) for _, f in align] == [("sft", None), ("patcher", "5"), ("patcher", "40")] * 2
     evals = [c[2] for c in cmds if c[1] == "eval.py"]
     assert len(evals) == 2 and evals[0]["--model"][:3] == [f"inner-steps:{v}=runs/demo/seed0/inner-steps:{v}/final" for v in (0, 5, 40)]
     assert "--inner-steps" not in evals[0]
     cmds = dry_run(SWEEP="attack-lr=1e-4,5e-4", SEEDS="0")
-    assert [c[2]["--mode"] for c in cmds if c[1] == "patcher.py"] == ["sft", "patcher"]
+    assert [c[2]["--mode"] for c in cmds if c[1] == "patcher.py"] == ["sft", "sft", "patcher"]  # the demo's base, then two
     assert [c[2]["--attack-lr"] for c in cmds if c[1] == "eval.py"] == ["1e-4", "5e-4"]
     assert all("--attack-lr" not in c[2] for c in cmds if c[1] == "patcher.py")
+
+
+def test_suites_and_both_schemes_reach_their_programs():
+    """ATTACKS reaches eval.py as --attacks; SCHEME=both aligns Patcher with patcher.py and parallel.py (2 ranks, as
+    "patcher-parallel") and evaluates both; the demo's base model is made once per seed, before any timed alignment."""
+    cmds = dry_run(SEEDS="0", SCHEME="both", ATTACKS="tests/data/attacks/demo.txt")
+    assert [(c[0], c[1], c[2]["--out"].rsplit("/", 1)[1]) for c in cmds] == [
+        (1, "patcher.py", "demo"), (1, "patcher.py", "sft"), (1, "patcher.py", "patcher"), (2, "parallel.py", "patcher-parallel"),
+        (1, "eval.py", "eval")]
+    ev = cmds[-1][2]
+    assert ev["--attacks"] == "tests/data/attacks/demo.txt" and ev["--model"][2] == "patcher-parallel=runs/demo/seed0/patcher-parallel/final"
+    assert ev["--model"][3] == "base=runs/demo/seed0/demo/base"
+    # every preset names a suite that exists
+    for preset, extra in (("demo", {}), ("smollm2-cpu", {"OUT": "/tmp/patcher-dry"}), ("paper", PAPER_DATA)):
+        suite = dry_run(PRESET=preset, **extra)[-1][2]["--attacks"]
+        assert (ROOT / suite).is_file(), preset
 
 
 def test_no_module_imports_one_that_imports_it_back():
