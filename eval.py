@@ -1125,7 +1125,7 @@ def run(args):
             for r in records if r["attack"] == "none"]
         del attacks["none"]
     report = {"settings": {k: v for k, v in vars(args).items() if k not in ("summarize", "suite")}, "world_size": world,
-              "attack_set": next(iter(attacks.values())), "attacks": attacks, "models": info, "rows": metrics(records),
+              "attack_set": {k: next(iter(attacks.values()))[k] for k in ("n_harmful", "n_benign")}, "attacks": attacks, "models": info, "rows": metrics(records),
               "attack_stats": stats, "seconds": time.time() - t0}
     if isinstance(judge, LLMJudge):
         report["settings"].update(judge_url=judge.url, judge_model=judge.model)

@@ -75,7 +75,7 @@ def test_a_clone_alone_runs_the_smollm2_preset_and_test(tmp_path):
     commands = [shlex.split(line) for line in r.stdout.splitlines() if line.startswith("python ")]
     assert [c[1] for c in commands] == ["patcher.py", "patcher.py", "eval.py"]
     words = [w.split("=", 1)[-1] for c in commands for w in c[2:] if "/" in w]  # "eval=DIR/eval.jsonl" -> the path
-    assert words and all(w.startswith(("tests/data/safety/", "runs/smollm2/", str(ASSETS))) for w in words), words
+    assert words and all(w.startswith(("tests/data/", "runs/smollm2/", str(ASSETS))) for w in words), words
     assert_inside([clone / w for w in words], clone, ASSETS)
     assert "tests/data/safety/attack.jsonl" in words and (clone / "runs/smollm2/benign_align.jsonl").stat().st_size > 0
 
