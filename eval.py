@@ -705,7 +705,7 @@ def worst_case(reports, out):
     the attack budget. A budget of k steps is the highest ASR any attack reached at a step <= k; beside it the attack
     that reached it and that attacked model's usefulness. A second view counts the budget in harmful examples seen
     (steps x batch x harmful share, the attack set's expected count): the smallest such budget that reached each
-    worst-case level. Over several reports (seeds): mean ± std of each one's worst case, and each one's attack."""
+    worst-case level. Over several reports (seeds): mean ± std of each one's worst case, the attacks that reached it."""
     key = next((k for k in WORST_KEYS if any(r.get(k) is not None for rep in reports for r in rep["rows"])), None)
     if key is None:
         return "no harmful set was scored: no worst case"
@@ -724,9 +724,9 @@ def worst_case(reports, out):
         cells = []
         for k in steps:
             got = [w[(m, s)][k] for w in per if k in w.get((m, s), {})]
-            names = list(dict.fromkeys(n.split("@")[0] for _, tied in got for n in tied if not n.startswith("+")))
-            cells.append("–" if not got else fmt([row[key] for row, _ in got]) + " " + ", ".join(names[:3])
-                         + (f", +{len(names) - 3}" if len(names) > 3 else ""))
+            who = list(dict.fromkeys(n.split("@")[0] for _, tied in got for n in tied if not n.startswith("+")))
+            cells.append("–" if not got else fmt([row[key] for row, _ in got]) + " " + ", ".join(who[:3])
+                         + (f", +{len(who) - 3}" if len(who) > 3 else ""))
         lines.append(f"| {m} | {s} | " + " | ".join(cells) + " |")
     lines += ["", "## The worst-case attacked model, per budget: is it still useful?", "",
               "| model | set | budget | worst ASR (%) | attack@step | benign accuracy | over-refusal | task accuracy |",
@@ -801,7 +801,7 @@ def summarize_rounds(path):
 
 def get_parser():
     p = argparse.ArgumentParser(description="Attack checkpoints by fine-tuning, then measure harmfulness and usefulness.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=patcher.HelpFormatter)
     count, positive, rate_, nonneg, fraction = patcher.COUNT, patcher.POSITIVE_COUNT, patcher.RATE, patcher.NONNEGATIVE, patcher.FRACTION
     g = p.add_argument_group("models and data")
     g.add_argument("--model", action="append", default=[], metavar="[NAME=]DIR",
@@ -879,6 +879,8 @@ def get_parser():
     g.add_argument("--activation-checkpointing", action="store_true", help="recompute each block in the attack's backward")
     g.add_argument("--compile", action="store_true", help="torch.compile each block for the attack, and the decode step (a CUDA graph on CUDA)")
     g.add_argument("--debug", action="store_true", help="show tracebacks for user errors too")
+    g.add_argument("--check", action="store_true", help="check every flag, data file and the attack suite, then exit "
+                   "(train.sh runs it before it aligns anything; --model is not needed)")
     g.add_argument("--summarize", nargs="+", metavar="FILE", help="only print mean ± std over report.json files, or the "
                    "rounds of a metrics.jsonl, and exit")
     g.add_argument("--sweep", metavar="FLAG", help="with --summarize: the table (and figure) of a sweep over FLAG, into --out")
@@ -982,7 +984,7 @@ def parse_args(argv=None, parser=None):
     if args.summarize:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         return args
-    if not args.model:
+    if not args.model and not args.check:
         p.error("--model is required (a checkpoint directory, e.g. runs/patcher/final)")
     try:
         args.eval_at = sorted({int(s) for s in args.eval_at.split(",") if s.strip()})
@@ -1092,6 +1094,9 @@ def make_judge(args):
 
 
 def run(args):
+    if args.check:
+        print(f"eval.py: the flags are valid" + (f", and the {len(args.suite)} attacks of {args.attacks}" if args.suite else ""))
+        return
     rank, world, device = patcher.init_distributed(args.precision)
     torch.manual_seed(args.seed)
     args.dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")

@@ -811,6 +811,13 @@ COUNT, POSITIVE_COUNT = number(int, 0), number(int, 1)
 RATE, NONNEGATIVE, FRACTION = number(float, 0, MAX_RATE, above=True), number(float, 0), number(float, 0, 1)
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help with each flag's default, except where there is none to show (None, an off switch)."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default in (None, False) else super()._get_help_string(action)
+
+
 def get_parser():
     p = argparse.ArgumentParser(
         description="Patcher: alignment that survives fine-tuning attacks. Without --model it runs the built-in "
@@ -818,7 +825,7 @@ def get_parser():
                     "are a small, fast setting for trying the method on a real model, NOT the paper's (loop 1: "
                     "1,000 SFT steps; then 14 rounds of k1 300 / k2 1,000, fresh AdamW each round, global batches "
                     "4 / 2): PRESET=paper ./train.sh runs those.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     g = p.add_argument_group("model and data")
     g.add_argument("--model", help="Hugging Face checkpoint directory (none: the built-in demo)")
     g.add_argument("--safe-data", help="D_safe: harmful prompt -> refusal (.json/.jsonl[.gz|.xz]/.csv)")

@@ -23,7 +23,7 @@
 #                (Patcher by each, "patcher" and "patcher-parallel"); every alignment's wall clock goes to OUT/timing.md
 #   NPROC        torchrun processes for alignment (1: plain python)       EVAL_NPROC  the same for eval.py
 #   PARALLEL_NPROC  processes for parallel.py (default NPROC, at least 2: one defender and one attacker)
-#   ATTACKS      an attack suite (eval.py --attacks); its lines may use $TOY (the demo seed's toy world), $RUN (the
+#   ATTACKS      an attack suite (eval.py --attacks; none: only the command line's attack); its lines may use $TOY (the demo seed's toy world), $RUN (the
 #                seed's run directory), $OUT, $TASK (tests/data/word_problems), $SAFETY and the data variables
 #   SEEDS        e.g. "0 1 2"; each seed is a whole experiment              OUT  the run directory
 #   SWEEP        FLAG=V1,V2,...: one aligned model per value (an alignment flag; the value sft adds the SFT
@@ -108,6 +108,7 @@ case "$PRESET" in
   *) echo "unknown PRESET '$PRESET' (demo, smollm2-cpu, paper, paper-parallel)" >&2; exit 2 ;;
 esac
 
+[[ "${ATTACKS:-}" != none ]] || ATTACKS=  # ATTACKS=none: the command line's one attack, no suite
 DEMO=$([[ -z "${MODEL:-}" ]] && echo 1 || echo 0)
 NPROC=${NPROC:-1}
 EVAL_NPROC=${EVAL_NPROC:-$NPROC}
@@ -161,6 +162,12 @@ align_flags_for() {  # the flags that make aligned model $1 differ: its mode and
 }
 
 mapfile -t align_args < <(flags "$ALIGN_FLAGS" "$ALIGN_SWITCHES" "$([[ $eval_sweep == 0 ]] && echo "$sweep_flag")")
+evaluations=($([[ $eval_sweep == 1 ]] && echo "${sweep_values[@]}" || echo -))  # one eval.py call per value, or one
+eval_args_for() {  # eval_args_for VALUE: eval.py's flags, with the swept value ("-": no sweep)
+  flags "$EVAL_FLAGS" "$EVAL_SWITCHES" "$([[ $eval_sweep == 1 ]] && echo "$sweep_flag")"
+  [[ $1 == - ]] || printf '%s\n%s\n' "--$sweep_flag" "$1"
+}
+eval_dir() { echo "eval$([[ $1 == - ]] || echo "-$sweep_flag=$1")"; }
 t0=$SECONDS
 reports=()
 [[ "${DRY_RUN:-0}" == 1 ]] || { mkdir -p "$OUT"; : > "$OUT/timing.tsv"; }
@@ -177,12 +184,29 @@ for seed in $SEEDS; do
     fi
     data_args=(--model "$MODEL" --safe-data "$safe" --unsafe-data "$UNSAFE_DATA")
   fi
-  # 1. align: the same base, data, seed and number of defender steps; only the swept value differs
-  models=()
   if [[ $DEMO == 1 ]]; then  # the demo's base model and toy world, once per seed, before any alignment is timed
     echo "== seed $seed: the demo's base model -> $run/demo"
     run_logged "$run/demo.log" 1 patcher.py --mode sft --warmup-steps 0 --rounds 1 --defend-steps 1 --seed "$seed" --out "$run/demo"
   fi
+  # what eval.py will get, checked now (its flags, data and attack suite), before hours of alignment
+  first=$run/demo RUN=$run TOY=$run/demo/data
+  attack_data=${ATTACK_DATA:-} eval_data=${EVAL_DATA:-} benign_data=${BENIGN_DATA:-}
+  if [[ $DEMO == 1 ]]; then  # this seed's toy world, written by patcher.py
+    attack_data=${ATTACK_DATA:-$first/data/attack.jsonl}
+    eval_data=${EVAL_DATA:-harmful=$first/data/eval_harmful.jsonl}
+    benign_data=${BENIGN_DATA:-benign=$first/data/eval_benign.jsonl}
+  fi
+  evals=(--attack-data "$attack_data")
+  for x in $eval_data; do evals+=(--eval-data "$x"); done
+  for x in $benign_data; do evals+=(--benign-data "$x"); done
+  for x in ${GSM8K:-}; do evals+=(--gsm8k "$x"); done
+  for ev in "${evaluations[@]}"; do
+    mapfile -t eval_args < <(eval_args_for "$ev")
+    [[ "${DRY_RUN:-0}" == 1 ]] || run_logged "$run/check.log" 1 eval.py "${evals[@]}" "${eval_args[@]}" --seed "$seed" \
+      --out "$run/$(eval_dir "$ev")" --check
+  done
+  # 1. align: the same base, data, seed and number of defender steps; only the swept value differs
+  models=()
   for v in "${aligned[@]}"; do
     mapfile -t own < <(align_flags_for "$v")
     schemes=sequential  # the SFT baseline has no attacker: always patcher.py
@@ -211,24 +235,11 @@ for seed in $SEEDS; do
     done
   done
   # 2. attack every aligned model identically and evaluate them in one call (same examples, order and sampling)
-  first=$run/$([[ $DEMO == 1 ]] && echo demo || echo "${models[0]}")
-  RUN=$run TOY=$first/data
-  attack_data=${ATTACK_DATA:-} eval_data=${EVAL_DATA:-} benign_data=${BENIGN_DATA:-}
-  if [[ $DEMO == 1 ]]; then  # this seed's toy world, written by patcher.py
-    attack_data=${ATTACK_DATA:-$first/data/attack.jsonl}
-    eval_data=${EVAL_DATA:-harmful=$first/data/eval_harmful.jsonl}
-    benign_data=${BENIGN_DATA:-benign=$first/data/eval_benign.jsonl}
-  fi
-  evals=(--attack-data "$attack_data")
   for n in "${models[@]}"; do evals+=(--model "$n=$run/$n/final"); done
   [[ $DEMO == 1 || "${EVAL_BASE:-0}" == 1 ]] && evals+=(--model "base=${MODEL:-$first/base}")
-  for x in $eval_data; do evals+=(--eval-data "$x"); done
-  for x in $benign_data; do evals+=(--benign-data "$x"); done
-  for x in ${GSM8K:-}; do evals+=(--gsm8k "$x"); done
-  for ev in $([[ $eval_sweep == 1 ]] && echo "${sweep_values[@]}" || echo -); do
-    dir=$run/eval$([[ $ev == - ]] || echo "-$sweep_flag=$ev")
-    mapfile -t eval_args < <(flags "$EVAL_FLAGS" "$EVAL_SWITCHES" "$([[ $eval_sweep == 1 ]] && echo "$sweep_flag")")
-    [[ $ev == - ]] || eval_args+=("--$sweep_flag" "$ev")
+  for ev in "${evaluations[@]}"; do
+    mapfile -t eval_args < <(eval_args_for "$ev")
+    dir=$run/$(eval_dir "$ev")
     echo "== seed $seed: attack and evaluate -> $dir"
     run_logged "$dir.log" "$EVAL_NPROC" eval.py "${evals[@]}" "${eval_args[@]}" --seed "$seed" --out "$dir"
     reports+=("$dir/report.json")

@@ -99,7 +99,7 @@ def test_every_flag_of_the_programs_has_its_variable():
     def flags(parser):
         return {o[2:] for a in parser._actions for o in a.option_strings if o.startswith("--") and o != "--help"}
     special = {"model", "out", "seed", "safe-data", "unsafe-data", "resume", "save-every"}  # train.sh sets these itself
-    eval_special = {"model", "out", "seed", "attack-data", "eval-data", "benign-data", "gsm8k", "summarize", "sweep", "worst-case"}
+    eval_special = {"model", "out", "seed", "attack-data", "eval-data", "benign-data", "gsm8k", "summarize", "sweep", "worst-case", "check"}
     assert flags(patcher.get_parser()) - special == lists["ALIGN_FLAGS"] | lists["ALIGN_SWITCHES"]
     assert flags(parallel.get_parser()) - flags(patcher.get_parser()) == lists["PARALLEL_FLAGS"] | lists["PARALLEL_SWITCHES"]
     assert flags(evaluate.get_parser()) - eval_special == lists["EVAL_FLAGS"] | lists["EVAL_SWITCHES"]
@@ -147,3 +147,23 @@ def test_no_module_imports_one_that_imports_it_back():
     def reaches(a, b, seen=()):
         return any(n == b or (n not in seen and reaches(n, b, (*seen, n))) for n in graph[a])
     assert not [m for m in modules if reaches(m, m)]
+
+
+def test_a_bad_attack_suite_stops_train_sh_before_any_alignment(tmp_path):
+    """eval.py --check runs before the first alignment: a suite line it cannot run is named at once, not after hours."""
+    (tmp_path / "model").mkdir()
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"prompt": "p", "response": "r"}\n')
+    (tmp_path / "suite.txt").write_text("fine --eval-at 0,5\nbroken --attack-lr -2\n")
+    env = {k: v for k, v in os.environ.items() if not k.isupper() or k in ("PATH", "HOME")}
+    r = subprocess.run(["bash", str(ROOT / "train.sh")], cwd=ROOT, capture_output=True, text=True, env={
+        **env, "MODEL": str(tmp_path / "model"), "SAFE_DATA": str(data), "UNSAFE_DATA": str(data), "ATTACK_DATA": str(data),
+        "EVAL_DATA": f"e={data}", "ATTACKS": str(tmp_path / "suite.txt"), "OUT": str(tmp_path / "out")})
+    assert r.returncode != 0 and "attack 'broken': argument --attack-lr: must be a finite number > 0" in r.stdout + r.stderr
+    assert sorted(p.name for p in (tmp_path / "out" / "seed0").iterdir()) == ["check.log", "eval"]  # nothing aligned
+
+
+def test_help_shows_defaults_but_not_empty_ones():
+    for parser in (patcher.get_parser(), parallel.get_parser(), evaluate.get_parser()):
+        text = parser.format_help()
+        assert "(default: 1e-05)" in text and "default: None" not in text and "default: False" not in text
