@@ -393,7 +393,7 @@ def attack_and_generate(name, path, args, attack_records, prompt_sets, rank, wor
     if args.export:
         if args.attack_kind == "lora":
             merge_lora_(model)
-        dest = Path(args.out) / "attacked" / name.replace("/", "_")
+        dest = Path(args.out) / "attacked" / getattr(args, "attack_name", "") / name.replace("/", "_")
         save_model(model, dest, like=path)  # collective on a sharded model; rank 0 writes
     return records, stats, sample
 
@@ -840,7 +840,8 @@ def get_parser():
     g.add_argument("--lora-rank", type=positive, default=8, help="LoRA rank r (--attack-kind lora)")
     g.add_argument("--lora-alpha", type=rate_, default=16.0, help="LoRA alpha: the update is scaled by alpha / r")
     g.add_argument("--lora-targets", default="q_proj,v_proj", help="comma-separated names of the Linear layers that get LoRA factors")
-    g.add_argument("--export", action="store_true", help="write each attacked model (LoRA merged) to OUT/attacked/NAME")
+    g.add_argument("--export", action="store_true",
+                   help="write each attacked model (LoRA merged) to OUT/attacked/NAME (with --attacks: OUT/attacked/ATTACK/NAME)")
     g = p.add_argument_group("generation")
     g.add_argument("--temperature", type=nonneg, default=0.6, help="sampling temperature (the paper's); 0 = greedy")
     g.add_argument("--top-p", type=patcher.number(float, 0, 1, above=True), default=0.9, help="nucleus sampling mass (the paper's)")
@@ -951,7 +952,7 @@ def attack_passes(args):
         if a.eval_at[-1] > 0:  # the command line's args, with the attack's own values of the attack flags
             own = {f[2:].replace("-", "_") for f in ATTACK_FLAGS}
             passes[name] = Namespace(**{**vars(args), **{k: getattr(a, k) for k in own}, "flags": a.flags,
-                                        "eval_at": [k for k in a.eval_at if k > 0]})
+                                        "attack_name": name, "eval_at": [k for k in a.eval_at if k > 0]})
     return passes
 
 

@@ -729,16 +729,19 @@ def load_checkpoint(out, model, optimizer, delta_like, streams, run_settings, ra
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
                                                          set_model_state_dict, set_optimizer_state_dict)
-    path, ranks = latest_checkpoint(out), sorted({0, rank})
-    damage = checkpoint_damage(path, ranks)
-    if damage:
-        raise CheckpointError(f"--resume: checkpoint {damage}; {older_intact(path, ranks)}")
-    saved = json.loads((path / "state-rank0.json").read_text())["settings"]
-    flags, inputs = changed_settings(saved, run_settings)
+    path = latest_checkpoint(out)
+
+    def intact(ranks):
+        damage = checkpoint_damage(path, ranks)
+        if damage:
+            raise CheckpointError(f"--resume: checkpoint {damage}; {older_intact(path, ranks)}")
+    intact([0])  # rank 0's state first: under other settings (another world size) the change is the answer
+    flags, inputs = changed_settings(json.loads((path / "state-rank0.json").read_text())["settings"], run_settings)
     if flags or inputs:
         said = (["the checkpoint's run had " + ", ".join(flags)] if flags else []) + inputs
         raise RunError(f"--resume: {'; '.join(said)}; resume with its settings and inputs ({path}), or start a new "
                        f"run in another --out")
+    intact([rank])
     state = json.loads((path / f"state-rank{rank}.json").read_text())
     sd = {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer)}
     if state["has_delta"]:
