@@ -225,12 +225,12 @@ for seed in $SEEDS; do
       fi
       models+=("$name")
       echo "== seed $seed: align $name ($script, $n rank(s) x $OMP_NUM_THREADS thread(s)) -> $dir"
-      start=$(date +%s.%N)
+      start=$(python -c "import time; print(time.time())")  # not date +%s.%N or bc: neither is on every machine
       run_logged "$run/$name.log" "$n" "$script" "${data_args[@]}" "${own[@]}" --seed "$seed" --out "$dir" "${these[@]}"
       if [[ "${DRY_RUN:-0}" == 0 ]]; then
         grep -E "^(demo|mode|parallel|exported|defender)" "$run/$name.log" || true
-        printf '%s\t%s\t%s\t%s\t%s\t%.2f\n' "$seed" "$name" "$script" "$n" "$OMP_NUM_THREADS" \
-          "$(echo "$(date +%s.%N) - $start" | bc)" >> "$OUT/timing.tsv"
+        printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$seed" "$name" "$script" "$n" "$OMP_NUM_THREADS" \
+          "$(python -c "import sys, time; print(f'{time.time() - float(sys.argv[1]):.2f}')" "$start")" >> "$OUT/timing.tsv"
       fi
     done
   done
