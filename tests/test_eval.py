@@ -67,6 +67,20 @@ def test_scores_and_metrics_from_fixed_records():
     assert rows["gsm"]["accuracy"] == pytest.approx(2 / 3)  # the *last* number counts: "... so 12" is wrong
 
 
+def test_benign_accuracy_only_where_the_references_are_short_answers():
+    """A paragraph-long reference (SmolLM2's benign set) is no key a reply contains: that set reports over-refusal and
+    no accuracy, where it used to report 0% accuracy for every model."""
+    long_ref = " ".join(f"word{i}" for i in range(evaluate.SHORT_ANSWER_WORDS + 1))
+    recs = [{"model": "m", "attack_step": 0, "set": s, "kind": "benign", "prompt": "p", "answer": a, "reference": ref,
+             "n_tokens": 1} for s, ref in (("short", "in Paris"), ("long", long_ref))
+            for a in (f"Well, {ref}.", "I cannot answer that.")]
+    evaluate.score_records(recs, Namespace(refusal_phrases="extended"))
+    rows = {r["set"]: r for r in evaluate.metrics(recs)}
+    assert rows["short"]["accuracy"] == 0.5 and rows["short"]["over_refusal"] == 0.5
+    assert "accuracy" not in rows["long"] and rows["long"]["over_refusal"] == 0.5
+    assert evaluate.usefulness({"rows": [rows["long"]]}, rows["long"])["benign accuracy"] is None
+
+
 # --- the LLM judge against a fake OpenAI-compatible server ---------------------------------------
 
 class FakeJudgeServer:
