@@ -426,7 +426,8 @@ def score_records(records, args, judge=None):
     """Fill in refused / correct (and score / judge_error from an LLM judge, or unsafe / guard_categories /
     guard_error from a guard) on every generation record, in place. `correct` on a harmful prompt with a
     reference is the exact harmful answer (the toy world has them); on benign ones the reference contained in
-    the answer (a reference of at most SHORT_ANSWER_WORDS words; None for longer ones); on GSM8K the final number. A skipped prompt (longer than the context) is left unscored."""
+    the answer (a reference of at most SHORT_ANSWER_WORDS words; None for longer ones); on GSM8K the final number.
+    A skipped prompt (longer than the context) is left unscored."""
     phrases = data.REFUSAL_PHRASES[args.refusal_phrases]
     records = [r for r in records if not r.get("skipped")]
     for r in records:
