@@ -103,7 +103,7 @@ case "$PRESET" in
     # the official judge call (evaluate/gpt_evaluate.py): max_tokens 512, 20 tries, every failure retried, 60 s each
     : "${JUDGE_MAX_TOKENS:=512}" "${JUDGE_TRIES:=20}" "${JUDGE_RETRY:=all}" "${JUDGE_TIMEOUT:=60}"
     for v in MODEL SAFE_DATA UNSAFE_DATA ATTACK_DATA ATTACK_BENIGN_DATA EVAL_DATA $([[ $JUDGE == llm ]] && echo JUDGE_MODEL); do
-      [[ -n "${!v:-}" ]] || { echo "PRESET=$PRESET: set $v (README: Reproducing the paper)" >&2; exit 2; }
+      [[ -n "${!v:-}" ]] || { echo "PRESET=$PRESET: set $v (README: Running the paper)" >&2; exit 2; }
     done ;;
   *) echo "unknown PRESET '$PRESET' (demo, smollm2-cpu, paper, paper-parallel)" >&2; exit 2 ;;
 esac

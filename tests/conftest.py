@@ -13,6 +13,9 @@ from pathlib import Path
 
 import pytest
 
+# torch.compile in the tests (and in the programs they start) compiles in its own process: inductor's default pool
+# of compile workers is one more Python process per core, each importing torch, for kernels this small
+os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the project is a flat directory of modules, not a package
 

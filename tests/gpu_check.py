@@ -213,7 +213,10 @@ def _():
     # the last checkpoint is the last step's (taken before the export): the resumed run goes straight to the export
     yield ("  --resume from its last checkpoint", "resumed" if "resumed at step 11" in out else out[-90:], "resumed at step 11" in out)
     for flags in (["--compile"], ["--activation-checkpointing"]) if GPU else (["--activation-checkpointing"],):
-        out = program("patcher.py", "--out", work / f"demo{flags[0]}", *fast, *flags)
+        again = work / f"demo{flags[0]}"
+        if not (again / "base").exists():  # the demo's base model, trained once above
+            shutil.copytree(demo / "base", again / "base")
+        out = program("patcher.py", "--out", again, *fast, *flags)
         yield (f"  {flags[0]}", last_step(out), "exported" in out)
     d = demo / "data"
     out = program("eval.py", "--model", demo / "final", "--attack-data", d / "attack.jsonl", "--eval-data", d / "eval_harmful.jsonl",

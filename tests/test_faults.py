@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from conftest import ROOT, run_script, with_base
 from test_eval import SECRET, FakeJudgeServer, demo_checkpoint, toy, toy_args  # noqa: F401 (toy is a fixture)
 from test_parallel import launch_ranks
-from test_patcher import FAST, rows, tiny_model
+from test_patcher import FAST, rows, rows_so_far, tiny_model
 import data
 import model as model_py
 import patcher
@@ -40,6 +40,20 @@ def one_line_error(r, *needles):
     for needle in needles:
         assert needle in lines[0], (needle, lines[0])
     return lines[0]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, demo_base):
+    """A demo run with --save-every 5, finished (checkpoints at steps 10 and 11, the last step's): the tests that
+    resume or damage one take a copy (a copied run resumes by content: section 9)."""
+    out = with_base(tmp_path_factory.mktemp("finished") / "run", demo_base)
+    run(["--out", out, *FAST, "--save-every", "5"], check=True)
+    return out
+
+
+def copy_of(run_dir, dest):
+    shutil.copytree(run_dir, dest)
+    return dest
 
 
 # --- 1. non-finite losses and gradients stop before the update; nothing non-finite is written -------
@@ -82,7 +96,7 @@ def test_parallel_frozen_attacker_is_named_within_the_timeout(when, tmp_path, de
                              "--refresh-every", refresh, "--peer-timeout", "4"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.time() + 120
-        while not ((out / "metrics.jsonl").exists() and any(r["step"] >= 90 for r in rows(out) if r["phase"] != "inner_attack")):
+        while not any(r["step"] >= 90 for r in rows_so_far(out) if r["phase"] != "inner_attack"):
             assert time.time() < deadline and procs[0].poll() is None, "the run did not get going"
             time.sleep(0.02)
         procs[1].send_signal(signal.SIGSTOP)
@@ -102,10 +116,9 @@ def test_parallel_frozen_attacker_is_named_within_the_timeout(when, tmp_path, de
 
 # --- 3. resume: only with the run's own settings; config.json survives a refused resume ----------
 
-def test_resume_refuses_changed_settings_and_keeps_config(tmp_path, demo_base):
-    out = with_base(tmp_path / "run", demo_base)
+def test_resume_refuses_changed_settings_and_keeps_config(tmp_path, finished_run):
+    out = copy_of(finished_run, tmp_path / "run")
     args = [*FAST, "--save-every", "5"]
-    run(["--out", out, *args], check=True)
     config = (out / "config.json").read_text()
     r = run(["--out", out, "--resume", *args, "--alpha", "0.3", "--lr", "1e-3", "--rounds", "3"])
     line = one_line_error(r, "--alpha 0.5 (now 0.3)", "--lr 0.0005 (now 0.001)", "--rounds 2 (now 3)")
@@ -346,8 +359,9 @@ def test_a_full_disk_during_a_checkpoint_is_one_line_and_keeps_the_last_one(smol
 def patched(args, patch="", cwd=None):
     """patcher.py run as a user runs it (from `cwd`), with `patch` (Python source) applied first: a fault injected
     where it happens (a full disk inside a write, Ctrl-C inside a step)."""
+    # SIGINT handled as in a terminal: a test run started in the background of a script inherits it ignored
     code = (f"import sys\nsys.path.insert(0, {str(ROOT)!r})\nimport errno, os, pathlib, signal, model, patcher\n"
-            f"{textwrap.dedent(patch)}\npatcher.main()\n")
+            f"signal.signal(signal.SIGINT, signal.default_int_handler)\n{textwrap.dedent(patch)}\npatcher.main()\n")
     return subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, cwd=cwd,
                           env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
 
@@ -390,12 +404,11 @@ def test_resume_recognises_inputs_by_content_not_by_how_the_path_is_spelled(tmp_
     assert "sha256" in json.loads(config)["inputs"]["safe_data"]  # config.json records each input's fingerprint
 
 
-def test_a_copied_demo_run_resumes_and_a_refused_resume_writes_nothing(tmp_path, demo_base):
+def test_a_copied_demo_run_resumes_and_a_refused_resume_writes_nothing(tmp_path, finished_run):
     """A demo run directory copied elsewhere resumes (a relative --out, from another working directory) to the
     same model. A resume into an empty --out stops before the demo trains a base model; a refused resume, or a
     fresh run over a resumable one, leaves the demo's data files as they were."""
-    a = with_base(tmp_path / "a", demo_base)
-    run(["--out", a, *FAST, "--save-every", "5"], check=True)
+    a = copy_of(finished_run, tmp_path / "a")
     shutil.copytree(a, tmp_path / "b")
     (tmp_path / "b" / "checkpoints" / "latest").write_text("step-0000010")
     r = patched(["--out", "b", *FAST, "--save-every", "5", "--resume"], cwd=tmp_path)
@@ -411,10 +424,9 @@ def test_a_copied_demo_run_resumes_and_a_refused_resume_writes_nothing(tmp_path,
 
 
 @pytest.mark.parametrize("damage", ["__0_0.distcp", "state-rank0.json"])
-def test_a_corrupt_checkpoint_is_named_with_the_older_one_to_resume_from(damage, tmp_path, demo_base):
-    out = with_base(tmp_path / "run", demo_base)
+def test_a_corrupt_checkpoint_is_named_with_the_older_one_to_resume_from(damage, tmp_path, finished_run):
+    out = copy_of(finished_run, tmp_path / "run")  # checkpoints at 10 and 11 (the last step's)
     args = ["--out", out, *FAST, "--save-every", "5"]
-    run(args, check=True)  # checkpoints at 10 and 11 (the last step's)
     broken = out / "checkpoints" / "step-0000011" / damage
     blob = broken.read_bytes()
     broken.write_bytes(blob[:len(blob) // 2])
@@ -508,7 +520,7 @@ def test_ctrl_c_is_an_interruption_that_says_how_to_resume(tmp_path, demo_base):
     """
     out = with_base(tmp_path / "run", demo_base)
     r = patched(["--out", out, *FAST, "--save-every", "5"], ctrl_c_at_step_7)
-    assert r.returncode == 130 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert r.returncode == 130 and "Traceback" not in r.stderr, (r.returncode, r.stdout[-1500:], r.stderr[-3000:])
     assert r.stderr.strip().splitlines()[-1] == (f"interrupted at step 6; --resume continues from checkpoint step-0000005 "
                                                  f"({out / 'checkpoints'})")
     assert "resumed at step 5" in run(["--out", out, *FAST, "--save-every", "5", "--resume"], check=True).stdout

@@ -13,7 +13,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from conftest import ROOT  # noqa: E402
+from conftest import ROOT, with_base  # noqa: E402
 from model import CheckpointError, generate, generation_defaults, load_model, process_logits, read_config, save_model  # noqa: E402
 
 LLAMA31_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -523,9 +523,11 @@ def test_fsdp2_two_ranks_match_one_process(tmp_path):
     assert not any(p.name.startswith(".sharded") for p in tmp_path.iterdir())
 
 
-def test_gpu_check_runs_on_the_cpu_at_tiny_shapes():
-    """tests/gpu_check.py, the one prepared GPU command, runs every path at tiny shapes here, so it cannot rot."""
-    r = subprocess.run([sys.executable, str(ROOT / "tests" / "gpu_check.py"), "--device", "cpu"], capture_output=True,
+def test_gpu_check_runs_on_the_cpu_at_tiny_shapes(tmp_path, demo_base):
+    """tests/gpu_check.py, the one prepared GPU command, runs every path at tiny shapes here, so it cannot rot.
+    (Its work directory holds the demo's base model already, as a second run of the check would.)"""
+    with_base(tmp_path / "demo", demo_base)
+    r = subprocess.run([sys.executable, str(ROOT / "tests" / "gpu_check.py"), "--device", "cpu", "--out", tmp_path], capture_output=True,
                        text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
     table = [line for line in r.stdout.splitlines() if line.startswith("| ")]
     assert r.returncode == 0 and len(table) >= 13 and all(line.endswith("| yes |") for line in table[2:]), r.stdout[-4000:] + r.stderr[-3000:]

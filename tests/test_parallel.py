@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import ROOT, run_script, with_base
-from test_patcher import FAST, assert_rows_close, rows
+from test_patcher import FAST, assert_rows_close, rows, rows_so_far
 
 LONGER = ["--warmup-steps", "3", "--rounds", "4", "--inner-steps", "3", "--defend-steps", "10"]  # room for staleness
 
@@ -148,7 +148,7 @@ def test_dead_attacker_stops_the_defenders(nproc, tmp_path, demo_base):
                                  "--inner-steps", "40", "--defend-steps", "5"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.time() + 120
-        while sum(r["phase"] == "inner_attack" for r in rows(out)) < 1 if (out / "metrics.jsonl").exists() else True:
+        while not any(r["phase"] == "inner_attack" for r in rows_so_far(out)):
             assert time.time() < deadline and all(p.poll() is None for p in procs), "the run did not get going"
             time.sleep(0.05)
         procs[-1].send_signal(signal.SIGKILL)  # the last attacker, in its second attack

@@ -199,6 +199,13 @@ def rows(out, phase=None):
     return [r for r in map(json.loads, (Path(out) / "metrics.jsonl").read_text().splitlines()) if phase in (None, r["phase"])]
 
 
+def rows_so_far(out):
+    """The complete rows of a run that is still writing metrics.jsonl (the line being written is left out)."""
+    path = Path(out) / "metrics.jsonl"
+    text = path.read_text() if path.exists() else ""
+    return [json.loads(line) for line in text[:text.rfind("\n") + 1].splitlines()]
+
+
 def assert_rows_close(a, b, tol, keys=("loss_clean", "loss_adv", "attack_loss_start", "attack_loss_end", "delta_norm")):
     assert [(x["step"], x["phase"]) for x in a] == [(y["step"], y["phase"]) for y in b]
     for x, y in zip(a, b):
