@@ -51,11 +51,6 @@ def finished_run(tmp_path_factory, demo_base):
     return out
 
 
-def copy_of(run_dir, dest):
-    shutil.copytree(run_dir, dest)
-    return dest
-
-
 # --- 1. non-finite losses and gradients stop before the update; nothing non-finite is written -------
 
 @pytest.mark.parametrize("flags,where", [
@@ -117,7 +112,7 @@ def test_parallel_frozen_attacker_is_named_within_the_timeout(when, tmp_path, de
 # --- 3. resume: only with the run's own settings; config.json survives a refused resume ----------
 
 def test_resume_refuses_changed_settings_and_keeps_config(tmp_path, finished_run):
-    out = copy_of(finished_run, tmp_path / "run")
+    out = shutil.copytree(finished_run, tmp_path / "run")
     args = [*FAST, "--save-every", "5"]
     config = (out / "config.json").read_text()
     r = run(["--out", out, "--resume", *args, "--alpha", "0.3", "--lr", "1e-3", "--rounds", "3"])
@@ -408,7 +403,7 @@ def test_a_copied_demo_run_resumes_and_a_refused_resume_writes_nothing(tmp_path,
     """A demo run directory copied elsewhere resumes (a relative --out, from another working directory) to the
     same model. A resume into an empty --out stops before the demo trains a base model; a refused resume, or a
     fresh run over a resumable one, leaves the demo's data files as they were."""
-    a = copy_of(finished_run, tmp_path / "a")
+    a = shutil.copytree(finished_run, tmp_path / "a")
     shutil.copytree(a, tmp_path / "b")
     (tmp_path / "b" / "checkpoints" / "latest").write_text("step-0000010")
     r = patched(["--out", "b", *FAST, "--save-every", "5", "--resume"], cwd=tmp_path)
@@ -425,7 +420,7 @@ def test_a_copied_demo_run_resumes_and_a_refused_resume_writes_nothing(tmp_path,
 
 @pytest.mark.parametrize("damage", ["__0_0.distcp", "state-rank0.json"])
 def test_a_corrupt_checkpoint_is_named_with_the_older_one_to_resume_from(damage, tmp_path, finished_run):
-    out = copy_of(finished_run, tmp_path / "run")  # checkpoints at 10 and 11 (the last step's)
+    out = shutil.copytree(finished_run, tmp_path / "run")  # checkpoints at 10 and 11 (the last step's)
     args = ["--out", out, *FAST, "--save-every", "5"]
     broken = out / "checkpoints" / "step-0000011" / damage
     blob = broken.read_bytes()
