@@ -895,6 +895,8 @@ def get_parser():
     g.add_argument("--sweep", metavar="FLAG", help="with --summarize: the table (and figure) of a sweep over FLAG, into --out")
     g.add_argument("--worst-case", action="store_true", help="with --summarize: the worst case over the attack suite "
                    "of each report (seed), mean ± std, into --out/worst_case.md (and .png)")
+    g.add_argument("--list-flags", action=patcher.ListFlags,
+                   help="print every flag as 'NAME value|switch all', then exit (train.sh reads it)")
     return p
 
 

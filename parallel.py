@@ -228,10 +228,7 @@ def attacker(args, model, batches, partner, group, device):
     while partner.wait(partner.key("theta", r)):
         start = receive_theta(partner, model, r)
         t = time.time()
-        optimizer = patcher.make_optimizer(model.parameters(), args.inner_lr, args.inner_weight_decay, args.fused_adamw)
-        losses = patcher.sft_steps(model, optimizer, batches, args.inner_steps, args.inner_max_grad_norm,
-                                   should_stop=should_stop)
-        del optimizer
+        losses = patcher.attack(model, batches, args, should_stop)  # the inner attack's attacker, in place
         if losses is None:
             if lead:
                 print(f"attacker: attack {r} abandoned, the defender is done", flush=True)
@@ -293,7 +290,7 @@ def defender(args, model, streams, partner, group, device, log):
                 seconds, losses = install(partner, delta, reference, r, args.inner_steps, device)
                 if args.reset_optimizer:
                     optimizer = patcher.make_optimizer(model.parameters(), args.lr, args.weight_decay, args.fused_adamw)
-                log.inner_attack(step, r, losses, patcher.delta_norm(delta, group), seconds, staleness=step - sent,
+                log.inner_attack(step, r, losses, patcher.global_norm(delta, group), seconds, staleness=step - sent,
                                  defender_wait_seconds=time.time() - t)
                 installed, r, sent = r, r + 1, None
         # 2. no attack in flight: start the next one from the current theta, at a multiple of --refresh-every steps
@@ -325,6 +322,10 @@ def defender(args, model, streams, partner, group, device, log):
 
 def get_parser():
     p = patcher.get_parser()
+    own = {"refresh_every", "refresh_offset", "sync", "delta_ref", "peer_timeout"}
+    for a in p._actions:  # --list-flags lists what this program takes: the flags it honours and its own
+        if isinstance(a, patcher.ListFlags):
+            a.modes = lambda dest: ["all"] if dest in HONOURED | own else []
     p.description = "Parallel Patcher: half the ranks defend while the other half attack. " + p.description
     g = p.add_argument_group("parallel schedule")
     g.add_argument("--refresh-every", type=patcher.POSITIVE_COUNT, default=1,
@@ -343,8 +344,6 @@ def get_parser():
 
 
 def run(args):
-    if args.resume or args.save_every:
-        raise patcher.RunError("parallel.py saves no resumable checkpoints (--resume, --save-every), only final/")
     rank, world, device = patcher.init_distributed(args.precision)
     if world < 2 or world % 2:
         raise patcher.RunError(f"parallel.py needs an even number of ranks, half defender and half attacker "
@@ -394,9 +393,27 @@ def run(args):
     partner.close()
 
 
+# The patcher.py flags this program honours (tests/test_flags.py shows each). Any other patcher.py flag, one added by a
+# fork included, is refused when given: parallel.py never accepts a flag it would ignore.
+HONOURED = {"model", "safe_data", "unsafe_data", "safe_format", "unsafe_format", "retain_data", "prompt_field",
+            "response_field", "system_prompt", "max_len", "loss_mask", "mode", "alpha", "warmup_steps", "rounds",
+            "inner_steps", "defend_steps", "reset_optimizer", "retain_weight", "lr", "weight_decay", "max_grad_norm",
+            "batch_size", "inner_lr", "inner_weight_decay", "inner_max_grad_norm", "inner_batch_size", "micro_batch_size",
+            "group_by_length", "seed", "out", "export_dtype", "precision", "activation_checkpointing", "compile",
+            "fused_adamw", "debug", "list_flags"}
+WHY_NOT = {"save_every": "parallel.py saves no resumable checkpoints (--resume, --save-every), only final/",
+           "resume": "parallel.py saves no resumable checkpoints (--resume, --save-every), only final/"}
+
+
 def parse_args(argv=None):
     p = get_parser()
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     args = patcher.parse_args(argv, parser=p)
+    inherited = {a.dest for a in patcher.get_parser()._actions}
+    for dest in sorted(patcher.given_flags(p, argv) & inherited - HONOURED):
+        p.error(f"--{dest.replace('_', '-')}: " + WHY_NOT.get(dest, "a patcher.py flag that parallel.py does not honour"))
+    if args.mode != "patcher":
+        p.error(f"--mode {args.mode}: parallel.py is Patcher's parallel schedule; the other defenses run in patcher.py")
     if args.refresh_offset >= args.refresh_every:
         p.error(f"--refresh-offset {args.refresh_offset} must be smaller than --refresh-every {args.refresh_every}")
     return args

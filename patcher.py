@@ -1,10 +1,12 @@
 """
-Patcher: keep an LLM's safety alignment through a full-parameter fine-tuning attack.
+Patcher: keep an LLM's safety alignment through a full-parameter fine-tuning attack, beside the alignment-stage
+defenses it is compared with (SFT, Vaccine, Booster).
 
     python patcher.py                                # the built-in demo: a tiny model in a toy world, CPU
     torchrun --nproc_per_node=8 patcher.py --model Qwen2.5-1.5B-Instruct \
         --safe-data d_safe.jsonl --unsafe-data d_unsafe.jsonl --out runs/qwen
-    torchrun --nproc_per_node=8 parallel.py ...      # the parallel schedule, built on this file
+    python patcher.py --mode vaccine                 # another defense on the same schedule (sft, vaccine, booster)
+    torchrun --nproc_per_node=8 parallel.py ...      # Patcher's parallel schedule, built on this file
 
 The algorithm, as run() below runs it (theta: the weights; L: the mean next-token loss on D_safe):
 
@@ -14,14 +16,18 @@ The algorithm, as run() below runs it (theta: the weights; L: the mean next-toke
         for k2 steps:                                             # k2 = --defend-steps
             theta <- AdamW step on  alpha * L(theta + delta) + (1 - alpha) * L(theta),  delta fixed (first order)
 
-The baseline (--mode sft) takes the same steps with alpha = 0 and no inner attack. The file reads top to bottom:
-  1. the loss and the three pieces: sft_step, inner_attack, defender_step
-  2. run(): the schedule above
-  3. setup: distributed, FSDP2, data, optimizer
-  4. the run directory: the log, resumable checkpoints
-  5. the command line: flags, the built-in demo, main()
+--mode picks the defender's update (section 2, DEFENSES); the schedule is the same for all, so every defense of a
+comparison takes the same steps on the same data. sft: the baseline (alpha = 0, no inner attack). vaccine and booster:
+the alignment-stage defenses of Huang et al. 2024, with no inner attack. The file reads top to bottom:
+  1. the loss and the pieces: sft_step, moved(), the attacker (attack, inner_attack)
+  2. the defenses: one update function each (defender_step is Patcher's), and DEFENSES, where they are named
+  3. run(): the schedule above
+  4. setup: distributed, FSDP2, data, optimizer
+  5. the run's bookkeeping: Training (the log, resumable checkpoints, resume), kept out of run()
+  6. the command line: flags, the built-in demo, main()
 """
 import argparse
+import copy
 import errno
 import hashlib
 import json
@@ -33,6 +39,7 @@ import sys
 import time
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
+from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -44,7 +51,7 @@ import data
 from model import DTYPES, CheckpointError, ModelConfig, Transformer, all_finite, compile_blocks, load_model, save_model
 
 # -----------------------------------------------------------------------------
-# 1. The loss and the three pieces
+# 1. The loss and the pieces
 #
 # A step's batch is this rank's share of one global batch: a list of micro-batches {"input_ids", "labels"}
 # (B, T), accumulated into one update. Labels are -100 outside the loss and shifted by one here, as in
@@ -119,10 +126,9 @@ def sft_step(model, optimizer, batch, max_grad_norm=1.0):
 
 
 def sft_steps(model, optimizer, batches, steps, max_grad_norm=1.0, first=1, should_stop=None):
-    """`steps` SFT updates on the stream `batches`: the loop of every attack (the inner attack here,
-    eval.py's test-time attack, parallel.py's attacker). Returns the loss of each step, or None as soon as
-    should_stop(), asked before each step, is true. A non-finite loss or gradient stops it with its step
-    named (numbered from `first`)."""
+    """`steps` SFT updates on the stream `batches`: the loop of every attack (attack() below, eval.py's test-time
+    attack). Returns the loss of each step, or None as soon as should_stop(), asked before each step, is true.
+    A non-finite loss or gradient stops it with its step named (numbered from `first`)."""
     losses = []
     for i in range(first, first + steps):
         if should_stop is not None and should_stop():
@@ -151,6 +157,28 @@ def restore(model, saved):
         p.copy_(saved[n])
 
 
+@contextmanager
+def moved(model, direction, scale=1.0, theta_buffer=None):
+    """Inside: the weights are theta + scale * direction ({name: tensor}, sharded like the parameters), for a loss
+    at moved weights (Patcher's L(theta + delta), Booster's harmful loss a step away). On the way out theta is
+    restored *exactly*, from a copy: subtracting again would round, and in bf16 each such round trip moves the
+    weights by about one AdamW step. `theta_buffer` (from snapshot()) is reused for the copy when given."""
+    theta = snapshot(model, into=theta_buffer)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            p.add_(direction[n], alpha=scale)
+    try:
+        yield
+    finally:
+        restore(model, theta)
+
+
+def global_norm(tensors, group=None):
+    """The L2 norm of a dict of tensors sharded over `group` (or whole): local sums of squares, summed over it."""
+    sq = sum((t.to_local() if hasattr(t, "to_local") else t).float().pow(2).sum() for t in tensors.values())
+    return all_sum(sq, group).item() ** 0.5
+
+
 def make_optimizer(params, lr, weight_decay=0.01, fused=None):
     """AdamW with torch's defaults but the learning rate (constant: no schedule), fused on CUDA unless
     fused=False (one kernel for all parameters instead of several per parameter)."""
@@ -160,134 +188,240 @@ def make_optimizer(params, lr, weight_decay=0.01, fused=None):
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
 
 
-def inner_attack(model, batches, steps, lr, weight_decay=0.01, max_grad_norm=1.0, theta_buffer=None, fused=None):
-    """The inner attack: k1 = `steps` steps of full-parameter SFT on D_unsafe from the current theta, with
-    a fresh AdamW (constant lr) that is thrown away afterwards (its two moment buffers are the attack's
-    main memory cost). Returns (delta, losses): the attack vector delta = theta_att - theta as
-    {name: tensor}, named as model.named_parameters() and sharded like them, and the loss of every step.
-    The parameters end bitwise as they started: copied back, never recomputed as theta_att - delta.
-    `theta_buffer` (from snapshot()) is reused for the copy of theta when given."""
+def attack(model, batches, args, should_stop=None):
+    """The attacker: k1 = --inner-steps steps of full-parameter SFT on the D_unsafe stream `batches`, in place, with
+    a fresh AdamW (constant --inner-lr, --inner-weight-decay, clipping at --inner-max-grad-norm) thrown away
+    afterwards (its two moment buffers are the attack's main memory cost). Both schedules attack with this one
+    function (inner_attack below; parallel.py's attacker half), so another attacker (another optimizer, LoRA) is an
+    edit here. Returns the loss of each step, or None if should_stop() said stop (see sft_steps)."""
+    optimizer = make_optimizer(model.parameters(), args.inner_lr, args.inner_weight_decay, args.fused_adamw)
+    return sft_steps(model, optimizer, batches, args.inner_steps, args.inner_max_grad_norm, should_stop=should_stop)
+
+
+def inner_attack(model, batches, args, theta_buffer=None):
+    """Patcher's inner attack: attack() from the current theta. Returns (delta, losses): the attack vector
+    delta = theta_att - theta as {name: tensor}, named as model.named_parameters() and sharded like them, and the
+    loss of every attack step. The parameters end bitwise as they started: copied back, never recomputed as
+    theta_att - delta. `theta_buffer` (from snapshot()) is reused for the copy of theta when given."""
     theta = snapshot(model, into=theta_buffer)
-    optimizer = make_optimizer(model.parameters(), lr, weight_decay, fused)
-    losses = sft_steps(model, optimizer, batches, steps, max_grad_norm)
+    losses = attack(model, batches, args)
     with torch.no_grad():
         delta = {n: p.detach() - theta[n] for n, p in model.named_parameters()}
     restore(model, theta)
     return delta, losses
 
 
-def delta_norm(delta, group=None):
-    """Global L2 norm of the attack vector: local sums of squares, summed over the shard group."""
-    sq = sum((d.to_local() if hasattr(d, "to_local") else d).float().pow(2).sum() for d in delta.values())
-    return all_sum(sq, group).item() ** 0.5
+# -----------------------------------------------------------------------------
+# 2. The defenses: one update function each, with one signature
+#
+#     update(model, optimizer, batch, args, delta=None, theta_buffer=None) -> metrics
+#
+# batch: this step's Batches: a D_safe batch, a D_unsafe batch for the defenses that train against harmful data
+# every step (Booster), a retain batch with --retain-weight. delta: the round's attack vector, for the defenses that
+# have an inner attack (Patcher). args: the flags; each defense reads its own (Defense.flags). theta_buffer: a
+# snapshot() reused for the copy of theta of a loss at moved weights. Each update accumulates its gradient, then
+# finish() adds the optional retain term, clips and takes the AdamW step. A new defense is a function here, its
+# line in DEFENSES, its flags (an add_argument each, named in its Defense) and its test.
 
 
-def defender_step(model, optimizer, batch, delta, alpha, max_grad_norm=1.0, theta_buffer=None, retain=None,
-                  retain_weight=0.0):
-    """One outer update on a D_safe batch, with gradient
+class Batches(NamedTuple):
+    safe: list  # D_safe
+    harmful: list | None = None  # D_unsafe, drawn every step for a defense with Defense.harmful
+    retain: list | None = None  # benign answers for the retain term (--retain-data, --retain-weight > 0)
 
-        (1 - alpha) * grad L(theta) + alpha * grad L(theta + delta)  [+ retain_weight * grad L_retain(theta)]
 
-    delta held fixed (first order); delta None is a plain SFT step (alpha = 0: the warmup, the baseline).
-    The attacked loss is evaluated by adding delta in place, then the weights are restored *exactly* from
-    a copy: subtracting delta again would round, and in bf16 each such round trip moves the weights by
-    about one AdamW step. `theta_buffer` (from snapshot()) is reused when given.
-
-    The optional retain term (TAR's retain loss, Tamirisa et al. 2024) keeps the model useful: the loss on
-    a batch of benign prompt -> answer pairs (`retain`) at theta only, never at theta + delta. Without it
-    (None, or weight 0) nothing is computed and the update is bitwise the paper's."""
-    alpha = alpha if delta is not None else 0.0
-    clean = forward_backward(model, batch, scale=1 - alpha, backward=alpha < 1)
-    check_finite(clean["loss"], "L(theta)")
-    metrics = {"loss_clean": clean["loss"], **{k: clean[k] for k in ("tokens", "supervised", "flops")}}
-    passes = [clean]
-    if alpha > 0:
-        theta = snapshot(model, into=theta_buffer)
-        with torch.no_grad():
-            for n, p in model.named_parameters():
-                p.add_(delta[n])
-        try:
-            adv = forward_backward(model, batch, scale=alpha)
-        finally:
-            restore(model, theta)
-        check_finite(adv["loss"], "L(theta + delta)")
-        metrics.update(loss_adv=adv["loss"], gap=adv["loss"] - clean["loss"])
-        passes.append(adv)
+def finish(model, optimizer, passes, max_grad_norm, retain=None, retain_weight=0.0):
+    """The end of every defense's update. `passes`: {metric: forward_backward result} of the passes it ran, their
+    gradients accumulated in .grad. The optional retain term (TAR's retain loss, Tamirisa et al. 2024) adds the
+    gradient of the loss on a batch of benign prompt -> answer pairs at theta (`retain`, weighted; None or weight 0:
+    nothing is computed); then clip and step. Returns each pass's loss, their summed counts and the gradient norm."""
     if retain is not None and retain_weight > 0:
         kept = forward_backward(model, retain, scale=retain_weight)
         check_finite(kept["loss"], "L_retain(theta)")
-        metrics["loss_retain"] = kept["loss"]
-        passes.append(kept)
+        passes["loss_retain"] = kept
+    metrics = {k: p["loss"] for k, p in passes.items()}
     for k in ("tokens", "supervised", "flops"):
-        metrics[k] = sum(p[k] for p in passes)
+        metrics[k] = sum(p[k] for p in passes.values())
     metrics["grad_norm"] = clip_and_step(model, optimizer, max_grad_norm)
     return metrics
 
 
+def defender_step(model, optimizer, batch, delta, alpha, max_grad_norm=1.0, theta_buffer=None, retain=None,
+                  retain_weight=0.0):
+    """Patcher's outer update on a D_safe batch, with gradient
+
+        (1 - alpha) * grad L(theta) + alpha * grad L(theta + delta)  [+ retain_weight * grad L_retain(theta)]
+
+    delta held fixed (first order); delta None is a plain SFT step (alpha = 0: the warmup, the baseline). The
+    attacked loss is taken at moved weights, restored exactly after (moved())."""
+    alpha = alpha if delta is not None else 0.0
+    clean = forward_backward(model, batch, scale=1 - alpha, backward=alpha < 1)
+    check_finite(clean["loss"], "L(theta)")
+    passes = {"loss_clean": clean}
+    if alpha > 0:
+        with moved(model, delta, theta_buffer=theta_buffer):
+            passes["loss_adv"] = forward_backward(model, batch, scale=alpha)
+        check_finite(passes["loss_adv"]["loss"], "L(theta + delta)")
+    metrics = finish(model, optimizer, passes, max_grad_norm, retain, retain_weight)
+    if alpha > 0:
+        metrics["gap"] = metrics["loss_adv"] - metrics["loss_clean"]
+    return metrics
+
+
+def sft_update(model, optimizer, batch, args, delta=None, theta_buffer=None):
+    """Plain SFT on D_safe: the baseline, and every defense's warmup."""
+    return defender_step(model, optimizer, batch.safe, None, 0.0, args.max_grad_norm, None, batch.retain,
+                         args.retain_weight)
+
+
+def patcher_update(model, optimizer, batch, args, delta=None, theta_buffer=None):
+    """Patcher: alpha * L(theta + delta) + (1 - alpha) * L(theta) on D_safe, delta from the round's inner attack."""
+    return defender_step(model, optimizer, batch.safe, delta, args.alpha, args.max_grad_norm, theta_buffer,
+                         batch.retain, args.retain_weight)
+
+
+@contextmanager
+def attention_outputs(model, record=None, add=None):
+    """Inside, on every forward pass of `model`: each block's attention output (the residual branch before it is added
+    back) has its gradient stored in record[j][i] during backward (j: the forward pass inside, i: the block), or is
+    shifted by add[j][i]. j counts the model's own forward calls, so activation checkpointing, which re-runs a
+    block (not the model) in backward, finds its pass's perturbation. A perturbation is a constant: the gradient
+    flows through it unchanged."""
+    j, layers = -1, model.model.layers
+
+    def count(module, inputs):
+        nonlocal j
+        j += 1
+        if record is not None:
+            record.append([None] * len(layers))
+
+    def hook(i):
+        def fn(module, inputs, out):
+            if add is not None:
+                return out + add[j][i]
+            if out.requires_grad:
+                out.register_hook(lambda g, j=j: record[j].__setitem__(i, g.detach()))
+        return fn
+    handles = [model.register_forward_pre_hook(count)]
+    handles += [block.self_attn.register_forward_hook(hook(i)) for i, block in enumerate(layers)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+VACCINE_EPS = 1e-7  # added to the norm, as the official code does
+
+
+def vaccine_update(model, optimizer, batch, args, delta=None, theta_buffer=None):
+    """Vaccine (Huang et al. 2024, github git-disl/Vaccine, VaccineTrainer): perturbation-aware alignment. A first
+    pass on the D_safe batch records g, the gradient of L(theta) with respect to every block's attention output; a
+    second pass adds rho * g / ||g|| to those outputs (--vaccine-rho; one norm over all blocks, micro-batches and
+    ranks), and its gradient updates the weights. The first pass's weight gradients are discarded."""
+    grads = []
+    with attention_outputs(model, record=grads):
+        clean = forward_backward(model, batch.safe)
+    optimizer.zero_grad(set_to_none=True)
+    check_finite(clean["loss"], "L(theta)")
+    # the gradient of the global mean loss: forward_backward scaled each rank's loss by the world size (for FSDP2)
+    group = process_group(model)
+    world = dist.get_world_size(group) if group is not None else 1
+    grads = [[g / world for g in micro] for micro in grads]
+    norm = all_sum(sum(g.float().pow(2).sum() for micro in grads for g in micro), group).item() ** 0.5
+    scale = args.vaccine_rho / (norm + VACCINE_EPS)
+    with attention_outputs(model, add=[[g * scale for g in micro] for micro in grads]):
+        perturbed = forward_backward(model, batch.safe)
+    check_finite(perturbed["loss"], "L(theta) with perturbed attention")
+    metrics = finish(model, optimizer, {"loss_clean": clean, "loss_perturbed": perturbed}, args.max_grad_norm,
+                     batch.retain, args.retain_weight)
+    metrics["perturbation_grad_norm"] = norm
+    return metrics
+
+
+BOOSTER_EPS = 1e-7  # added to the norm, as the official code does
+
+
+def booster_update(model, optimizer, batch, args, delta=None, theta_buffer=None):
+    """Booster (Huang et al. 2024, github git-disl/Booster, BoosterAlignmentTrainer): attenuate the harmful
+    perturbation. With f the loss on the D_safe batch and h the loss on a D_unsafe batch,
+
+        g = grad h(theta);  the update uses  grad f(theta) + lambda * (g - grad h(theta - alpha * g / ||g||))
+
+    (--booster-lambda, --booster-alpha): it also lowers how much one normalised harmful step would reduce h. theta
+    is restored exactly after the moved pass (moved()), where the official code adds the step back."""
+    harmful = forward_backward(model, batch.harmful)
+    check_finite(harmful["loss"], "h(theta)")
+    params = dict(model.named_parameters())
+    g = {n: p.grad for n, p in params.items()}  # taken out of .grad: the next pass accumulates afresh
+    optimizer.zero_grad(set_to_none=True)
+    norm = global_norm(g, process_group(model))
+    with moved(model, g, -args.booster_alpha / (norm + BOOSTER_EPS), theta_buffer):
+        stepped = forward_backward(model, batch.harmful)
+    check_finite(stepped["loss"], "h(theta - alpha g / |g|)")
+    with torch.no_grad():
+        for n, p in params.items():
+            g[n].sub_(p.grad)  # g - grad h(theta - alpha g / |g|)
+    optimizer.zero_grad(set_to_none=True)
+    clean = forward_backward(model, batch.safe)
+    check_finite(clean["loss"], "f(theta)")
+    with torch.no_grad():
+        for n, p in params.items():
+            p.grad.add_(g[n], alpha=args.booster_lambda)
+    del g
+    metrics = finish(model, optimizer, {"loss_clean": clean, "loss_harmful": harmful, "loss_harmful_stepped": stepped},
+                     args.max_grad_norm, batch.retain, args.retain_weight)
+    metrics["harmful_grad_norm"] = norm
+    return metrics
+
+
+class Defense(NamedTuple):
+    update: Callable  # one update step, with the signature above
+    phase: str  # its name in the log
+    inner_attack: bool = False  # an inner attack each round gives it the attack vector delta
+    harmful: bool = False  # it draws a D_unsafe batch (--batch-size) every step
+    flags: tuple = ()  # its own flags (argparse dests): given with another --mode, a usage error
+    moves_theta: bool = False  # it takes a loss at moved weights: one copy of theta, reused every step
+    hooks_blocks: bool = False  # it hooks into the blocks, which torch.compile'd blocks would skip: no --compile
+
+
+INNER_FLAGS = ("inner_steps", "inner_lr", "inner_weight_decay", "inner_max_grad_norm", "inner_batch_size")
+UNSAFE_FLAGS = ("unsafe_data", "unsafe_format")
+DEFENSES = {  # --mode: the defenses, by name
+    "sft": Defense(sft_update, "sft"),
+    "patcher": Defense(patcher_update, "defend", inner_attack=True, moves_theta=True,
+                       flags=("alpha", *INNER_FLAGS, *UNSAFE_FLAGS)),
+    "vaccine": Defense(vaccine_update, "vaccine", hooks_blocks=True, flags=("vaccine_rho",)),
+    "booster": Defense(booster_update, "booster", harmful=True, moves_theta=True,
+                       flags=("booster_lambda", "booster_alpha", *UNSAFE_FLAGS)),
+}
+
+
 # -----------------------------------------------------------------------------
-# 2. The schedule
+# 3. The schedule
 
 
 def run(args):
-    rank, world, device = init_distributed(args.precision)
-    torch.manual_seed(args.seed)
-    out = Path(args.out)
-    check_resume(args, out)  # before the demo writes or trains anything, or a model is loaded
-    if args.model is None:  # the built-in demo: a tiny base model and its toy world, written as files
-        make_demo(args, out, rank)
-    model = build_model(args.model, device, args)
-    streams, notes = load_data(args, rank, world)
-    optimizer = make_optimizer(model.parameters(), args.lr, args.weight_decay, args.fused_adamw)
-    warmup, M, k2 = args.warmup_steps, args.rounds, args.defend_steps
-    total = warmup + M * k2
-    run_settings = settings(args, world)  # hashes the inputs once: what every checkpoint records
-    step, delta, log = start_run(args, out, model, optimizer, streams, run_settings, rank, total, notes)
-    theta_buffer = snapshot(model) if args.mode == "patcher" else None  # one copy of theta for every attack and step
-    safe, retain = streams["safe"], streams.get("retain")
-
-    def train(n, phase, r):
-        """n steps on D_safe against the current delta (None: plain SFT), logged and checkpointed."""
-        nonlocal step
-        for _ in range(n):
-            t = time.time()
-            try:
-                metrics = defender_step(model, optimizer, next(safe), delta, args.alpha, args.max_grad_norm,
-                                        theta_buffer, next(retain) if retain else None, args.retain_weight)
-            except FloatingPointError as e:
-                raise FloatingPointError(f"{phase} step {step + 1}: {e}") from None
-            except KeyboardInterrupt:
-                raise Interrupted(step) from None
-            step += 1
-            log.step(step, phase, r, metrics, time.time() - t, args.lr)
-            # the last step too: an export that fails (a full disk) must not lose the run
-            if args.save_every and (step % args.save_every == 0 or step == total):
-                save_checkpoint(out, step, model, optimizer, delta, streams, run_settings, log.offset(), rank)
-
-    train(warmup - step, "warmup", -1)  # plain SFT on D_safe (a resumed run may be past it)
-    r0, i0 = divmod(step - warmup, k2) if step >= warmup else (0, 0)  # a resumed run re-enters its round
-    for r in range(r0, M):
-        if i0 == 0:  # a new round: the inner attack from the current theta gives its attack vector
-            delta = None  # free the last round's attack vector before the attack allocates the next
-            if args.mode == "patcher":
-                t = time.time()
-                try:
-                    delta, losses = inner_attack(model, streams["unsafe"], args.inner_steps, args.inner_lr,
-                                                 args.inner_weight_decay, args.inner_max_grad_norm, theta_buffer,
-                                                 args.fused_adamw)
-                except FloatingPointError as e:
-                    raise FloatingPointError(f"round {r}, inner {e}") from None
-                except KeyboardInterrupt:
-                    raise Interrupted(step) from None
-                log.inner_attack(step, r, losses, delta_norm(delta, process_group(model)), time.time() - t)
-            if args.reset_optimizer:  # as the official code, whose every round is a new process
-                optimizer = make_optimizer(model.parameters(), args.lr, args.weight_decay, args.fused_adamw)
-        train(k2 - i0, "defend" if args.mode == "patcher" else "sft", r)
-        i0 = 0
-    export_final(model, out, args, step, rank)
+    """The algorithm box (module docstring) for every defense: the warmup, then --rounds rounds of the inner attack
+    (for the defenses that have one) and k2 defender steps. Training keeps the bookkeeping out of this loop: it
+    logs and checkpoints every step, and a resumed run re-enters where it stopped (train() skips the steps taken,
+    new_round() is false for a round begun before the checkpoint, whose attack vector the checkpoint holds)."""
+    t = Training(args)  # distributed, model, data, optimizer, out/ (resumed from its checkpoint with --resume)
+    defense = t.defense
+    t.train(args.warmup_steps, "warmup", sft_update)  # plain SFT on D_safe
+    for r in range(args.rounds):
+        if t.new_round():
+            t.delta = None  # free the last round's attack vector before the attack allocates the next
+            if defense.inner_attack:  # delta = theta_att - theta: k1 steps of SFT on D_unsafe from theta
+                t.delta = t.inner_attack(r)
+            if args.reset_optimizer:  # a fresh AdamW every round, as the official code's new process per round
+                t.optimizer = make_optimizer(t.model.parameters(), args.lr, args.weight_decay, args.fused_adamw)
+        t.train(args.defend_steps, defense.phase, defense.update, r)
+    t.export()
 
 
 # -----------------------------------------------------------------------------
-# 3. Setup: distributed, FSDP2, data, optimizer
+# 4. Setup: distributed, FSDP2, data, optimizer
 
 
 def init_distributed(precision="fp32"):
@@ -386,12 +520,14 @@ def export_dtype(args):
 
 
 def load_data(args, rank, world):
-    """Endless, resumable batch streams for D_safe, D_unsafe (patcher mode) and the retain set (if any),
+    """Endless, resumable batch streams for D_safe, D_unsafe (the defenses that use it) and the retain set (if any),
     each rank taking its share of every global batch; and a line about each set for the log."""
     tok = data.load_tokenizer(args.model)
+    defense = DEFENSES[args.mode]
     sets = [("safe", args.safe_data, args.safe_format, args.batch_size)]
-    if args.mode != "sft":
-        sets.append(("unsafe", args.unsafe_data, args.unsafe_format, args.inner_batch_size))
+    if defense.inner_attack or defense.harmful:  # the inner attack's batches, or one each step (--batch-size)
+        sets.append(("unsafe", args.unsafe_data, args.unsafe_format,
+                     args.inner_batch_size if defense.inner_attack else args.batch_size))
     if args.retain_data and args.retain_weight > 0:
         sets.append(("retain", args.retain_data, "auto", args.batch_size))
     streams, notes = {}, []
@@ -429,7 +565,7 @@ def peak_flops(device):
 
 
 # -----------------------------------------------------------------------------
-# 4. The run directory: config.json, metrics.jsonl, checkpoints/, final/
+# 5. The run's bookkeeping: Training; out/ with config.json, metrics.jsonl, checkpoints/, final/
 
 
 class Log:
@@ -466,10 +602,11 @@ class Log:
         if self.start is None:
             self.start = (step - 1, time.time())
         eta = (time.time() - self.start[1]) / (step - self.start[0]) * (self.total - step)
-        adv = f" adv {m['loss_adv']:.4f} gap {m['gap']:+.4f}" if "loss_adv" in m else ""
-        adv += f" retain {m['loss_retain']:.4f}" if "loss_retain" in m else ""
+        # the defense's other losses (Patcher: "adv", the loss at theta + delta, and its gap to the clean loss)
+        more = "".join(f" {k[5:]} {v:.4f}" + (f" gap {m['gap']:+.4f}" if k == "loss_adv" else "")
+                       for k, v in m.items() if k.startswith("loss_") and k != "loss_clean")
         mfu = f" | mfu {100 * row['mfu']:.1f}%" if row["mfu"] is not None else ""
-        print(f"step {step:>5}/{self.total} | {phase:<6} | loss {m['loss_clean']:.4f}{adv} | gnorm {m['grad_norm']:.3f} "
+        print(f"step {step:>5}/{self.total} | {phase:<6} | loss {m['loss_clean']:.4f}{more} | gnorm {m['grad_norm']:.3f} "
               f"| lr {lr:.1e} | {row['tokens_per_s']:.0f} tok/s ({row['supervised_per_s']:.0f} supervised){mfu} "
               f"| eta {eta / 60:.1f} min", flush=True)
 
@@ -480,6 +617,76 @@ class Log:
             more = "".join(f" | {k} {v:.4g}" for k, v in extra.items())
             print(f"inner attack, round {r} | k1 {len(losses)} | loss {losses[0]:.4f} -> {losses[-1]:.4f} | "
                   f"|delta| {dnorm:.4f} | {seconds:.1f}s{more}", flush=True)
+
+
+class Training:
+    """One run's state and bookkeeping, kept out of run(): the model, its optimizer, the data streams, the round's
+    attack vector `delta`, and out/ (config.json, the log, resumable checkpoints, final/). A resumed run restores all
+    of it from out/checkpoints/latest; `step` says how far it got, `planned` how far train() has laid out the
+    schedule, so that train() skips the steps taken and new_round() tells a fresh round from a re-entered one."""
+
+    def __init__(self, args):
+        self.args = args
+        self.rank, world, device = init_distributed(args.precision)
+        torch.manual_seed(args.seed)
+        self.out = Path(args.out)
+        check_resume(args, self.out)  # before the demo writes or trains anything, or a model is loaded
+        if args.model is None:  # the built-in demo: a tiny base model and its toy world, written as files
+            make_demo(args, self.out, self.rank)
+        self.defense = DEFENSES[args.mode]
+        self.model = build_model(args.model, device, args)
+        self.streams, notes = load_data(args, self.rank, world)
+        self.optimizer = make_optimizer(self.model.parameters(), args.lr, args.weight_decay, args.fused_adamw)
+        self.total = args.warmup_steps + args.rounds * args.defend_steps
+        self.settings = settings(args, world)  # hashes the inputs once: what every checkpoint records
+        self.step, self.delta, self.log = start_run(args, self.out, self.model, self.optimizer, self.streams,
+                                                    self.settings, self.rank, self.total, notes)
+        # one copy of theta for every attack and step that moves the weights
+        self.theta_buffer = snapshot(self.model) if self.defense.moves_theta else None
+        self.planned = 0
+
+    @contextmanager
+    def naming_the_step(self, what):
+        """A non-finite number inside is named by `what`; Ctrl-C is an interruption at the step reached."""
+        try:
+            yield
+        except FloatingPointError as e:
+            raise FloatingPointError(f"{what}{e}") from None
+        except KeyboardInterrupt:
+            raise Interrupted(self.step) from None
+
+    def new_round(self):
+        """Whether the round that starts now is new: False when a resumed run re-enters it (or is past it)."""
+        return self.step <= self.planned
+
+    def train(self, n, phase, update, r=-1):
+        """The next n steps of the schedule, each with `update` (a defense's) on fresh batches, logged, and
+        checkpointed every --save-every steps and at the last; the steps a resumed run had taken are skipped."""
+        self.planned += n
+        s, args = self.streams, self.args
+        while self.step < self.planned:
+            t = time.time()
+            batch = Batches(next(s["safe"]), next(s["unsafe"]) if self.defense.harmful else None,
+                            next(s["retain"]) if "retain" in s else None)
+            with self.naming_the_step(f"{phase} step {self.step + 1}: "):
+                metrics = update(self.model, self.optimizer, batch, args, self.delta, self.theta_buffer)
+            self.step += 1
+            self.log.step(self.step, phase, r, metrics, time.time() - t, args.lr)
+            # the last step too: an export that fails (a full disk) must not lose the run
+            if args.save_every and (self.step % args.save_every == 0 or self.step == self.total):
+                save_checkpoint(self.out, self.step, self.model, self.optimizer, self.delta, self.streams,
+                                self.settings, self.log.offset(), self.rank)
+
+    def inner_attack(self, r):
+        """Round r's inner attack from the current theta (inner_attack()), logged; returns its attack vector."""
+        t = time.time()
+        with self.naming_the_step(f"round {r}, inner "):
+            delta, losses = inner_attack(self.model, self.streams["unsafe"], self.args, self.theta_buffer)
+        self.log.inner_attack(self.step, r, losses, global_norm(delta, process_group(self.model)), time.time() - t)
+        return delta
+
+    def export(self):
+        export_final(self.model, self.out, self.args, self.step, self.rank)
 
 
 class RunError(RuntimeError):
@@ -600,7 +807,8 @@ def start_run(args, out, model, optimizer, streams, run_settings, rank, total, n
     anything is written). Writes config.json, prints the header; returns (step, delta, log)."""
     step, delta, offset = 0, None, None
     if args.resume:
-        delta_like = {n: torch.zeros_like(p) for n, p in model.named_parameters()} if args.mode == "patcher" else None
+        delta_like = ({n: torch.zeros_like(p) for n, p in model.named_parameters()} if DEFENSES[args.mode].inner_attack
+                      else None)
         step, delta, offset = load_checkpoint(out, model, optimizer, delta_like, streams, run_settings, rank)
     device, world = model.lm_head.weight.device, run_settings["world_size"]
     if rank == 0:
@@ -609,7 +817,7 @@ def start_run(args, out, model, optimizer, streams, run_settings, rank, total, n
             print(line)
         print(f"mode {args.mode} | world {world} | {precision(args.precision)} | {total} steps = warmup {args.warmup_steps} + "
               f"{args.rounds} rounds x k2 {args.defend_steps}" + (f" | inner attack k1 {args.inner_steps} at lr "
-              f"{args.inner_lr:g}" if args.mode == "patcher" else "") + (f" | resumed at step {step}" if step else ""),
+              f"{args.inner_lr:g}" if DEFENSES[args.mode].inner_attack else "") + (f" | resumed at step {step}" if step else ""),
               flush=True)
     return step, delta, Log(out, rank, total, device, offset)
 
@@ -782,7 +990,7 @@ def export_final(model, out, args, step, rank):
 
 
 # -----------------------------------------------------------------------------
-# 5. The command line
+# 6. The command line
 
 
 FLOAT32_MAX = 3.4028234663852886e38  # beyond it torch's fp32 optimizer math overflows
@@ -843,8 +1051,9 @@ def get_parser():
     g.add_argument("--loss-mask", choices=list(data.LOSS_MASKS), default="answer",
                    help="tokens of an assistant turn in the loss: " + "; ".join(f"{k}: {v}" for k, v in data.LOSS_MASKS.items()))
     g = p.add_argument_group("algorithm")
-    g.add_argument("--mode", choices=["sft", "patcher"], default="patcher",
-                   help="sft: the baseline (alpha = 0, no inner attack, same steps); patcher: the sequential schedule")
+    g.add_argument("--mode", choices=list(DEFENSES), default="patcher",
+                   help="the defender's update (the schedule is the same for all): sft, the baseline (alpha = 0, no inner "
+                        "attack); patcher; vaccine (--vaccine-rho); booster (--booster-lambda, --booster-alpha, D_unsafe)")
     g.add_argument("--alpha", type=FRACTION, default=0.5, help="weight of the attacked loss L(theta + delta)")
     g.add_argument("--warmup-steps", type=COUNT, default=100, help="plain SFT steps on D_safe before the first round")
     g.add_argument("--rounds", type=POSITIVE_COUNT, default=5, help="M: rounds of (inner attack, k2 defender steps)")
@@ -853,6 +1062,12 @@ def get_parser():
     g.add_argument("--reset-optimizer", action="store_true", help="a fresh defender AdamW every round (the official code)")
     g.add_argument("--retain-weight", type=NONNEGATIVE, default=0.0,
                    help="weight of the retain loss on --retain-data at theta (0: off, the paper's objective)")
+    g.add_argument("--vaccine-rho", type=RATE, default=2.0,
+                   help="--mode vaccine: norm of the perturbation of the attention outputs (the official Vaccine.sh 2)")
+    g.add_argument("--booster-lambda", type=NONNEGATIVE, default=5.0,
+                   help="--mode booster: weight of the harmful-perturbation term (the official smooth_align.sh)")
+    g.add_argument("--booster-alpha", type=RATE, default=0.1,
+                   help="--mode booster: length of the normalised harmful step it attenuates (the official 0.1)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--lr", type=RATE, default=1e-5, help="defender learning rate, constant (<= 1e30: beyond, AdamW "
                                                            "overflows fp32)")
@@ -886,7 +1101,42 @@ def get_parser():
     g.add_argument("--fused-adamw", action=argparse.BooleanOptionalAction, default=None,
                    help="fused AdamW kernels (default: on CUDA)")
     g.add_argument("--debug", action="store_true", help="show tracebacks for user errors too")
+    g.add_argument("--list-flags", action=ListFlags, modes=mode_of,
+                   help="print every flag as 'NAME value|switch MODES' (MODES: the --mode values that take it, or all), "
+                        "then exit: how train.sh learns which flags this program takes")
     return p
+
+
+def mode_of(dest):
+    """The --mode values that take flag `dest`: those whose Defense names it, or all."""
+    return [m for m, d in DEFENSES.items() if dest in d.flags] or ["all"]
+
+
+class ListFlags(argparse.Action):
+    """--list-flags: one line per flag, 'NAME value|switch MODES', then exit (as --help does). `modes`: dest -> the
+    modes that take it (none: the flag is not listed). train.sh reads this instead of keeping lists of its own."""
+
+    def __init__(self, option_strings, dest, modes=lambda dest: ["all"], **kw):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kw)
+        self.modes = modes
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        for a in parser._actions:
+            if a.dest in ("help", self.dest) or not a.option_strings:
+                continue
+            kind, modes = "switch" if a.nargs == 0 else "value", self.modes(a.dest)
+            for name in a.option_strings:
+                if name.startswith("--") and modes:
+                    print(f"{name[2:]} {kind} {','.join(modes)}")
+        parser.exit()
+
+
+def given_flags(parser, argv):
+    """The dests of the flags on the command line `argv`, as `parser` reads it (abbreviations included)."""
+    p = copy.deepcopy(parser)
+    for a in p._actions:
+        a.default = argparse.SUPPRESS
+    return set(vars(p.parse_args(argv)))
 
 
 # The demo's preset: its own small values, prepended so that any flag given overrides them.
@@ -898,6 +1148,13 @@ def parse_args(argv=None, parser=None):
     p = parser or get_parser()
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     args = p.parse_args(argv)
+    defense = DEFENSES[args.mode]
+    for dest in sorted(given_flags(p, argv)):  # the user's flags, not the demo's preset
+        if "all" not in mode_of(dest) and args.mode not in mode_of(dest):
+            p.error(f"--{dest.replace('_', '-')} is a flag of --mode {'/'.join(mode_of(dest))}: --mode {args.mode} "
+                    f"does not use it")
+    if args.compile and defense.hooks_blocks:  # compiled blocks run no module hook added after compilation, silently
+        p.error(f"--compile: --mode {args.mode} hooks into the blocks, which compiled blocks would skip; run it without")
     if args.model is None:
         args = p.parse_args(DEMO_FLAGS + argv)
         if args.safe_data or args.unsafe_data or args.retain_data:
@@ -907,8 +1164,8 @@ def parse_args(argv=None, parser=None):
             p.error(f"--model {args.model}: not a directory")
         if args.safe_data is None:
             p.error("--safe-data is required with --model")
-        if args.mode == "patcher" and args.unsafe_data is None:
-            p.error("--unsafe-data is required with --mode patcher")
+        if (defense.inner_attack or defense.harmful) and args.unsafe_data is None:
+            p.error(f"--unsafe-data is required with --mode {args.mode}")
     for flag in ("safe_data", "unsafe_data", "retain_data"):
         f = getattr(args, flag)
         if f is not None and not Path(f).is_file():

@@ -33,20 +33,16 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 
-# The flags each program takes (tests/test_train_sh.py checks these lists against the programs' parsers).
-ALIGN_FLAGS="safe-format unsafe-format retain-data prompt-field response-field system-prompt max-len loss-mask mode alpha
-  warmup-steps rounds inner-steps defend-steps retain-weight lr weight-decay max-grad-norm batch-size inner-lr
-  inner-weight-decay inner-max-grad-norm inner-batch-size micro-batch-size export-dtype precision"
-ALIGN_SWITCHES="reset-optimizer group-by-length activation-checkpointing compile fused-adamw no-fused-adamw debug"
-PARALLEL_FLAGS="refresh-every refresh-offset delta-ref peer-timeout"  # parallel.py's own, on top of patcher.py's
-PARALLEL_SWITCHES="sync"
-EVAL_FLAGS="attack-format attack-benign-data attack-samples poison-ratio limit system-prompt attacks attack-kind eval-at
-  attack-lr attack-batch-size attack-micro-batch-size attack-weight-decay attack-max-grad-norm attack-max-len
-  attack-loss-mask precision thinking lora-rank
-  lora-alpha lora-targets temperature top-p top-k repetition-penalty max-new-tokens gen-batch-size dtype judge
-  judge-template refusal-phrases judge-url judge-model judge-max-tokens judge-tries judge-retry judge-timeout
-  judge-model-path log-every"
-EVAL_SWITCHES="keep-repeated-prompts export greedy activation-checkpointing compile debug"
+# The flags each program takes come from its own parser (--list-flags: "NAME value|switch MODES" a line), never from
+# lists kept here: a flag added to a program reaches it from its variable with no edit of this file.
+LISTS=$(mktemp -d)
+trap 'rm -rf "$LISTS"' EXIT
+pids=()
+for program in patcher parallel eval; do python "$program.py" --list-flags > "$LISTS/$program" & pids+=($!); done
+for pid in "${pids[@]}"; do wait "$pid" || { echo "train.sh: a program could not list its flags (python ... --list-flags)" >&2; exit 1; }; done
+# the flags this script sets itself, from its own variables (the data files, the run directories, the seeds)
+OWN_ALIGN="model safe-data out seed mode resume save-every list-flags"
+OWN_EVAL="model out seed attack-data eval-data benign-data gsm8k summarize sweep worst-case check list-flags"
 
 SAFETY=${SAFETY:-tests/data/safety}  # the small SmolLM2 safety set, in the repository (we cd'ed to it above)
 TASK=${TASK:-tests/data/word_problems}  # a benign task to hide harmful answers in (GSM8K's layout)
@@ -127,11 +123,17 @@ if [[ $DEMO == 0 ]]; then
 fi
 
 var() { local v=${1//-/_}; echo "${v^^}"; }  # a flag's variable: inner-steps -> INNER_STEPS
-flags() {  # flags FLAGS SWITCHES SKIP: "--flag value" for every variable that is set (SKIP: the swept flag)
-  local f v
-  for f in $1; do v=$(var "$f"); [[ $f == "$3" || -z "${!v:-}" ]] || printf '%s\n%s\n' "--$f" "${!v}"; done
-  for f in $2; do v=$(var "$f"); [[ $f == "$3" || "${!v:-0}" == 0 ]] || printf '%s\n' "--$f"; done
+flags() {  # flags PROGRAM MODE SKIP: "--flag value" for every flag of PROGRAM (patcher, parallel, eval) that its --mode
+           # MODE takes and whose variable is set, but those this script sets itself and SKIP (space-separated)
+  local name kind modes v own=$([[ $1 == eval ]] && echo "$OWN_EVAL" || echo "$OWN_ALIGN")
+  while read -r name kind modes; do
+    [[ $modes == all || ,$modes, == *,$2,* ]] && [[ " $own $3 " != *" $name "* ]] || continue
+    v=$(var "$name")
+    if [[ $kind == switch ]]; then [[ "${!v:-0}" == 0 ]] || printf '%s\n' "--$name"
+    else [[ -z "${!v:-}" ]] || printf '%s\n%s\n' "--$name" "${!v}"; fi
+  done < "$LISTS/$1"
 }
+modes_of() { awk -v f="$2" '$1 == f {print $3}' "$LISTS/$1"; }  # modes_of PROGRAM FLAG: "all", or the modes that take it
 launch() {  # launch NPROC SCRIPT ARGS...: one process, or torchrun (FSDP2); DRY_RUN=1 only prints it
   local n=$1; shift
   local cmd=(python "$@")
@@ -148,23 +150,23 @@ cpu=$(grep -m1 "model name" /proc/cpuinfo 2>/dev/null | cut -d: -f2 | xargs || e
 sweep_flag=${SWEEP%%=*}
 IFS=, read -r -a sweep_values <<< "${SWEEP#*=}"
 [[ $SWEEP == *=* && ${#sweep_values[@]} -gt 0 ]] || { echo "SWEEP must be FLAG=V1,V2,..." >&2; exit 2; }
-if [[ " $(echo $EVAL_FLAGS $EVAL_SWITCHES) " == *" $sweep_flag "* ]]; then
+if [[ -n $(modes_of eval "$sweep_flag") ]]; then
   eval_sweep=1; aligned=(sft patcher)  # an attack variable: align the two once, evaluate once per value
 else
+  [[ $sweep_flag == mode || -n $(modes_of patcher "$sweep_flag") ]] || { echo "SWEEP: no program has --$sweep_flag" >&2; exit 2; }
   eval_sweep=0; aligned=("${sweep_values[@]}")
 fi
+owner=$(modes_of patcher "$sweep_flag"); owner=${owner%%,*}  # a defense's own flag sweeps that defense, others Patcher
+[[ -n $owner && $owner != all ]] || owner=patcher
 name_of() { [[ $eval_sweep == 1 || $sweep_flag == mode ]] && echo "$1" || echo "$sweep_flag:$1"; }
-align_flags_for() {  # the flags that make aligned model $1 differ: its mode and the swept value
-  local v=$1
-  if [[ $eval_sweep == 1 || $sweep_flag == mode ]]; then printf '%s\n%s\n' --mode "$v"
-  elif [[ $v == sft || ($sweep_flag == inner-steps && $v == 0) ]]; then printf '%s\n%s\n' --mode sft  # the baseline
-  else printf '%s\n%s\n%s\n%s\n' --mode patcher "--$sweep_flag" "$v"; fi
+mode_of() {  # the --mode of aligned model $1
+  if [[ $eval_sweep == 1 || $sweep_flag == mode ]]; then echo "$1"
+  elif [[ $1 == sft || ($sweep_flag == inner-steps && $1 == 0) ]]; then echo sft  # the baseline
+  else echo "$owner"; fi
 }
-
-mapfile -t align_args < <(flags "$ALIGN_FLAGS" "$ALIGN_SWITCHES" "$([[ $eval_sweep == 0 ]] && echo "$sweep_flag")")
 evaluations=($([[ $eval_sweep == 1 ]] && echo "${sweep_values[@]}" || echo -))  # one eval.py call per value, or one
 eval_args_for() {  # eval_args_for VALUE: eval.py's flags, with the swept value ("-": no sweep)
-  flags "$EVAL_FLAGS" "$EVAL_SWITCHES" "$([[ $eval_sweep == 1 ]] && echo "$sweep_flag")"
+  flags eval all "$([[ $eval_sweep == 1 ]] && echo "$sweep_flag")"
   [[ $1 == - ]] || printf '%s\n%s\n' "--$sweep_flag" "$1"
 }
 eval_dir() { echo "eval$([[ $1 == - ]] || echo "-$sweep_flag=$1")"; }
@@ -182,7 +184,7 @@ for seed in $SEEDS; do
       safe=$run/d_safe.jsonl
       [[ "${DRY_RUN:-0}" == 1 ]] || cat "${safe_files[@]}" > "$safe"
     fi
-    data_args=(--model "$MODEL" --safe-data "$safe" --unsafe-data "$UNSAFE_DATA")
+    data_args=(--model "$MODEL" --safe-data "$safe")
   fi
   if [[ $DEMO == 1 ]]; then  # the demo's base model and toy world, once per seed, before any alignment is timed
     echo "== seed $seed: the demo's base model -> $run/demo"
@@ -208,18 +210,21 @@ for seed in $SEEDS; do
   # 1. align: the same base, data, seed and number of defender steps; only the swept value differs
   models=()
   for v in "${aligned[@]}"; do
-    mapfile -t own < <(align_flags_for "$v")
-    schemes=sequential  # the SFT baseline has no attacker: always patcher.py
-    [[ ${own[1]} == patcher ]] && schemes=$([[ $SCHEME == both ]] && echo "sequential parallel" || echo "$SCHEME")
+    mode=$(mode_of "$v")
+    own=(--mode "$mode")
+    [[ $eval_sweep == 1 || $sweep_flag == mode || $mode == sft ]] || own+=("--$sweep_flag" "$v")
+    if [[ $DEMO == 0 && ,$(modes_of patcher unsafe-data), == *,$mode,* && $sweep_flag != unsafe-data ]]; then
+      own+=(--unsafe-data "$UNSAFE_DATA")  # the defenses that use D_unsafe
+    fi
+    schemes=sequential  # only Patcher has a parallel schedule
+    [[ $mode == patcher ]] && schemes=$([[ $SCHEME == both ]] && echo "sequential parallel" || echo "$SCHEME")
     for scheme in $schemes; do
       name=$(name_of "$v")$([[ $SCHEME != both || $scheme != parallel ]] || echo -parallel); dir=$run/$name
-      script=patcher.py n=$NPROC these=()
-      # RESET_OPTIMIZER models the official's new process per round; its SFT baseline is one process, one AdamW
-      for w in "${align_args[@]}"; do [[ ${own[1]} == sft && $w == --reset-optimizer ]] || these+=("$w"); done
-      if [[ $scheme == parallel ]]; then
-        script=parallel.py n=$PARALLEL_NPROC
-        mapfile -t -O "${#these[@]}" these < <(flags "$PARALLEL_FLAGS" "$PARALLEL_SWITCHES" "$sweep_flag")
-      fi
+      script=patcher.py n=$NPROC program=patcher
+      [[ $scheme == parallel ]] && script=parallel.py n=$PARALLEL_NPROC program=parallel
+      # RESET_OPTIMIZER models the official's new process per Patcher round; the other defenses are one AdamW
+      mapfile -t these < <(flags "$program" "$mode" "$([[ $eval_sweep == 0 ]] && echo "$sweep_flag") unsafe-data \
+        $([[ $mode == patcher ]] || echo reset-optimizer)")
       if [[ $DEMO == 1 && ! -e $dir/base && "${DRY_RUN:-0}" == 0 ]]; then
         mkdir -p "$dir" && cp -r "$run/demo/base" "$dir/base"  # one tiny base model per seed
       fi

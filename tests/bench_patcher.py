@@ -117,7 +117,8 @@ if args.part:  # child process: run one kind of training and report its peak mem
     else:
         patcher.sft_step(model, opt, batch)  # a warmup step: the defender's AdamW state exists during attacks
         buf = patcher.snapshot(model)  # as run() does: one theta buffer shared by attack and defender
-        delta, _ = patcher.inner_attack(model, iter(lambda: batch, None), steps=args.iters, lr=1e-5, theta_buffer=buf)
+        flags = patcher.get_parser().parse_args(["--inner-steps", str(args.iters), "--inner-lr", "1e-5"])
+        delta, _ = patcher.inner_attack(model, iter(lambda: batch, None), flags, theta_buffer=buf)
         for _ in range(args.iters):
             patcher.defender_step(model, opt, batch, delta, 0.5, theta_buffer=buf)
     print(json.dumps({"peak": peak_bytes(), "after_load": base}))

@@ -150,9 +150,9 @@ def _():
     yield ("SFT step, FSDP2 one rank, " + patcher.precision(flags.precision).split(",")[0], f"{n / t_sft:.0f} tok/s{mfu}", True)
     yield ("defender step / SFT step time (floor 2.0)", f"{t_def / t_sft:.2f}", t_def / t_sft < 2.3)
     if GPU:
-        mem = {}
+        mem, k1_3 = {}, patcher.get_parser().parse_args(["--inner-steps", "3"])
         for what, fn in (("SFT step", lambda: patcher.sft_step(model, opt, batch)),
-                         ("inner attack, k1 3", lambda: patcher.inner_attack(model, iter(lambda: batch, None), 3, 1e-5, theta_buffer=buf)),
+                         ("inner attack, k1 3", lambda: patcher.inner_attack(model, iter(lambda: batch, None), k1_3, theta_buffer=buf)),
                          ("defender step", lambda: patcher.defender_step(model, opt, batch, delta, 0.5, theta_buffer=buf))):
             torch.cuda.reset_peak_memory_stats()
             fn()

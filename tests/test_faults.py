@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from conftest import ROOT, run_script, with_base
 from test_eval import SECRET, FakeJudgeServer, demo_checkpoint, toy, toy_args  # noqa: F401 (toy is a fixture)
 from test_parallel import launch_ranks
-from test_patcher import FAST, rows, rows_so_far, tiny_model
+from test_patcher import FAST, FAST_SCHEDULE, rows, rows_so_far, tiny_model
 import data
 import model as model_py
 import patcher
@@ -458,7 +458,7 @@ def test_a_full_disk_during_the_export_keeps_the_trained_weights(tmp_path, demo_
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (300_000, 300_000))
     r = subprocess.run([sys.executable, str(ROOT / "patcher.py"), "--out", plain, "--model", plain / "base", "--safe-data",
-                        plain / "data" / "safe.jsonl", "--mode", "sft", *FAST], capture_output=True, text=True,
+                        plain / "data" / "safe.jsonl", "--mode", "sft", *FAST_SCHEDULE], capture_output=True, text=True,
                        env={**os.environ, "OMP_NUM_THREADS": "1"}, preexec_fn=limit, timeout=300)
     one_line_error(r, "could not export", "File too large", "GiB free there", "trained weights are lost", "--save-every 0")
 

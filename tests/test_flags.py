@@ -18,7 +18,7 @@ import patcher
 import test_faults
 import test_parallel
 from test_gpu_paths import BF16_HEADER, BF16_TOL, FIRST_TOL
-from test_patcher import FAST, assert_rows_close, rows
+from test_patcher import FAST, FAST_SCHEDULE, assert_rows_close, rows
 
 # FAST: warmup 3, rounds 2, inner 3, defend 4. The rows of metrics.jsonl, by index:
 #   0-2 warmup | 3 inner attack, round 0 | 4-7 defend | 8 inner attack, round 1 | 9-12 defend
@@ -46,10 +46,17 @@ def first_difference(a, b, tol=1e-6):
     return None if len(a) == len(b) else min(len(a), len(b))
 
 
+def fast(argv):
+    """FAST for the mode `argv` names: its inner attack flag only where there is an inner attack."""
+    argv = list(map(str, argv))
+    mode = argv[argv.index("--mode") + 1] if "--mode" in argv else "patcher"
+    return FAST if patcher.DEFENSES[mode].inner_attack else FAST_SCHEDULE
+
+
 def run_demo(out, argv, demo_base):
     """patcher.py in this process on a fresh --out holding the demo's base model -> (rows, the run's --out)."""
     out = with_base(out, demo_base)
-    patcher.run(patcher.parse_args(["--out", str(out), *FAST, *map(str, argv)]))
+    patcher.run(patcher.parse_args(["--out", str(out), *fast(argv), *map(str, argv)]))
     return rows(out), out
 
 
@@ -170,6 +177,16 @@ def check_debug(base, rs, ctx):
     assert isinstance(rs, data.DataError)  # raised with its traceback, not turned into one line and exit 1
 
 
+def check_list_flags(base, rs, ctx):
+    """One line per flag of the parser, with the modes that take it: what train.sh reads."""
+    lines = ctx["stdout"].splitlines()
+    names = {o[2:] for a in patcher.get_parser()._actions for o in a.option_strings if o.startswith("--")}
+    assert {line.split()[0] for line in lines} == names - {"help", "list-flags"}
+    for line in ("vaccine-rho value vaccine", "inner-steps value patcher", "unsafe-data value patcher,booster",
+                 "lr value all", "reset-optimizer switch all", "no-fused-adamw switch all"):
+        assert line in lines, line
+
+
 def check_precision(base, rs, ctx):
     """bf16 moves every loss by rounding only: the first already (by more than fp32's rounding), none by more than the
     tolerance stated in test_gpu_paths.py; the steps are the same."""
@@ -204,6 +221,10 @@ CASES = {
     "defend_steps": (["--defend-steps", "2"], check_defend_steps),
     "reset_optimizer": (["--reset-optimizer"], differs_first_at(FIRST_DEFEND + 1)),  # a fresh AdamW's first update
     "retain_weight": (["--retain-weight", "1"], check_retain_weight),
+    # a defense's own flags: compared with that defense's run at its defaults; its first update (row 3) changes
+    "vaccine_rho": (["--mode", "vaccine", "--vaccine-rho", "4"], ("reference", ["--mode", "vaccine"], differs_first_at(3))),
+    "booster_lambda": (["--mode", "booster", "--booster-lambda", "1"], ("reference", ["--mode", "booster"], differs_first_at(3))),
+    "booster_alpha": (["--mode", "booster", "--booster-alpha", "0.5"], ("reference", ["--mode", "booster"], differs_first_at(3))),
     "lr": (["--lr", "1e-3"], differs_first_at(1)),
     "weight_decay": (["--weight-decay", "5"], differs_first_at(1)),
     "max_grad_norm": (["--max-grad-norm", "0.01"], differs_first_at(1)),  # the reported norm is the one before clipping
@@ -226,6 +247,7 @@ CASES = {
     "debug": ("debug", check_debug),
     "export_dtype": (["--export-dtype", "bfloat16"], check_export_dtype),
     "precision": (["--precision", "bf16"], check_precision),  # a one-rank gloo group in this process: closed after
+    "list_flags": ("list_flags", check_list_flags),
 }
 
 
@@ -251,6 +273,9 @@ def test_flag_changes_exactly_what_it_should(flag, baseline, demo_base, tmp_path
         base_rows, _ = run_demo(tmp_path / "ref", [*explicit(baseline), "--retain-weight", "1", "--retain-data",
                                                    baseline[1] / "data" / "retain.jsonl"], demo_base)
         check = differs_first_at(0)
+    elif isinstance(check, tuple):  # ("reference", its flags, check): compared with another run than the baseline
+        base_rows, _ = run_demo(tmp_path / "ref", check[1], demo_base)
+        check = check[2]
     calls = {"fused": [], "compiled": 0}
     real_adamw = torch.optim.AdamW
 
@@ -265,7 +290,12 @@ def test_flag_changes_exactly_what_it_should(flag, baseline, demo_base, tmp_path
     monkeypatch.setattr(patcher, "compile_blocks", compile_blocks)
     out = tmp_path / "run"
     capsys.readouterr()
-    if argv == "resume":
+    if argv == "list_flags":
+        with pytest.raises(SystemExit) as exited:
+            patcher.parse_args(["--list-flags"])
+        assert exited.value.code == 0
+        rs = None
+    elif argv == "resume":
         run_demo(out, ["--save-every", "5"], demo_base)
         (out / "checkpoints" / "latest").write_text("step-0000010")  # the older of the two kept
         patcher.run(patcher.parse_args(["--out", str(out), *FAST, "--save-every", "5", "--resume"]))
@@ -346,9 +376,8 @@ INHERITED_ELSEWHERE = {  # flag -> why it is not in the combined run
     "safe_format": "read by patcher.load_data, which parallel.py calls", "unsafe_format": "as --safe-format",
     "prompt_field": "as --safe-format", "response_field": "as --safe-format",
     "system_prompt": "as --safe-format (and the toy world has no system turn)", "loss_mask": "as --system-prompt",
-    "mode": "parallel.py is Patcher's parallel schedule", "out": "each program its own",
-    "save_every": "refused by parallel.py (test_parallel_refuses_what_it_cannot_do)",
-    "resume": "refused by parallel.py (test_parallel_refuses_what_it_cannot_do)",
+    "mode": "parallel.py is Patcher's parallel schedule: any other mode is refused", "out": "each program its own",
+    "list_flags": "lists what parallel.py takes (test_train_sh.py reads it)",
     "activation_checkpointing": "the same numbers: patcher.build_model, which parallel.py calls",
     "compile": "patcher.build_model, which parallel.py calls", "fused_adamw": "patcher.make_optimizer, called with it",
     "debug": "patcher.main, which parallel.py runs under",
@@ -358,9 +387,24 @@ INHERITED_ELSEWHERE = {  # flag -> why it is not in the combined run
 def test_every_flag_of_parallel_has_a_case():
     own = flags_of(parallel.get_parser()) - flags_of(patcher.get_parser())
     assert own == set(PARALLEL_OWN), f"parallel.py flags without a case: {own - set(PARALLEL_OWN)}"
-    inherited = flags_of(patcher.get_parser())
+    honoured = flags_of(patcher.get_parser()) & parallel.HONOURED
     covered = set(INHERITED_IN_SYNC) | set(INHERITED_ELSEWHERE)
-    assert inherited == covered and not set(INHERITED_IN_SYNC) & set(INHERITED_ELSEWHERE), inherited ^ covered
+    assert honoured == covered and not set(INHERITED_IN_SYNC) & set(INHERITED_ELSEWHERE), honoured ^ covered
+
+
+def test_parallel_refuses_every_patcher_flag_it_does_not_honour(tmp_path, capsys):
+    """Each patcher.py flag outside parallel.HONOURED (a flag a fork adds included) is a usage error naming it."""
+    refused = flags_of(patcher.get_parser()) - parallel.HONOURED
+    assert {"save_every", "resume", "vaccine_rho", "booster_lambda"} <= refused
+    for dest in sorted(refused):
+        argv = CASES[dest][0] if isinstance(CASES[dest][0], list) else ["--" + dest.replace("_", "-")]
+        with pytest.raises(SystemExit) as exited:
+            parallel.parse_args([*map(str, argv), "--out", str(tmp_path)])
+        err = capsys.readouterr().err
+        assert exited.value.code == 2 and "--" + dest.replace("_", "-") in err.splitlines()[-1], err
+    with pytest.raises(SystemExit):
+        parallel.parse_args(["--mode", "sft", "--out", str(tmp_path)])
+    assert "--mode sft: parallel.py is Patcher's parallel schedule" in capsys.readouterr().err
 
 
 def test_parallel_takes_every_inherited_flag_as_patcher_does(tmp_path, demo_base):

@@ -177,8 +177,8 @@ def test_inner_attack_restores_weights_and_returns_displacement(weight_decay):
         torch.nn.utils.clip_grad_norm_(ref.parameters(), 1.0)
         opt.step()
         opt.zero_grad()
-    delta, losses = patcher.inner_attack(model, data.BatchIterator(toy_examples("unsafe"), 8, seed=3), steps=5, lr=1e-3,
-                                         weight_decay=weight_decay)
+    args = patcher.get_parser().parse_args(["--inner-steps", "5", "--inner-lr", "1e-3", "--inner-weight-decay", str(weight_decay)])
+    delta, losses = patcher.inner_attack(model, data.BatchIterator(toy_examples("unsafe"), 8, seed=3), args)
     assert len(losses) == 5 and losses[-1] < losses[0]
     for (n, p), q in zip(model.named_parameters(), ref.parameters()):
         assert torch.equal(p, before[n]), f"{n} changed"
@@ -188,7 +188,8 @@ def test_inner_attack_restores_weights_and_returns_displacement(weight_decay):
 
 # --- the program ----------------------------------------------------------------------------------
 
-FAST = ["--warmup-steps", "3", "--rounds", "2", "--inner-steps", "3", "--defend-steps", "4"]
+FAST_SCHEDULE = ["--warmup-steps", "3", "--rounds", "2", "--defend-steps", "4"]
+FAST = [*FAST_SCHEDULE, "--inner-steps", "3"]  # the inner attack's flag: Patcher's only
 
 
 def run_patcher(args, nproc=1, timeout=300, check=True, script="patcher.py"):
@@ -216,8 +217,9 @@ def assert_rows_close(a, b, tol, keys=("loss_clean", "loss_adv", "attack_loss_st
 
 @pytest.mark.parametrize("mode", ["patcher", "sft"])
 def test_two_ranks_match_one_process_and_export_loads(mode, tmp_path, demo_base):
-    one = run_patcher(["--out", with_base(tmp_path / "one", demo_base), "--mode", mode, *FAST])
-    two = run_patcher(["--out", with_base(tmp_path / "two", demo_base), "--mode", mode, *FAST], nproc=2)
+    fast = FAST if mode == "patcher" else FAST_SCHEDULE
+    one = run_patcher(["--out", with_base(tmp_path / "one", demo_base), "--mode", mode, *fast])
+    two = run_patcher(["--out", with_base(tmp_path / "two", demo_base), "--mode", mode, *fast], nproc=2)
     assert "global batch 16 = 1 x 1 ranks x 16" in one.stdout and "global batch 16 = 1 x 2 ranks x 8" in two.stdout
     r1, r2 = rows(tmp_path / "one"), rows(tmp_path / "two")
     assert sum(r["phase"] == "defend" for r in r1) == (8 if mode == "patcher" else 0) and len(r1) == 11 + 2 * (mode == "patcher")
@@ -227,7 +229,7 @@ def test_two_ranks_match_one_process_and_export_loads(mode, tmp_path, demo_base)
         hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / out / "final")
         assert hf.config.vocab_size == len(data.TOY_VOCAB)
     config = json.loads((tmp_path / "one" / "config.json").read_text())
-    assert config["mode"] == mode and config["inner_steps"] == 3
+    assert config["mode"] == mode and config["defend_steps"] == 4
 
 
 def test_alpha_one_on_two_ranks_equals_one_process(tmp_path, demo_base):

@@ -3,7 +3,9 @@ has its variable, a sweep reaches the right program; and the modules import each
 import ast
 import os
 import shlex
+import shutil
 import subprocess
+import sys
 
 import pytest
 
@@ -18,11 +20,12 @@ PAPER_DATA = {"MODEL": "/models/Qwen2.5-1.5B-Instruct", "SAFE_DATA": "d_safe.jso
               "JUDGE_MODEL": "qwen3-max"}
 
 
-def dry_run(**env):
-    """The commands train.sh would run: [(nproc, script, {flag: value or True}, [repeated flags])]."""
+def dry_run(root=ROOT, **env):
+    """The commands train.sh (of the project at `root`) would run: [(nproc, script, {flag: value or True}, [words])]."""
     env = {k: v for k, v in os.environ.items() if not k.isupper() or k in ("PATH", "HOME", "PATCHER_ASSETS")} | env
-    out = subprocess.run(["bash", str(ROOT / "train.sh")], env={**env, "DRY_RUN": "1"}, capture_output=True, text=True,
-                         cwd=ROOT, check=True).stdout
+    r = subprocess.run(["bash", str(root / "train.sh")], env={**env, "DRY_RUN": "1"}, capture_output=True, text=True, cwd=root)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = r.stdout
     commands = []
     for line in out.splitlines():
         if not line.startswith("python "):
@@ -89,20 +92,62 @@ def test_paper_presets_are_the_official_settings_on_any_number_of_ranks(preset, 
         assert real == want, (batch, world)
 
 
-def test_every_flag_of_the_programs_has_its_variable():
-    text = (ROOT / "train.sh").read_text()
-    lists = {}
-    for name in ("ALIGN_FLAGS", "ALIGN_SWITCHES", "PARALLEL_FLAGS", "PARALLEL_SWITCHES", "EVAL_FLAGS", "EVAL_SWITCHES"):
-        body = text.split(f'{name}="', 1)[1].split('"', 1)[0]
-        lists[name] = set(body.split())
+def parser_flags(parser):
+    """{flag name: "value" or "switch"} of a program's parser, as --list-flags prints them."""
+    return {o[2:]: "switch" if a.nargs == 0 else "value" for a in parser._actions for o in a.option_strings
+            if o.startswith("--") and a.dest not in ("help", "list_flags")}
 
-    def flags(parser):
-        return {o[2:] for a in parser._actions for o in a.option_strings if o.startswith("--") and o != "--help"}
-    special = {"model", "out", "seed", "safe-data", "unsafe-data", "resume", "save-every"}  # train.sh sets these itself
-    eval_special = {"model", "out", "seed", "attack-data", "eval-data", "benign-data", "gsm8k", "summarize", "sweep", "worst-case", "check"}
-    assert flags(patcher.get_parser()) - special == lists["ALIGN_FLAGS"] | lists["ALIGN_SWITCHES"]
-    assert flags(parallel.get_parser()) - flags(patcher.get_parser()) == lists["PARALLEL_FLAGS"] | lists["PARALLEL_SWITCHES"]
-    assert flags(evaluate.get_parser()) - eval_special == lists["EVAL_FLAGS"] | lists["EVAL_SWITCHES"]
+
+def dest(parser, name):
+    return next(a.dest for a in parser._actions if "--" + name in a.option_strings)
+
+
+def test_every_flag_of_the_programs_reaches_them_from_its_variable(tmp_path):
+    """Every flag of every program's parser (read from the parser, not from a list) set as its variable reaches the
+    command of each defense that takes it, and no other; the flags train.sh sets itself excepted."""
+    own_align = {"model", "safe-data", "unsafe-data", "out", "seed", "mode", "resume", "save-every"}
+    own_eval = {"model", "out", "seed", "attack-data", "eval-data", "benign-data", "gsm8k", "summarize", "sweep",
+                "worst-case", "check"}
+    align, par, ev = parser_flags(patcher.get_parser()), parser_flags(parallel.get_parser()), parser_flags(evaluate.get_parser())
+    env = {k.replace("-", "_").upper(): "1" if kind == "switch" else "7" for p in (align, par, ev) for k, kind in p.items()
+           if k not in own_align | own_eval}
+    cmds = dry_run(SEEDS="0", SWEEP="mode=sft,vaccine,booster,patcher", SCHEME="both", **env)
+    by_name = {c[2]["--out"].rsplit("/", 1)[1]: c for c in cmds}
+    for mode in ("sft", "vaccine", "booster", "patcher"):
+        flags = by_name[mode][2]
+        want = {k for k in align if k not in own_align and set(patcher.mode_of(k.replace("-", "_"))) & {"all", mode}}
+        if mode != "patcher":
+            want.discard("reset-optimizer")  # the official's new process per round is Patcher's only (train.sh)
+        assert {k[2:] for k in flags} - {"mode", "seed", "out"} == want, mode
+    flags = by_name["patcher-parallel"][2]
+    want = {k for k in par if k not in own_align and (k not in align or dest(parallel.get_parser(), k) in parallel.HONOURED)}
+    assert {k[2:] for k in flags} - {"mode", "seed", "out"} == want
+    flags = by_name["eval"][2]
+    assert {k[2:] for k in flags} - own_eval == set(ev) - own_eval
+    # D_unsafe (train.sh's UNSAFE_DATA) reaches the defenses that use it: Patcher's inner attack, Booster's steps
+    cmds = dry_run(PRESET="smollm2-cpu", OUT=str(tmp_path), SWEEP="mode=sft,vaccine,booster,patcher")
+    got = {c[2]["--mode"]: c[2].get("--unsafe-data") for c in cmds if c[1] == "patcher.py"}
+    assert got == {"sft": None, "vaccine": None, "booster": f"{tmp_path}/unsafe_inner.jsonl",
+                   "patcher": f"{tmp_path}/unsafe_inner.jsonl"}
+
+
+def test_a_flag_added_to_patcher_reaches_it_from_train_sh_with_no_other_edit(tmp_path):
+    """The fork check: a throwaway flag added to patcher.py's parser (in a copy of the project) is passed by train.sh
+    from its variable, to the alignments only; parallel.py, which does not honour it, never gets it."""
+    for f in ("patcher.py", "parallel.py", "eval.py", "data.py", "model.py", "train.sh"):
+        shutil.copy(ROOT / f, tmp_path / f)
+    (tmp_path / "tests" / "data").mkdir(parents=True)
+    shutil.copytree(ROOT / "tests" / "data" / "attacks", tmp_path / "tests" / "data" / "attacks")
+    text = (tmp_path / "patcher.py").read_text()
+    anchor = '    g.add_argument("--retain-weight"'
+    assert anchor in text
+    (tmp_path / "patcher.py").write_text(text.replace(anchor, '    g.add_argument("--fork-flag", type=int, default=0)\n' + anchor, 1))
+    cmds = dry_run(root=tmp_path, SEEDS="0", SCHEME="both", FORK_FLAG="5")
+    got = {c[2]["--out"].rsplit("/", 1)[1]: c[2].get("--fork-flag") for c in cmds}
+    assert got == {"demo": None, "sft": "5", "patcher": "5", "patcher-parallel": None, "eval": None}, got
+    r = subprocess.run([sys.executable, str(tmp_path / "parallel.py"), "--fork-flag", "5", "--out", str(tmp_path / "o")],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "--fork-flag: a patcher.py flag that parallel.py does not honour" in r.stderr, r.stderr
 
 
 def test_a_sweep_reaches_the_program_that_has_the_flag():
