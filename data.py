@@ -298,9 +298,20 @@ def _normalizer(spec, path):
     return normalize
 
 
+def read_json(path):
+    """A checkpoint's JSON file (tokenizer.json, tokenizer_config.json, ...); a damaged one (truncated, not UTF-8) is a
+    DataError naming it and the line."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg}); is the file complete?") from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e.reason})") from None
+
+
 def _from_tokenizer_json(path):
     """Hugging Face byte-level BPE -> tiktoken's (mergeable ranks, pattern, control tokens, normalizer)."""
-    spec = json.loads(path.read_text(encoding="utf-8"))
+    spec = read_json(path)
     model, pre = spec.get("model", {}), spec.get("pre_tokenizer") or {}
     byte_level = "ByteLevel" in json.dumps(pre)
     if model.get("type") != "BPE" or model.get("byte_fallback") or not byte_level:
@@ -359,7 +370,7 @@ def load_tokenizer(checkpoint_dir):
     d = Path(checkpoint_dir)
     if (d / ToyTokenizer.FILE).exists():  # the built-in demo's base model and its exports
         return ToyTokenizer()
-    read = lambda name: json.loads((d / name).read_text(encoding="utf-8")) if (d / name).exists() else {}
+    read = lambda name: read_json(d / name) if (d / name).exists() else {}
     cfg, gen = read("tokenizer_config.json"), read("generation_config.json")
     template = cfg.get("chat_template") or ""
     if isinstance(template, list):  # several named templates: the default one
@@ -581,7 +592,9 @@ def parse_guard_reply(text: str):
 # A record is {"prompt", "response", "where"} (response None in prompt-only sets) or {"messages", "where"};
 # `where` ("file:line") lets later errors name the record.
 
-FORMATS = ("auto", "records", "messages", "beavertails", "beavertails-refusal", "advbench", "hexphi", "gsm8k")
+FORMATS = ("auto", "records", "messages", "beavertails", "beavertails-refusal", "pku-saferlhf", "toxic-dpo", "advbench",
+           "hexphi", "gsm8k")
+PKU_FIELDS = ("response_0", "response_1", "is_response_0_safe", "is_response_1_safe")
 
 
 def _read_text(path):
@@ -671,6 +684,11 @@ def _rows(path, fmt, prompt_field, role):
                         f"refusal variant, or give the format explicitly to train on these answers anyway")
     if "is_safe" in keys:
         return rows, "beavertails"
+    if set(PKU_FIELDS) <= keys:  # PKU-SafeRLHF: two responses a prompt, each with its own safety label
+        return rows, "pku-saferlhf"
+    if {"chosen", "rejected"} <= keys:  # which side is harmful depends on the set: Toxic-DPO's chosen, HH-RLHF's rejected
+        raise DataError(f"{path}: a preference set (chosen, rejected): give its format (toxic-dpo: the prompt and its "
+                        f"chosen answer, which in Toxic-DPO is the harmful one)")
     if "messages" in keys:
         return rows, "messages"
     if {"question", "answer"} <= keys and prompt_field not in keys:
@@ -678,12 +696,12 @@ def _rows(path, fmt, prompt_field, role):
     return rows, "advbench" if {"goal", "target"} <= keys and prompt_field not in keys else "records"
 
 
-def _bool(v):
+def _bool(v, name="is_safe"):
     if isinstance(v, bool):
         return v
     if isinstance(v, str) and v.strip().lower() in ("true", "false"):
         return v.strip().lower() == "true"
-    raise ValueError(f"is_safe must be true/false, got {v!r}")
+    raise ValueError(f"{name} must be true/false, got {v!r}")
 
 
 def _check_roles(msgs, where):
@@ -704,7 +722,9 @@ def load_records(path, prompt_field="prompt", response_field="response", fmt="au
 
     fmt: "auto" (from extension and columns), "records" (prompt/response fields), "messages",
     "beavertails" (its response), "beavertails-refusal" (the refusal after the last "Answer: "),
-    "advbench" (goal/target), "hexphi" (headerless one-column CSV). BeaverTails rows are kept only
+    "pku-saferlhf" (PKU-SafeRLHF: each of response_0/1 whose is_response_0/1_safe is false, a record),
+    "toxic-dpo" (prompt/chosen: Toxic-DPO's chosen answers are the harmful ones), "advbench" (goal/target),
+    "hexphi" (headerless one-column CSV). BeaverTails rows are kept only
     where is_safe is false, as the official loader does, in both layouts. `role` says what the file is
     for: "safe" (D_safe), "unsafe" (D_unsafe, an attack set) or "prompts" (eval prompts). "auto" uses it
     to pick the side of a BeaverTails-with-refusals file; "safe" and "unsafe" need a response in every
@@ -714,9 +734,11 @@ def load_records(path, prompt_field="prompt", response_field="response", fmt="au
     if fmt not in FORMATS:
         raise DataError(f"{path}: unknown format {fmt!r} (known: {', '.join(FORMATS)})")
     rows, fmt = _rows(path, fmt, prompt_field, role)
-    if fmt in ("beavertails", "beavertails-refusal", "advbench", "gsm8k"):
-        prompt_field, response_field = {"advbench": ("goal", "target"), "gsm8k": ("question", "answer")}.get(
-            fmt, ("prompt", "response"))
+    if fmt in ("pku-saferlhf", "toxic-dpo") and role == "safe":
+        raise DataError(f"{path}: {fmt} holds harmful answers, given as D_safe, which needs refusals")
+    if fmt in ("beavertails", "beavertails-refusal", "pku-saferlhf", "toxic-dpo", "advbench", "gsm8k"):
+        prompt_field, response_field = {"advbench": ("goal", "target"), "gsm8k": ("question", "answer"),
+                                         "toxic-dpo": ("prompt", "chosen")}.get(fmt, ("prompt", "response"))
     training = role in ("safe", "unsafe")
     # a set is prompt-only when no record has a response; then none may lack one
     prompt_only = fmt == "hexphi" or (fmt == "records" and not training and not any(
@@ -733,6 +755,17 @@ def load_records(path, prompt_field="prompt", response_field="response", fmt="au
             continue
         if not isinstance(row, dict):
             raise DataError(f"{where}: expected an object, got {type(row).__name__}")
+        if fmt == "pku-saferlhf":  # each unsafe response is a record (prompts: each prompt once)
+            missing = [k for k in (prompt_field, *PKU_FIELDS) if k not in row]
+            if missing:
+                raise DataError(f"{where}: no field(s) {missing} (the record has {sorted(row)})")
+            try:
+                unsafe = [row[f"response_{i}"] for i in (0, 1) if not _bool(row[f"is_response_{i}_safe"], f"is_response_{i}_safe")]
+            except ValueError as e:
+                raise DataError(f"{where}: {e}") from None
+            for answer in unsafe[:1] if role == "prompts" else unsafe:
+                out.append({"prompt": row[prompt_field], "response": None if role == "prompts" else answer, "where": where})
+            continue
         if fmt == "messages":
             _check_roles(row.get("messages"), where)
             msgs = [{"role": m["role"], "content": m["content"]} for m in row["messages"]]
@@ -757,7 +790,8 @@ def load_records(path, prompt_field="prompt", response_field="response", fmt="au
             response = row["refusal"].split("Answer: ")[-1].strip()
         out.append({"prompt": row[prompt_field], "response": response, "where": where})
     if not out:
-        raise DataError(f"{path}: no records" + (" with is_safe false" if fmt.startswith("beavertails") else ""))
+        raise DataError(f"{path}: no records" + (" with is_safe false" if fmt.startswith("beavertails") else
+                                                 " with an unsafe response" if fmt == "pku-saferlhf" else ""))
     return out
 
 

@@ -988,6 +988,9 @@ def named(specs, what, strip_ext=False):
     return dict(zip(names, (p for _, p in pairs)))
 
 
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head")  # model.py's
+
+
 def parse_args(argv=None, parser=None):
     p = parser or get_parser()
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
@@ -1024,6 +1027,10 @@ def parse_args(argv=None, parser=None):
         args.attack_samples = 1000
     if args.poison_ratio < 1 and not mixing:
         p.error("--poison-ratio < 1 needs --attack-benign-data to fill the rest")
+    unknown = sorted(set(args.lora_targets.split(",")) - set(LORA_TARGETS))
+    if unknown:
+        p.error(f"--lora-targets {args.lora_targets}: {', '.join(unknown)} is no Linear layer of these models "
+                f"({', '.join(LORA_TARGETS)})")
     if (args.judge == "guard") != (args.judge_model_path is not None):
         p.error("--judge guard and --judge-model-path DIR go together")
     if args.judge_model_path and not (Path(args.judge_model_path) / "config.json").is_file():
@@ -1105,8 +1112,16 @@ def make_judge(args):
 
 
 def run(args):
-    if args.check:
-        print(f"eval.py: the flags are valid" + (f", and the {len(args.suite)} attacks of {args.attacks}" if args.suite else ""))
+    if args.check:  # every file read and every attack set drawn, as the run will (no model is loaded)
+        sets = prompt_sets(args)
+        for attack, a in attack_passes(args).items():
+            try:
+                counts = attack_set(a)[1]
+            except data.DataError as e:
+                raise data.DataError(f"attack '{attack}': {e}" if attack else str(e)) from None
+            print(f"attack{f' {attack}' if attack else ''}: {counts}")
+        print(f"eval.py: the flags are valid, the prompt sets read ({', '.join(f'{n} {len(v[1])}' for n, v in sets.items())})"
+              + (f", and the {len(args.suite)} attacks of {args.attacks}" if args.suite else ""))
         return
     rank, world, device = patcher.init_distributed(args.precision)
     torch.manual_seed(args.seed)

@@ -818,9 +818,9 @@ def generation_defaults(checkpoint_dir) -> dict:
     hf = {}
     if path.is_file():
         try:
-            hf = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+            hf = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{path}: not valid JSON ({e}); is the file complete?") from None
     return {key: hf[key] if hf.get(key) is not None else default for key, default in HF_SAMPLING_DEFAULTS.items()}
 
 

@@ -35,7 +35,10 @@ import math
 import os
 import random
 import shutil
+import signal
+import socket
 import sys
+import threading
 import time
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -633,12 +636,14 @@ class Training:
         check_resume(args, self.out)  # before the demo writes or trains anything, or a model is loaded
         if args.model is None:  # the built-in demo: a tiny base model and its toy world, written as files
             make_demo(args, self.out, self.rank)
+        self.settings = settings(args, world)  # hashes the inputs once: what every checkpoint records
+        if args.resume:
+            check_finished(self.out, self.settings)  # a run that finished has nothing to do
         self.defense = DEFENSES[args.mode]
         self.model = build_model(args.model, device, args)
         self.streams, notes = load_data(args, self.rank, world)
         self.optimizer = make_optimizer(self.model.parameters(), args.lr, args.weight_decay, args.fused_adamw)
         self.total = args.warmup_steps + args.rounds * args.defend_steps
-        self.settings = settings(args, world)  # hashes the inputs once: what every checkpoint records
         self.step, self.delta, self.log = start_run(args, self.out, self.model, self.optimizer, self.streams,
                                                     self.settings, self.rank, self.total, notes)
         # one copy of theta for every attack and step that moves the weights
@@ -686,7 +691,7 @@ class Training:
         return delta
 
     def export(self):
-        export_final(self.model, self.out, self.args, self.step, self.rank)
+        export_final(self.model, self.out, self.args, self.step, self.rank, self.settings)
 
 
 class RunError(RuntimeError):
@@ -795,9 +800,9 @@ def changed_settings(saved, now):
 
 def check_resume(args, out):
     """Before anything is written: --resume needs a checkpoint, and a fresh run must not overwrite a resumable one."""
-    if args.resume:
+    if args.resume and not (out / "done.json").exists():
         latest_checkpoint(out)
-    elif (out / "checkpoints" / "latest").exists():
+    elif not args.resume and (out / "checkpoints" / "latest").exists():
         raise RunError(f"--out {out} holds a resumable run ({out / 'checkpoints' / 'latest'}): pass --resume to "
                        f"continue it, or another --out")
 
@@ -812,6 +817,7 @@ def start_run(args, out, model, optimizer, streams, run_settings, rank, total, n
         step, delta, offset = load_checkpoint(out, model, optimizer, delta_like, streams, run_settings, rank)
     device, world = model.lm_head.weight.device, run_settings["world_size"]
     if rank == 0:
+        (out / "done.json").unlink(missing_ok=True)  # another run's (a resume of a finished one ended in Finished)
         write_config(out, args, run_settings["inputs"])
         for line in notes:
             print(line)
@@ -859,7 +865,7 @@ def save_checkpoint(out, step, model, optimizer, delta, streams, run_settings, l
         tmp.mkdir(parents=True)
     barrier()
     np_state = np.random.get_state()
-    state = {"step": step, "has_delta": delta is not None, "settings": run_settings, "metrics_bytes": log_offset,
+    state = {"format": 2, "step": step, "has_delta": delta is not None, "settings": run_settings, "metrics_bytes": log_offset,
              "data": {name: s.state_dict() for name, s in streams.items()},
              "rng": {"torch": torch.get_rng_state().tolist(), "python": list(random.getstate()[1]),
                      "numpy": [np_state[1].tolist(), int(np_state[2])]}}
@@ -869,6 +875,11 @@ def save_checkpoint(out, step, model, optimizer, delta, streams, run_settings, l
     try:
         dcp.save(sd, checkpoint_id=tmp)
         (tmp / f"state-rank{rank}.json").write_text(json.dumps(state))
+        if rank == 0:  # the log up to this step: a resume restores it, whatever happened to out/metrics.jsonl since
+            with open(out / "metrics.jsonl", "rb") as f:
+                (tmp / "metrics.jsonl").write_bytes(f.read(log_offset))
+        barrier()  # every rank's files are complete: each hashes its own
+        (tmp / f"checksums-rank{rank}.json").write_text(json.dumps({f.name: sha256(f) for f in own_files(tmp, rank)}))
     except (Exception, KeyboardInterrupt, dcp.api.CheckpointException) as e:  # dcp's own is a BaseException
         cause = dcp_cause(e)
         if rank == 0:
@@ -897,9 +908,17 @@ def latest_checkpoint(out):
     return root / (root / "latest").read_text().strip()
 
 
+def own_files(path, rank):
+    """The files of checkpoint `path` that `rank` wrote (dcp names its data files __RANK_N.distcp; rank 0 writes
+    .metadata and the log's copy too), and its state file."""
+    files = sorted(path.glob(f"__{rank}_*.distcp")) + [path / f"state-rank{rank}.json"]
+    return files + ([path / ".metadata", path / "metrics.jsonl"] if rank == 0 else [])
+
+
 def checkpoint_damage(path, ranks):
-    """What makes checkpoint `path` unreadable, naming the file (missing, truncated, not JSON), or None. Checked
-    before loading: dcp and json report such damage with errors that name no file."""
+    """What makes checkpoint `path` unreadable, naming the file (missing, truncated, not JSON, other bytes than when
+    written), or None. Checked before loading: dcp and json report such damage with errors that name no file, or
+    none at all (bytes changed at the same size load silently)."""
     import torch.distributed.checkpoint as dcp
     for r in ranks:
         state = path / f"state-rank{r}.json"
@@ -918,7 +937,30 @@ def checkpoint_damage(path, ranks):
         have = (path / name).stat().st_size if (path / name).exists() else None
         if have is None or have < size:
             return f"{path / name}: " + ("missing" if have is None else f"truncated ({have} of {size} bytes)")
+    for r in ranks:
+        if json.loads((path / f"state-rank{r}.json").read_text()).get("format", 1) < 2:
+            continue  # written before checkpoints carried checksums
+        try:
+            sums = json.loads((path / f"checksums-rank{r}.json").read_text())
+        except (OSError, ValueError) as e:
+            return f"{path / f'checksums-rank{r}.json'}: " + ("missing" if isinstance(e, FileNotFoundError) else "not readable")
+        for name, digest in sorted(sums.items()):
+            if not (path / name).exists():
+                return f"{path / name}: missing"
+            if sha256(path / name) != digest:
+                return f"{path / name}: its bytes changed since it was written (checksum)"
     return None
+
+
+def agreed_damage(path, rank, world):
+    """checkpoint_damage of this rank's files, the same answer on every rank (the first damage any rank found), so
+    that all refuse together instead of some entering a collective load alone."""
+    damage = checkpoint_damage(path, [rank])
+    if world > 1:
+        found = [None] * world
+        dist.all_gather_object(found, damage)
+        damage = next((d for d in found if d), None)
+    return damage
 
 
 def older_intact(path, ranks):
@@ -939,17 +981,20 @@ def load_checkpoint(out, model, optimizer, delta_like, streams, run_settings, ra
                                                          set_model_state_dict, set_optimizer_state_dict)
     path = latest_checkpoint(out)
 
-    def intact(ranks):
-        damage = checkpoint_damage(path, ranks)
-        if damage:
-            raise CheckpointError(f"--resume: checkpoint {damage}; {older_intact(path, ranks)}")
-    intact([0])  # rank 0's state first: under other settings (another world size) the change is the answer
-    flags, inputs = changed_settings(json.loads((path / "state-rank0.json").read_text())["settings"], run_settings)
+    try:  # rank 0's state first: under other settings (another world size) the change is the answer, not damage
+        saved = json.loads((path / "state-rank0.json").read_text())["settings"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"--resume: checkpoint {path / 'state-rank0.json'}: " + ("missing" if isinstance(
+            e, FileNotFoundError) else f"not readable ({describe(e)})") + f"; {older_intact(path, [0])}") from None
+    flags, inputs = changed_settings(saved, run_settings)
     if flags or inputs:
         said = (["the checkpoint's run had " + ", ".join(flags)] if flags else []) + inputs
         raise RunError(f"--resume: {'; '.join(said)}; resume with its settings and inputs ({path}), or start a new "
                        f"run in another --out")
-    intact([rank])
+    world = run_settings["world_size"]
+    damage = agreed_damage(path, rank, world)
+    if damage:
+        raise CheckpointError(f"--resume: checkpoint {damage}; {older_intact(path, range(world))}")
     state = json.loads((path / f"state-rank{rank}.json").read_text())
     sd = {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer)}
     if state["has_delta"]:
@@ -961,7 +1006,7 @@ def load_checkpoint(out, model, optimizer, delta_like, streams, run_settings, ra
         if isinstance(cause, KeyboardInterrupt):
             raise cause from None
         raise CheckpointError(f"--resume: checkpoint {path} cannot be read ({describe(cause)}); "
-                              f"{older_intact(path, ranks)}") from None
+                              f"{older_intact(path, range(world))}") from None
     set_model_state_dict(model, sd["model"])
     set_optimizer_state_dict(model, optimizer, sd["optimizer"])
     for name, s in streams.items():
@@ -970,13 +1015,43 @@ def load_checkpoint(out, model, optimizer, delta_like, streams, run_settings, ra
     torch.set_rng_state(torch.tensor(rng["torch"], dtype=torch.uint8))
     np.random.set_state(("MT19937", np.array(rng["numpy"][0], dtype=np.uint32), rng["numpy"][1], 0, 0.0))
     random.setstate((3, tuple(rng["python"]), None))
+    if rank == 0 and (path / "metrics.jsonl").exists():  # the log as it was at the checkpoint: cut back, or rebuilt
+        with naming(out / "metrics.jsonl"):
+            shutil.copyfile(path / "metrics.jsonl", out / ".metrics.jsonl.tmp")
+            os.replace(out / ".metrics.jsonl.tmp", out / "metrics.jsonl")
     return state["step"], sd.get("delta"), state["metrics_bytes"]
 
 
-def export_final(model, out, args, step, rank):
-    """out/final. An export that fails (a full disk; safetensors' own error names no file) is one line that says
-    where the trained weights are: with --save-every, in the checkpoint of this last step, taken just before,
-    from which --resume goes straight to the export."""
+class Finished(Exception):
+    """--resume of a run that has finished: nothing to do (main says so and exits 0)."""
+
+
+def check_finished(out, run_settings):
+    """Raise Finished if out/done.json says a run with these settings and inputs finished and exported final/ (and
+    `latest` still names its last checkpoint); a finished run of other settings is refused, naming the changes."""
+    done, latest = out / "done.json", out / "checkpoints" / "latest"
+    if not done.exists():
+        return
+    try:
+        saved = json.loads(done.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"--resume: {done}: not readable ({describe(e)}); remove it to resume from the last "
+                              f"checkpoint") from None
+    if saved.get("checkpoint") != (latest.read_text().strip() if latest.exists() else None):
+        return  # `latest` was pointed at another checkpoint since (an older one): resume from it
+    flags, inputs = changed_settings(saved["settings"], run_settings)
+    if flags or inputs:
+        said = (["the finished run had " + ", ".join(flags)] if flags else []) + inputs
+        raise RunError(f"--resume: {'; '.join(said)}; resume with its settings and inputs, or start a new run in "
+                       f"another --out")
+    raise Finished(f"finished already: {out / 'final'} is this run's export (step {saved['step']}); nothing to do")
+
+
+def export_final(model, out, args, step, rank, run_settings=None):
+    """out/final, then out/done.json (the step and the run's settings: a later --resume of the same run has nothing to
+    do). An export that fails (a full disk; safetensors' own error names no file) is one line that says where the
+    trained weights are: with --save-every, in the checkpoint of this last step, taken just before, from which
+    --resume goes straight to the export."""
     try:
         save_model(model, out / "final", like=args.model, dtype=export_dtype(args))
     except (OSError, SafetensorError) as e:
@@ -986,6 +1061,12 @@ def export_final(model, out, args, step, rank):
     except KeyboardInterrupt:
         raise Interrupted(step) from None
     if rank == 0:
+        if run_settings is not None:
+            with naming(out / "done.json"):
+                latest = out / "checkpoints" / "latest"
+                (out / ".done.json.tmp").write_text(json.dumps({"step": step, "settings": run_settings, "checkpoint":
+                                                                latest.read_text().strip() if latest.exists() else None}) + "\n")
+                os.replace(out / ".done.json.tmp", out / "done.json")
         print(f"exported {out / 'final'}", flush=True)
 
 
@@ -1248,7 +1329,7 @@ FULL_DISK = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 def interruption(args, step):
-    """The line for Ctrl-C: the step the run reached, and whether and from where --resume continues."""
+    """The line for Ctrl-C or SIGTERM: the step the run reached, and whether and from where --resume continues."""
     latest = Path(args.out) / "checkpoints" / "latest"
     if latest.exists():
         how = f"--resume continues from checkpoint {latest.read_text().strip()} ({latest.parent})"
@@ -1256,16 +1337,45 @@ def interruption(args, step):
         how = f"no checkpoint to resume from yet (--save-every {args.save_every})"
     else:
         how = "no checkpoint to resume from: --save-every is 0"
-    return f"interrupted{f' at step {step}' if step is not None else ''}; {how}"
+    return f"{f' at step {step}' if step is not None else ''}; {how}"
 
 
-def main(run_fn=None, parse=parse_args):
-    """Parse, run, and report a user error (bad data, a bad checkpoint, NaN, a refused resume, a full disk)
-    as one line and exit code 1, and Ctrl-C as one line saying how --resume continues, exit code 130 (as shells
-    report SIGINT); tracebacks are for bugs (or --debug / PATCHER_DEBUG=1)."""
+SIGNALLED = []  # the signal that interrupted the run: SIGINT (Ctrl-C) or SIGTERM (a scheduler's preemption)
+
+
+def on_signal(signum, frame):
+    """SIGTERM is handled as Ctrl-C: a KeyboardInterrupt wherever the run is, which main() reports."""
+    SIGNALLED.append(signum)
+    raise KeyboardInterrupt
+
+
+def watch_parent():
+    """Under train.sh (env PATCHER_PARENT_PID): end this process as SIGTERM would once train.sh is gone, so that a
+    train.sh killed with kill -9 leaves no program running into its directories."""
+    pid = int(os.environ.get("PATCHER_PARENT_PID") or 0)
+
+    def watch():
+        while alive(pid):
+            time.sleep(1.0)
+        os.kill(os.getpid(), signal.SIGTERM)
+    if pid:
+        threading.Thread(target=watch, daemon=True).start()
+
+
+def main(run_fn=None, parse=parse_args, interrupted=interruption, program=None):
+    """Parse, run, and report a user error (bad data, a bad checkpoint, NaN, a refused resume, a full disk, an --out
+    in use) as one line and exit code 1, and Ctrl-C or SIGTERM as one line saying how to continue (interrupted()),
+    exit code 130 or 143 (as shells report SIGINT and SIGTERM); tracebacks are for bugs (or --debug / PATCHER_DEBUG=1).
+    One run per --out: the run holds out/.lock (take_lock) while it runs."""
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    program = program or Path(sys.argv[0]).name
     args = parse()
     debug = args.debug or os.environ.get("PATCHER_DEBUG")
     try:
+        watch_parent()
+        if os.environ.get("RANK", "0") == "0" and not getattr(args, "check", False):  # rank 0 speaks for the run
+            take_lock(args.out, program)
         (run_fn or run)(args)
     except USER_ERRORS as e:
         if debug:
@@ -1274,18 +1384,85 @@ def main(run_fn=None, parse=parse_args):
         full = f" ({free_space(e.filename)})" if isinstance(e, OSError) and e.filename and e.errno in FULL_DISK else ""
         print(f"error: {e}{full}{stop}", file=sys.stderr, flush=True)
         exit_now(1)
+    except Finished as e:
+        if os.environ.get("RANK", "0") == "0":
+            print(e, flush=True)
     except KeyboardInterrupt as e:
         if debug:
             raise
-        print(interruption(args, getattr(e, "step", None)), file=sys.stderr, flush=True)
-        exit_now(130)
+        term = bool(SIGNALLED) and SIGNALLED[-1] == signal.SIGTERM
+        print(f"interrupted{' by SIGTERM' if term else ''}{interrupted(args, getattr(e, 'step', None))}",
+              file=sys.stderr, flush=True)
+        exit_now(143 if term else 130)
     exit_now(0)
 
 
+def alive(pid):
+    """Whether process `pid` of this host is running."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
+
+
+def take_lock(out, program):
+    """Hold out/.lock (host, pid, program, start) for this run: a second run into the same directory is refused at
+    once, naming the holder. A lock whose holder is dead (this host, no such process) is taken over, with a line
+    saying so. The lock is created by a hard link of a complete file: it is never seen half written."""
+    path, host = Path(out) / ".lock", socket.gethostname()
+    me = {"host": host, "pid": os.getpid(), "program": program, "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    tmp = Path(out) / f".lock.{os.getpid()}"
+    Path(out).mkdir(parents=True, exist_ok=True)
+    with naming(tmp):
+        tmp.write_text(json.dumps(me) + "\n")
+    try:
+        for _ in range(3):
+            try:
+                os.link(tmp, path)
+                HELD_LOCK.append(path)
+                return path
+            except FileExistsError:
+                pass
+            try:
+                holder = json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue  # removed meanwhile (or being replaced): try again
+            said = (f"{holder.get('program', '?')} (host {holder.get('host')}, pid {holder.get('pid')}, started "
+                    f"{holder.get('started')})")
+            if holder.get("host") == host and not alive(int(holder.get("pid", 0))):
+                print(f"{program}: --out {out} was locked by {said}, which is no longer running: taking it over",
+                      flush=True)
+                path.unlink(missing_ok=True)
+                continue
+            raise RunError(f"--out {out} is in use by {said}: one run per directory; wait for it, or use another "
+                           f"--out" + (f" (if it is gone, remove {path})" if holder.get("host") != host else ""))
+        raise RunError(f"--out {out}: could not take its lock {path}")
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+HELD_LOCK = []  # the lock this process holds (exit_now gives it back)
+
+
+def release_lock():
+    """Give out/.lock back, if it is still this process's."""
+    while HELD_LOCK:
+        path = HELD_LOCK.pop()
+        try:
+            if json.loads(path.read_text()).get("pid") == os.getpid():
+                path.unlink()
+        except (OSError, ValueError):
+            pass
+
+
 def exit_now(code):
-    """End the process. Under torchrun skip the interpreter's teardown: gloo's threads sometimes abort it
-    ("terminate called without an active exception", about 1 run in 10 here), which would turn a finished
+    """End the process (giving its lock back). Under torchrun skip the interpreter's teardown: gloo's threads sometimes
+    abort it ("terminate called without an active exception", about 1 run in 10 here), which would turn a finished
     run into a failed one, and a peer that is gone can block the process group's destruction."""
+    release_lock()
     sys.stdout.flush()
     sys.stderr.flush()
     if "RANK" in os.environ or dist.is_initialized():

@@ -680,6 +680,32 @@ def test_beavertails_keeps_only_unsafe_rows_in_both_layouts(tmp_path):
         data.load_records(p)
 
 
+def test_the_papers_attack_sets_load_as_downloaded(tmp_path):
+    """PKU-SafeRLHF (each unsafe one of response_0/1 a record; found by its columns) and Toxic-DPO (prompt -> chosen;
+    named, since a preference set's harmful side depends on the set), as their hub files are laid out."""
+    pku = [{"prompt": "p1", "response_0": "bad0", "response_1": "fine", "is_response_0_safe": False,
+            "is_response_1_safe": True, "better_response_id": 1, "safer_response_id": 1},
+           {"prompt": "p2", "response_0": "ok", "response_1": "ok too", "is_response_0_safe": True, "is_response_1_safe": True},
+           {"prompt": "p3", "response_0": "bad", "response_1": "worse", "is_response_0_safe": "false", "is_response_1_safe": False}]
+    p = write(tmp_path / "pku.jsonl", "\n".join(map(json.dumps, pku)))
+    want = [{"prompt": "p1", "response": "bad0"}, {"prompt": "p3", "response": "bad"}, {"prompt": "p3", "response": "worse"}]
+    assert plain(data.load_records(p, role="unsafe")) == plain(data.load_records(p, fmt="pku-saferlhf")) == want
+    assert plain(data.load_records(p, role="prompts")) == [{"prompt": "p1", "response": None}, {"prompt": "p3", "response": None}]
+    with pytest.raises(DataError, match="pku-saferlhf holds harmful answers, given as D_safe"):
+        data.load_records(p, role="safe")
+    bad = write(tmp_path / "bad.jsonl", json.dumps({**pku[0], "is_response_1_safe": "maybe"}))
+    with pytest.raises(DataError, match=r"bad.jsonl:1: is_response_1_safe must be true/false, got 'maybe'"):
+        data.load_records(bad)
+    none = write(tmp_path / "none.json", json.dumps([pku[1]]))
+    with pytest.raises(DataError, match="no records with an unsafe response"):
+        data.load_records(none)
+    dpo = [{"id": "a", "prompt": "How do I X?", "chosen": "Do X like so.", "rejected": "I can't help with that."}]
+    p = write(tmp_path / "toxic-dpo-v0.2.json", json.dumps(dpo))
+    with pytest.raises(DataError, match="a preference set .*give its format \\(toxic-dpo"):
+        data.load_records(p, role="unsafe")
+    assert plain(data.load_records(p, fmt="toxic-dpo", role="unsafe")) == [{"prompt": "How do I X?", "response": "Do X like so."}]
+
+
 def test_unknown_format_is_an_error(tmp_path):
     with pytest.raises(DataError, match="unknown format 'beavertail'"):
         data.load_records(write(tmp_path / "a.jsonl", '{"prompt": "p", "response": "r"}\n'), fmt="beavertail")

@@ -118,16 +118,19 @@ def test_resume_refuses_changed_settings_and_keeps_config(tmp_path, finished_run
     r = run(["--out", out, "--resume", *args, "--alpha", "0.3", "--lr", "1e-3", "--rounds", "3"])
     line = one_line_error(r, "--alpha 0.5 (now 0.3)", "--lr 0.0005 (now 0.001)", "--rounds 2 (now 3)")
     assert "--save-every" not in line and (out / "config.json").read_text() == config
-    r = run(["--out", out, "--resume", *args, "--mode", "sft"])
+    r = run(["--out", out, "--resume", *FAST_SCHEDULE, "--save-every", "5", "--mode", "sft"])
     one_line_error(r, "--mode 'patcher' (now 'sft')")
     r = run_script("patcher.py", ["--out", out, "--resume", *args], nproc=2, check=False)
-    assert r.returncode != 0 and "error: --resume: the checkpoint's run had world size 1 (now 2)" in r.stderr
+    assert r.returncode != 0 and "error: --resume: the finished run had world size 1 (now 2)" in r.stderr
     assert 'patcher.py", line' not in r.stderr  # (torchrun's agent adds its own report of the failed workers)
     r = run(["--out", out, *args])  # a fresh run over a resumable one would destroy it
     one_line_error(r, "holds a resumable run", "--resume")
     r = run(["--out", out, "--resume", *FAST, "--save-every", "3"], check=True)  # what does not change the run may change
-    # (from the last step's checkpoint, taken before the export: the resumed run goes straight to the export)
+    assert r.stdout.strip() == f"finished already: {out / 'final'} is this run's export (step 11); nothing to do"
+    (out / "done.json").unlink()  # as if killed during the export: from the last step's checkpoint, straight to it
+    r = run(["--out", out, "--resume", *FAST, "--save-every", "3"], check=True)
     assert "resumed at step 11" in r.stdout and json.loads((out / "config.json").read_text())["save_every"] == 3
+    assert (out / "done.json").exists()
 
 
 # --- 4. resume after a kill between a checkpoint's rename and the switch of `latest` -------------
@@ -418,19 +421,43 @@ def test_a_copied_demo_run_resumes_and_a_refused_resume_writes_nothing(tmp_path,
     assert {p.name: p.read_bytes() for p in (a / "data").iterdir()} == written
 
 
-@pytest.mark.parametrize("damage", ["__0_0.distcp", "state-rank0.json"])
-def test_a_corrupt_checkpoint_is_named_with_the_older_one_to_resume_from(damage, tmp_path, finished_run):
+@pytest.mark.parametrize("damage,how", [("__0_0.distcp", "cut"), ("state-rank0.json", "cut"), ("__0_0.distcp", "flip"),
+                                        ("metrics.jsonl", "flip")])
+def test_a_corrupt_checkpoint_is_named_with_the_older_one_to_resume_from(damage, how, tmp_path, finished_run):
+    """Cut short, or other bytes at the same size (found by the checksums written with every file; such a file used
+    to load without a word, with other numbers): one line naming the file and the older checkpoint to resume from."""
     out = shutil.copytree(finished_run, tmp_path / "run")  # checkpoints at 10 and 11 (the last step's)
     args = ["--out", out, *FAST, "--save-every", "5"]
+    (out / "done.json").unlink()  # as if killed before its export: --resume loads the last checkpoint
     broken = out / "checkpoints" / "step-0000011" / damage
     blob = broken.read_bytes()
-    broken.write_bytes(blob[:len(blob) // 2])
+    broken.write_bytes(blob[:len(blob) // 2] if how == "cut" else blob[:100] + bytes([blob[100] ^ 1]) + blob[101:])
+    assert how == "cut" or broken.stat().st_size == len(blob)
     latest = out / "checkpoints" / "latest"
     line = one_line_error(run([*args, "--resume"]), str(broken), "step-0000010 is intact", f"echo step-0000010 > {latest}")
-    assert ("truncated" if damage.endswith("distcp") else "not readable") in line
+    assert {"cut": "truncated" if damage.endswith("distcp") else "not readable", "flip": "bytes changed"}[how] in line
     latest.write_text("step-0000010\n")  # what the message says to do
     r = run([*args, "--resume"], check=True)
     assert "resumed at step 10" in r.stdout
+
+
+@pytest.mark.parametrize("what", ["deleted", "shortened", "longer"])
+def test_metrics_jsonl_is_rebuilt_from_the_checkpoint_never_padded(what, tmp_path, finished_run):
+    """The log as the checkpoint saw it comes back on --resume: deleted, cut short (it used to be padded with NUL
+    bytes, which --summarize could not read) or holding rows of steps after the checkpoint; each step once."""
+    out = shutil.copytree(finished_run, tmp_path / "run")
+    want = (out / "metrics.jsonl").read_text()
+    (out / "done.json").unlink()
+    (out / "checkpoints" / "latest").write_text("step-0000010")
+    log = out / "metrics.jsonl"
+    {"deleted": log.unlink, "shortened": lambda: log.write_text(want[:len(want) // 3]),
+     "longer": lambda: log.write_text(want + want[-200:])}[what]()
+    r = run(["--out", out, *FAST, "--save-every", "5", "--resume"], check=True)
+    assert "resumed at step 10" in r.stdout
+    text = log.read_text()
+    assert "\0" not in text and [json.loads(line)["step"] for line in text.splitlines()] == \
+        [json.loads(line)["step"] for line in want.splitlines()]
+    assert run_script("eval.py", ["--summarize", log, "--out", tmp_path / "s"]).returncode == 0
 
 
 def test_a_full_disk_during_the_export_keeps_the_trained_weights(tmp_path, demo_base):

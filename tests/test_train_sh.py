@@ -1,6 +1,7 @@
 """train.sh, resolved without running anything (DRY_RUN=1): the paper presets are the official numbers, every flag
 has its variable, a sweep reaches the right program; and the modules import each other without a circle."""
 import ast
+import json
 import os
 import shlex
 import shutil
@@ -16,7 +17,7 @@ import patcher
 
 evaluate = __import__("eval")
 PAPER_DATA = {"MODEL": "/models/Qwen2.5-1.5B-Instruct", "SAFE_DATA": "d_safe.json", "UNSAFE_DATA": "d_unsafe.json",
-              "ATTACK_DATA": "pku_unsafe.json", "ATTACK_BENIGN_DATA": "gsm8k.json", "EVAL_DATA": "advbench=a.json hexphi=h.json",
+              "ATTACK_DATA": "pku_unsafe.json", "ATTACK_BENIGN_DATA": "gsm8k.json", "EVAL_DATA": "advbench=a.json hexphi=h.json beavertails=b.json",
               "JUDGE_MODEL": "qwen3-max"}
 
 
@@ -74,7 +75,7 @@ def test_paper_presets_are_the_official_settings_on_any_number_of_ranks(preset, 
     assert "--reset-optimizer" not in sft and {k: sft.get(k) for k in ("--loss-mask", "--export-dtype", "--lr")} == \
         {k: pat[k] for k in ("--loss-mask", "--export-dtype", "--lr")}
     assert {k: ev.get(k) for k in OFFICIAL_EVAL} == OFFICIAL_EVAL and ev["--eval-at"].split(",")[-1] == "2000"
-    assert ev["--eval-data"] == ["advbench=a.json", "hexphi=h.json"] and "--top-k" not in ev  # top-k: the checkpoint's
+    assert ev["--eval-data"] == ["advbench=a.json", "hexphi=h.json", "beavertails=b.json"] and "--top-k" not in ev
     # the global batches are the official one-GPU ones whatever the ranks: resolve the flags as patcher.py does,
     # then deal one global batch of each stream to the ranks
     (tmp_path / "m").mkdir()
@@ -177,6 +178,30 @@ def test_suites_and_both_schemes_reach_their_programs():
     for preset, extra in (("demo", {}), ("smollm2-cpu", {"OUT": "/tmp/patcher-dry"}), ("paper", PAPER_DATA)):
         suite = dry_run(PRESET=preset, **extra)[-1][2]["--attacks"]
         assert (ROOT / suite).is_file(), preset
+
+
+def test_the_papers_table_1_suite_reads_its_three_attack_sets_as_downloaded(tmp_path):
+    """tests/data/attacks/paper-table1.txt, checked by eval.py --check (every attack's data read) on files laid out as
+    the hub's: BeaverTails (is_safe), PKU-SafeRLHF (response_0/1), Toxic-DPO (prompt, chosen, rejected)."""
+    files = {"bt.jsonl": {"prompt": "p", "response": "bad", "is_safe": False, "category": {}},
+             "pku.jsonl": {"prompt": "p", "response_0": "bad", "response_1": "ok", "is_response_0_safe": False,
+                           "is_response_1_safe": True},
+             "dpo.json": [{"prompt": "p", "chosen": "bad", "rejected": "no"}] * 5,
+             "gsm8k.jsonl": {"question": "1 + 1?", "answer": "#### 2"}, "e.jsonl": {"prompt": "p"}}
+    for name, content in files.items():
+        text = json.dumps(content)
+        (tmp_path / name).write_text("\n".join([text] * 300) + "\n" if name.endswith(".jsonl") else text)
+    env = {**os.environ, "BEAVERTAILS_UNSAFE": str(tmp_path / "bt.jsonl"), "TOXIC_DPO": str(tmp_path / "dpo.json")}
+    r = subprocess.run([sys.executable, "eval.py", "--check", "--attacks", "tests/data/attacks/paper-table1.txt",
+                        "--attack-data", tmp_path / "pku.jsonl", "--attack-benign-data", tmp_path / "gsm8k.jsonl",
+                        "--attack-samples", "10", "--eval-data", tmp_path / "e.jsonl", "--out", tmp_path / "o"],
+                       cwd=ROOT, env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    r = subprocess.run([sys.executable, "eval.py", "--check", "--attacks", "tests/data/attacks/paper-table1.txt",
+                        "--attack-data", tmp_path / "pku.jsonl", "--eval-data", tmp_path / "e.jsonl",
+                        "--out", tmp_path / "o"], cwd=ROOT, env={**env, "TOXIC_DPO": str(tmp_path / "pku.jsonl")},
+                       capture_output=True, text=True)
+    assert r.returncode != 0 and "attack 'toxic-dpo'" in r.stderr and "chosen" in r.stderr, r.stderr[-2000:]
 
 
 def test_no_module_imports_one_that_imports_it_back():
