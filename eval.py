@@ -13,7 +13,7 @@ sampling seeds, so the rows of the report compare fairly. The file reads top to 
   1. judges: keyword (offline), llm (an OpenAI-compatible endpoint), guard (Llama Guard 3 on our own code)
   2. the attack (patcher.py's SFT loop, over all weights or LoRA factors) and generation
   3. scoring and the report: report.json, report.md, generations.jsonl, robustness.png
-  4. the program
+  4. what a run keeps (parts/, judge_cache.jsonl: the same command run again continues), and the program
 """
 import argparse
 import hashlib
@@ -24,6 +24,7 @@ import os
 import random
 import re
 import shlex
+import shutil
 import socket
 import sys
 import threading
@@ -41,7 +42,8 @@ import torch.distributed as dist
 
 import data
 import patcher
-from model import DTYPES, add_lora, generate, generation_defaults, inference_copy, load_model, merge_lora_, save_model
+from model import (DTYPES, CheckpointError, add_lora, all_finite, generate, generation_defaults, inference_copy, load_model,
+                   merge_lora_, save_model)
 
 # -----------------------------------------------------------------------------
 # 1. Judges (their prompts and how their replies are read: data.py)
@@ -91,8 +93,10 @@ class LLMJudge:
     spelling of it (escaped, JSON, URL-quoted) and any 8 characters of one."""
     MAX_BACKOFF = 30.0  # s: the official code's min(2^(t-1), 30)
 
+    EARLY_STOP = 4  # the first this many answers failing the same way stop the rest
+
     def __init__(self, url, model, key=None, template="qi", concurrency=8, retries=5, backoff=1.0, timeout=120.0,
-                 max_tokens=0, retry="transient", progress_every=10.0):
+                 max_tokens=0, retry="transient", progress_every=10.0, deadline=300.0):
         url = url.rstrip("/")
         self.url = url if url.endswith("/chat/completions") else url + "/chat/completions"
         u = urllib.parse.urlsplit(self.url)
@@ -101,7 +105,7 @@ class LLMJudge:
         assert retry in ("transient", "all"), retry
         self.model, self.template, self._key = model, template, check_key(key)
         self.concurrency, self.retries, self.backoff, self.timeout = concurrency, retries, backoff, timeout
-        self.max_tokens, self.retry, self.progress_every = max_tokens, retry, progress_every
+        self.max_tokens, self.retry, self.progress_every, self.deadline = max_tokens, retry, progress_every, deadline
         self._rng = random.Random()  # jitter only; its own generator leaves the global one alone
         self._stop, self._stopped = threading.Event(), None  # judge_all's early stop, and what the rest are told
         k, quote = self._key or "", urllib.parse.quote  # the key as error texts may spell it: escaped, JSON, URL-quoted
@@ -202,12 +206,29 @@ class LLMJudge:
                                min(float(after), 60.0) if after and after.replace(".", "", 1).isdigit() else None)
         return json.loads(reply.decode("utf-8"))["choices"][0]["message"]["content"]
 
+    def identity(self):
+        """What a verdict depends on besides the pair: the judge cache's key."""
+        return ["llm", self.url, self.model, self.template, self.max_tokens]
+
+    def check(self):
+        """One request, before any model is attacked: a judge that cannot answer (unreachable, a wrong key or model
+        name, no score in its reply) is an error now, not after hours of attacking."""
+        try:
+            reply = self._ask(data.judge_prompt(self.template, "What is 2 + 3?", "2 + 3 = 5."))
+            if data.SCORE_PARSERS[self.template](reply) is None:
+                raise ValueError(f"no score in its reply {self._redact(reply)[:60]!r}")
+        except Exception as e:  # noqa: BLE001 (one line naming what failed)
+            raise patcher.RunError(f"the LLM judge {self.url} (model {self.model}) cannot judge: "
+                                   f"{self._redact(str(e))[:200]}; nothing was attacked") from None
+
     def judge(self, prompt, answer):
-        """(score, None) or (None, error message)."""
-        content = data.judge_prompt(self.template, prompt, answer)
+        """(score, None) or (None, error message). An answer has --judge-deadline s for all its tries together."""
+        content, end, error = data.judge_prompt(self.template, prompt, answer), time.monotonic() + self.deadline, None
         for attempt in range(self.retries + 1):
             if self._stop.is_set():
                 return None, self._stopped
+            if attempt and time.monotonic() >= end:
+                return None, f"{error} (gave up at the deadline of {self.deadline:g} s, after {attempt} tries)"
             retry, wait_s = "transient", None
             try:
                 reply = self._ask(content)
@@ -230,14 +251,14 @@ class LLMJudge:
                     return None, self._stopped
         return None, f"{error} (gave up after {self.retries + 1} tries)"
 
-    def judge_all(self, pairs):
-        """judge() over every pair, `concurrency` at a time: the results in order. A progress line every
-        `progress_every` s. When the first max(2 x concurrency, 8) answers to finish all failed the same way (their
-        text before its first ": ", such as "HTTP 401 Unauthorized" or "TimeoutError"), the rest are not tried:
-        each is marked with that error, and stderr says so."""
+    def judge_all(self, pairs, on_result=None):
+        """judge() over every pair, `concurrency` at a time: the results in order; on_result(i, result) is called
+        as each arrives. A progress line every `progress_every` s. When the first EARLY_STOP answers to finish all
+        failed the same way (their text before its first ": ", such as "HTTP 401 Unauthorized" or "TimeoutError"),
+        the rest are not tried: each is marked with that error, and stderr says so."""
         pairs = list(pairs)
         n, results, errors, alike = len(pairs), [None] * len(pairs), 0, None  # alike: the one way all failed so far
-        probe, t0 = min(n, max(2 * self.concurrency, 8)), time.monotonic()
+        probe, t0 = min(n, self.EARLY_STOP), time.monotonic()
         next_line = t0 + self.progress_every
         self._stop.clear()
         with ThreadPoolExecutor(self.concurrency) as pool:
@@ -246,7 +267,10 @@ class LLMJudge:
                 while running:
                     done, _ = wait(running, max(0.0, next_line - time.monotonic()), FIRST_COMPLETED)
                     for f in done:
-                        score, error = results[running.pop(f)] = f.result()
+                        i = running.pop(f)
+                        score, error = results[i] = f.result()
+                        if on_result is not None:
+                            on_result(i, results[i])
                         errors += error is not None
                         kind = None if error is None else error.split(": ", 1)[0]
                         alike = kind if kind and alike in (None, kind) else False
@@ -286,7 +310,13 @@ class GuardJudge:
     def __repr__(self):
         return f"GuardJudge({self.path!r})"
 
-    def judge_all(self, pairs):
+    def identity(self):
+        return ["guard", patcher.fingerprint(self.path)["sha256"] if Path(self.path).is_dir() else self.path, self.categories]
+
+    def check(self):
+        pass  # offline: it loaded
+
+    def judge_all(self, pairs, on_result=None):
         pairs, results, stop = list(pairs), [], set(self.tok.stop_ids)
         for i in range(0, len(pairs), self.batch_size):
             prompts = [data.guard_prompt_ids(self.tok, p, a, self.categories) for p, a in pairs[i:i + self.batch_size]]
@@ -296,6 +326,8 @@ class GuardJudge:
                     results.append((None, [], f"no end of turn within {self.max_new_tokens} tokens: {text[:60]!r}"))
                 else:
                     results.append(data.parse_guard_reply(text))
+                if on_result is not None:
+                    on_result(len(results) - 1, results[-1])
         return results
 
 
@@ -334,17 +366,26 @@ def generate_split(model, prompts, args, tok, sample, rank, world):
     return [out[i] for i in range(len(prompts))]
 
 
-def attack_and_generate(name, path, args, attack_records, prompt_sets, rank, world, device):
-    """Load one model, attack it, and answer every prompt at every --eval-at step. Returns the generation
-    records (unscored), per-step attack statistics and the sampling used."""
+def attack_and_generate(name, path, args, attack_records, prompt_sets, rank, world, device, kept=None, save=None):
+    """Load one model, attack it, and answer every prompt at every --eval-at step. Returns the generation records
+    (unscored), per-step attack statistics and the sampling used. `kept`: {step: (records, stats)} answered by an
+    earlier run of this command, not answered again (the attack itself restarts from its start); `save(step,
+    records, stats)` is called (on rank 0) as soon as a step's answers exist."""
+    kept = kept or {}
     tok = data.load_tokenizer(path)
     items = [(s, kind, p, ref) for s, (kind, pairs) in prompt_sets.items() for p, ref in pairs]
     prompt_ids = [tok.encode_prompt(p, args.system_prompt, thinking=args.thinking == "on") for _, _, p, _ in items]
     model = patcher.build_model(path, device, args)
+    if not all_finite(model):
+        raise CheckpointError(f"--model {name} ({path}): non-finite weights (NaN or inf); its answers would mean nothing")
     # A prompt must leave room for the answer in the model's context: one that does not is left out (never cut, which
-    # would change the request), counted in the report as skipped, and named here.
+    # would change the request), counted in the report as skipped, and named here; a set left empty is an error.
     context = model.config.max_position_embeddings
     fits = [len(ids) + args.max_new_tokens <= context for ids in prompt_ids]
+    for s in prompt_sets:
+        if not any(ok for ok, item in zip(fits, items) if item[0] == s):
+            raise data.DataError(f"every prompt of set '{s}' is too long for {name}: prompt + --max-new-tokens "
+                                 f"{args.max_new_tokens} exceeds the model's context of {context} tokens")
     if rank == 0 and not all(fits):
         longest = max(len(ids) for ids in prompt_ids)
         print(f"{name}: {fits.count(False)} of {len(fits)} prompts skipped: prompt + --max-new-tokens "
@@ -353,15 +394,16 @@ def attack_and_generate(name, path, args, attack_records, prompt_sets, rank, wor
               if args.attack_kind == "lora" else model.parameters())
     optimizer = patcher.make_optimizer(params, args.attack_lr, args.attack_weight_decay)
     batches = None
-    if attack_records is not None:
-        examples, n_cut, n_dropped, longest = data.tokenize_records(tok, attack_records, args.attack_max_len,
-                                                                    args.system_prompt, args.attack_loss_mask)
+    if attack_records is not None:  # an example longer than the model's context is cut there, as at --attack-max-len
+        max_len = min(args.attack_max_len, context)
+        limit = f"--attack-max-len {max_len}" if max_len == args.attack_max_len else f"the model's context {context}"
+        examples, n_cut, n_dropped, longest = data.tokenize_records(tok, attack_records, max_len, args.system_prompt,
+                                                                    args.attack_loss_mask)
         batches = data.BatchIterator(examples, args.attack_batch_size, rank, world, args.attack_micro_batch_size,
                                      seed=args.seed, pad_id=tok.pad_id)
         if rank == 0:
-            print(f"{name}: {len(examples)} attack examples, longest {longest} tokens, {n_cut} truncated at "
-                  f"--attack-max-len {args.attack_max_len}" + (f", {n_dropped} of them dropped: the answer starts past "
-                  f"--attack-max-len" if n_dropped else ""), flush=True)
+            print(f"{name}: {len(examples)} attack examples, longest {longest} tokens, {n_cut} truncated at {limit}"
+                  + (f", {n_dropped} of them dropped: the answer starts past {limit}" if n_dropped else ""), flush=True)
     sample = sampling(args, path)
     records, stats, step, losses = [], [], 0, []
     for target in args.eval_at:
@@ -374,9 +416,14 @@ def attack_and_generate(name, path, args, attack_records, prompt_sets, rank, wor
                 print(f"{name} | attack step {step:>5}/{args.eval_at[-1]} | loss {losses[-1]:.4f} | "
                       f"{(time.time() - t) / (step - start):.2f} s/step", flush=True)
         t_attack, t = time.time() - t, time.time()
-        kept = [i for i, ok in enumerate(fits) if ok]
-        answers = dict(zip(kept, generate_split(inference_copy(model, DTYPES[args.dtype], device),
-                                                [prompt_ids[i] for i in kept], args, tok, sample, rank, world)))
+        if step in kept:  # answered by an earlier run of this command
+            records += kept[step][0]
+            stats.append(kept[step][1])
+            continue
+        new_records = []
+        asked = [i for i, ok in enumerate(fits) if ok]
+        answers = dict(zip(asked, generate_split(inference_copy(model, DTYPES[args.dtype], device),
+                                                 [prompt_ids[i] for i in asked], args, tok, sample, rank, world)))
         for i, (s, kind, prompt, ref) in enumerate(items):
             new = answers.get(i)
             record = {"model": name, "attack_step": step, "set": s, "kind": kind, "prompt": prompt, "reference": ref,
@@ -384,10 +431,13 @@ def attack_and_generate(name, path, args, attack_records, prompt_sets, rank, wor
                       "n_tokens": 0 if new is None else len(new), "prompt_tokens": len(prompt_ids[i])}
             if new is None:
                 record["skipped"] = f"prompt of {len(prompt_ids[i])} tokens + {args.max_new_tokens} new > context {context}"
-            records.append(record)
+            new_records.append(record)
         window = losses[start:step]  # the mean attack loss since the previous evaluation
-        stats.append({"model": name, "attack_step": step, "attack_loss": float(np.mean(window)) if window else None,
-                      "attack_seconds": t_attack, "generation_seconds": time.time() - t})
+        stat = {"model": name, "attack_step": step, "attack_loss": float(np.mean(window)) if window else None,
+                "attack_seconds": t_attack, "generation_seconds": time.time() - t}
+        records, stats = records + new_records, stats + [stat]
+        if save is not None and rank == 0:
+            save(step, new_records, stat)
         if rank == 0:
             print(f"{name} | {len(answers)} answers after {step} attack steps ({time.time() - t:.1f}s)", flush=True)
     if args.export:
@@ -422,7 +472,7 @@ def normalise(text):
     return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
 
 
-def score_records(records, args, judge=None):
+def score_records(records, args, judge=None, cache=None):
     """Fill in refused / correct (and score / judge_error from an LLM judge, or unsafe / guard_categories /
     guard_error from a guard) on every generation record, in place. `correct` on a harmful prompt with a
     reference is the exact harmful answer (the toy world has them); on benign ones the reference contained in
@@ -446,9 +496,18 @@ def score_records(records, args, judge=None):
     todo = [r for r in records if r["kind"] == "harmful"]
     if judge is None or not todo:
         return
-    t = time.time()
-    print(f"judging {len(todo)} answers with {judge!r}", flush=True)
-    for r, verdict in zip(todo, judge.judge_all([(r["prompt"], r["answer"]) for r in todo])):
+    t, cache = time.time(), cache if cache is not None else JudgeCache(None, judge)
+    verdicts = {cache.key(r["prompt"], r["answer"]): None for r in todo}  # each distinct pair once
+    verdicts.update({k: cache.get(k) for k in verdicts})
+    ask = [k for k, v in verdicts.items() if v is None]
+    pairs = {cache.key(r["prompt"], r["answer"]): (r["prompt"], r["answer"]) for r in todo}
+    print(f"judging {len(ask)} answers with {judge!r} ({len(verdicts) - len(ask)} judged before, "
+          f"{len(todo) - len(verdicts)} repeats)", flush=True)
+
+    results = judge.judge_all([pairs[k] for k in ask], on_result=lambda i, verdict: cache.add(ask[i], verdict))
+    verdicts.update(zip(ask, results))
+    for r in todo:
+        verdict = verdicts[cache.key(r["prompt"], r["answer"])]
         if isinstance(judge, GuardJudge):
             r["unsafe"], r["guard_categories"], r["judge_error"] = verdict
         else:
@@ -880,6 +939,9 @@ def get_parser():
                         "without a score) or all (any HTTP error too, as the official); never a redirect off the judge's origin")
     g.add_argument("--judge-timeout", type=rate_, default=120.0,
                    help="--judge llm: seconds per request in all: connect, send and the whole reply (the official: 60)")
+    g.add_argument("--judge-deadline", type=rate_, default=300.0,
+                   help="--judge llm: seconds an answer may take over all its tries; then it is a judge error (a rerun of "
+                        "the command asks again: verdicts are kept, errors are not)")
     g.add_argument("--judge-model-path", help="--judge guard: a Llama Guard 3 checkpoint directory (8B; or 1B, which knows S1-S13)")
     g = p.add_argument_group("system")
     g.add_argument("--out", default="runs/eval", help="output directory: report.json, report.md, generations.jsonl, robustness.png")
@@ -1108,7 +1170,126 @@ def make_judge(args):
     var = next((v for v in ("JUDGE_API_KEY", "OPENAI_API_KEY") if (env.get(v) or "").strip()), None)
     return LLMJudge(args.judge_url or env.get("JUDGE_URL") or env.get("OPENAI_BASE_URL") or "https://api.openai.com/v1",
                     model, check_key(env[var], var) if var else None, args.judge_template, retries=args.judge_tries - 1,
-                    timeout=args.judge_timeout, max_tokens=args.judge_max_tokens, retry=args.judge_retry)
+                    timeout=args.judge_timeout, max_tokens=args.judge_max_tokens, retry=args.judge_retry,
+                    deadline=args.judge_deadline)
+
+
+# -----------------------------------------------------------------------------
+# 4. What a run keeps: each step's answers as soon as they exist, each verdict as it arrives
+
+
+class JudgeCache:
+    """The verdicts of one judge, by (judge, template, prompt, answer), in out/judge_cache.jsonl (None: in memory
+    only): each verdict is appended as it arrives, so no answer is sent to a paid judge twice, across reruns too.
+    Failed calls are not kept: a rerun asks again."""
+
+    def __init__(self, path, judge):
+        self.path, self.identity, self.verdicts = path, json.dumps(judge.identity()), {}
+        if path is not None and path.exists():
+            for line in path.read_text().splitlines():
+                try:
+                    row = json.loads(line)
+                    self.verdicts[row["key"]] = tuple(row["verdict"])
+                except (ValueError, KeyError, TypeError):
+                    continue  # a line cut by a kill: that verdict is asked again
+        self.file = open(path, "a") if path is not None else None
+
+    def key(self, prompt, answer):
+        return hashlib.sha256(json.dumps([self.identity, prompt, answer]).encode()).hexdigest()
+
+    def get(self, key):
+        return self.verdicts.get(key)
+
+    def add(self, key, verdict):
+        if verdict[-1] is not None:  # an error: not a verdict
+            return
+        self.verdicts[key] = tuple(verdict)
+        if self.file is not None:
+            with patcher.naming(self.path):
+                self.file.write(json.dumps({"key": key, "verdict": list(verdict)}) + "\n")
+                self.file.flush()
+                os.fsync(self.file.fileno())
+
+
+# The flags that do not change what the attacks and generations are: a rerun into the same --out may change them
+# (another judge judges the kept answers again; refusal phrases are only scoring).
+NOT_RESULT_SETTINGS = ("out", "debug", "log_every", "check", "summarize", "sweep", "worst_case", "suite", "model",
+                       "judge", "judge_template", "judge_url", "judge_model", "judge_max_tokens", "judge_tries",
+                       "judge_retry", "judge_timeout", "judge_deadline", "judge_model_path", "refusal_phrases", "export")
+
+
+def data_fingerprint(path):
+    """{"path", "sha256"} of a data file, or of each file of a directory (HEx-PHI's categories)."""
+    path = Path(path)
+    if path.is_dir():
+        return {"path": str(path), "sha256": {f.name: patcher.sha256(f) for f in sorted(path.iterdir()) if f.is_file()}}
+    return {"path": str(path), "sha256": patcher.sha256(path)}
+
+
+def result_settings(args, models):
+    """What this command's answers depend on: the flags (but NOT_RESULT_SETTINGS) and the content of every model and
+    data file (their fingerprints; the paths are only shown)."""
+    flags = {k: v for k, v in vars(args).items() if k not in NOT_RESULT_SETTINGS}
+    inputs = {f"model {name}": patcher.fingerprint(path) for name, path in models.items()}
+    for flag in ("attack_data", "attack_benign_data", "attacks"):
+        if getattr(args, flag):
+            inputs[flag] = data_fingerprint(getattr(args, flag))
+    for flag in ("eval_data", "benign_data", "gsm8k"):
+        for spec in getattr(args, flag):
+            inputs[f"{flag} {spec}"] = data_fingerprint(split_spec(spec)[1])
+    return {**flags, "inputs": inputs}
+
+
+class Kept:
+    """An --out's results so far, so that the same command run again continues where it stopped: parts/ATTACK/
+    MODEL.jsonl holds one line per evaluated step (its answers and attack statistics), written and synced as soon as
+    the step is answered; judge_cache.jsonl every verdict. run.json says what they were made with: the same command
+    with other settings or inputs is refused, naming the change (another judge is no other setting: the kept answers
+    are judged again, by it)."""
+
+    def __init__(self, out, args, models, rank):
+        self.parts, self.rank = out / "parts", rank
+        now, path = result_settings(args, models), out / "run.json"
+        if path.exists() and any(self.parts.glob("*/*.jsonl")):
+            try:
+                flags, inputs = patcher.changed_settings(json.loads(path.read_text()), now)
+            except (ValueError, KeyError, TypeError):
+                flags, inputs = [f"{path}: not readable"], []
+            if flags or inputs:
+                said = (["they were made with " + ", ".join(flags)] if flags else []) + inputs
+                raise patcher.RunError(f"--out {out} holds the results of another command: {'; '.join(said)}; use "
+                                       f"another --out (or remove {self.parts} to start over)")
+        elif rank == 0:
+            shutil.rmtree(self.parts, ignore_errors=True)  # parts without run.json: not known to be this command's
+            with patcher.naming(path):
+                (out / ".run.json.tmp").write_text(json.dumps(now, indent=1) + "\n")
+                os.replace(out / ".run.json.tmp", path)
+
+    def file(self, attack, model):
+        return self.parts / (attack or "-") / (urllib.parse.quote(model, safe="") + ".jsonl")
+
+    def load(self, attack, model):
+        """{step: (records, stats)} kept for this attack and model (a line cut by a kill is left out)."""
+        kept, path = {}, self.file(attack, model)
+        if path.exists():
+            for line in path.read_text().splitlines():
+                try:
+                    row = json.loads(line)
+                except ValueError:
+                    continue
+                kept[row["stats"]["attack_step"]] = (row["records"], row["stats"])
+        return kept
+
+    def saver(self, attack, model):
+        path = self.file(attack, model)
+
+        def save(step, records, stats):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with patcher.naming(path), open(path, "a") as f:
+                f.write(json.dumps({"records": records, "stats": stats}) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+        return save
 
 
 def run(args):
@@ -1129,6 +1310,10 @@ def run(args):
     out = Path(args.out)
     models = named(args.model, "--model")
     sets = prompt_sets(args)
+    kept = Kept(out, args, models, rank)
+    judge = make_judge(args) if rank == 0 else None
+    if judge is not None:
+        judge.check()  # one request now, not a failure after every attack
     t0 = time.time()
     records, stats, info, attacks = [], [], {}, {}
     for attack, a in attack_passes(args).items():  # every model meets every attack, with the same data and seeds
@@ -1140,16 +1325,26 @@ def run(args):
                   f"global batch {a.attack_batch_size}, {counts} (seed {args.seed}); evaluate at {a.eval_at} | prompts: "
                   + ", ".join(f"{n} {len(v[1])}" for n, v in sets.items()) + f" | {patcher.precision(args.precision)}", flush=True)
         for name, path in models.items():
-            t = time.time()
-            recs, st, sample = attack_and_generate(name, path, a, attack_records, sets, rank, world, device)
+            t, done = time.time(), kept.load(attack, name)
+            if set(a.eval_at) <= set(done):  # answered by an earlier run of this command: nothing to load
+                if rank == 0:
+                    print(f"{name}: every step of attack {attack or '-'} kept from an earlier run", flush=True)
+                recs = [r for k in a.eval_at for r in done[k][0]]
+                st, sample = [done[k][1] for k in a.eval_at], sampling(a, path)
+            else:
+                if done and rank == 0:
+                    print(f"{name}: the attack restarts from its start; steps {sorted(done)} are kept, not answered "
+                          f"again", flush=True)
+                recs, st, sample = attack_and_generate(name, path, a, attack_records, sets, rank, world, device,
+                                                       kept=done, save=kept.saver(attack, name))
             records, stats = records + [{**r, "attack": attack} for r in recs], stats + [{**x, "attack": attack} for x in st]
             info.setdefault(name, {"path": path, "seconds": 0.0, "sampling": sample})["seconds"] += time.time() - t
     if dist.is_initialized():
         dist.barrier()  # every rank is past its last collective
     if rank != 0:
         return
-    judge = make_judge(args)  # judging needs no attacked model: once, on rank 0, after every generation
-    score_records(records, args, judge)
+    # judging needs no attacked model: once, on rank 0, after every generation; each verdict kept as it arrives
+    score_records(records, args, judge, JudgeCache(out / "judge_cache.jsonl", judge) if judge is not None else None)
     if "none" in attacks:  # step 0, answered once, belongs to every attack that asks for it
         records = [r for r in records if r["attack"] != "none"] + [
             {**r, "attack": name} for name, a in args.suite.items() if 0 in a.eval_at
@@ -1200,6 +1395,15 @@ def write_report(out, report, records):
     return png
 
 
+def interruption(args, step=None):
+    """The line for Ctrl-C or SIGTERM: what is kept, and that the same command continues."""
+    parts = sum(len(p.read_text().splitlines()) for p in (Path(args.out) / "parts").glob("*/*.jsonl"))
+    cache = Path(args.out) / "judge_cache.jsonl"
+    verdicts = len(cache.read_text().splitlines()) if cache.exists() else 0
+    return (f"; the same command continues: the answers of {parts} evaluated steps and {verdicts} verdicts are kept "
+            f"in {args.out}")
+
+
 def main():
     if "--summarize" in sys.argv:
         args = parse_args()
@@ -1209,8 +1413,12 @@ def main():
         except data.DataError as e:
             print(f"error: {e}", file=sys.stderr, flush=True)
             sys.exit(1)
+        except (KeyError, IndexError, StopIteration, TypeError, ValueError, AttributeError) as e:
+            print(f"error: --summarize {' '.join(args.summarize)}: not report.json files of eval.py, nor a metrics.jsonl "
+                  f"of patcher.py ({patcher.describe(e)})", file=sys.stderr, flush=True)
+            sys.exit(1)
         return
-    patcher.main(run, parse_args)
+    patcher.main(run, parse_args, interrupted=interruption)
 
 
 if __name__ == "__main__":

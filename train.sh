@@ -98,6 +98,7 @@ case "$PRESET" in
     : "${ATTACKS:=tests/data/attacks/paper.txt}"  # the paper's attack first, then the same variations at paper scale
     # the official judge call (evaluate/gpt_evaluate.py): max_tokens 512, 20 tries, every failure retried, 60 s each
     : "${JUDGE_MAX_TOKENS:=512}" "${JUDGE_TRIES:=20}" "${JUDGE_RETRY:=all}" "${JUDGE_TIMEOUT:=60}"
+    : "${JUDGE_DEADLINE:=1800}"  # room for all 20 tries of 60 s and the official's backoff, min(2^(t-1), 30) s
     for v in MODEL SAFE_DATA UNSAFE_DATA ATTACK_DATA ATTACK_BENIGN_DATA EVAL_DATA $([[ $JUDGE == llm ]] && echo JUDGE_MODEL); do
       [[ -n "${!v:-}" ]] || { echo "PRESET=$PRESET: set $v (README: Running the paper)" >&2; exit 2; }
     done ;;

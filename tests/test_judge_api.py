@@ -252,7 +252,7 @@ def test_a_silent_judge_stops_early_with_progress(capsys):
         evaluate.score_records(recs, Namespace(refusal_phrases="extended"), judge)
         took = time.monotonic() - t
     out, err = capsys.readouterr()
-    # the first 8 answers (2 x concurrency) failed alike after both their tries: the rest are not tried
+    # the first 4 answers (LLMJudge.EARLY_STOP) failed alike after both their tries: the rest are not tried
     assert took < 5 and len(srv.requests) <= 2 * 8 + 2 * 4, (took, len(srv.requests))  # not 40 x 2 tries of 0.3 s / 4
     assert "WARNING: the LLM judge failed on each of the first" in err and "TimeoutError" in err, err
     errors = [r["judge_error"] for r in recs]
@@ -273,18 +273,27 @@ def test_judging_prints_progress(capsys):
 
 
 def test_a_silent_judge_ends_the_program_quickly_and_loudly(tmp_path, toy):
+    """A judge that never answers is found by the one request sent before any attack: one line, nothing attacked.
+    One that answers that request and then goes silent stops after the first few answers fail alike
+    (LLMJudge.EARLY_STOP), each bounded by --judge-timeout: the program ends with an error, the answers kept."""
     ckpt, out = demo_checkpoint(tmp_path / "ckpt"), tmp_path / "out"
+    argv = ["--model", ckpt, "--eval-data", f"h={toy['eval_harmful']}", "--limit", 40, "--eval-at", 0, "--greedy",
+            "--max-new-tokens", 2, "--judge", "llm", "--judge-model", "judge-1", "--judge-tries", 2, "--judge-timeout", "0.5"]
     with Endpoint(lambda h, req: h.closing.wait(60) and None) as srv:  # never answers
         t = time.monotonic()
-        r = run_eval(["--model", ckpt, "--eval-data", f"h={toy['eval_harmful']}", "--limit", 40, "--eval-at", 0, "--greedy",
-                      "--max-new-tokens", 2, "--judge", "llm", "--judge-model", "judge-1", "--judge-tries", 2,
-                      "--judge-timeout", "0.5", "--out", out], check=False, env={"JUDGE_URL": srv.url})
+        r = run_eval([*argv, "--out", out], check=False, env={"JUDGE_URL": srv.url})
+        took = time.monotonic() - t
+    assert r.returncode == 1 and "cannot judge: no complete reply within 0.5 s" in r.stderr, r.stderr[-3000:]
+    assert "nothing was attacked" in r.stderr and len(srv.requests) == 1 and took < 30 and not (out / "parts").exists()
+    with Endpoint(lambda h, req: scored(1) if len(srv.requests) == 1 else h.closing.wait(60) and None) as srv:
+        t = time.monotonic()
+        r = run_eval([*argv, "--out", out], check=False, env={"JUDGE_URL": srv.url})
         took = time.monotonic() - t
     assert r.returncode == 1 and "every one of 40 judge calls failed" in r.stderr, r.stderr[-3000:]
     stopped = re.search(r"WARNING: the LLM judge failed on each of the first (\d+) of 40 answers", r.stderr)
-    assert stopped and int(stopped.group(1)) >= 16, r.stderr[-3000:]  # 2 x the 8 requests in flight
-    # 16 answers x 2 tries, and the tries of those under way when it stopped: not 40 x 2
-    assert len(srv.requests) <= 16 * 2 + 8 * 2 and took < 40, (len(srv.requests), took)
+    assert stopped and int(stopped.group(1)) >= 4, r.stderr[-3000:]
+    # the probe, 4 answers x 2 tries, and the tries of those under way when it stopped: not 40 x 2
+    assert len(srv.requests) <= 1 + 4 * 2 + 8 * 2 and took < 30, (len(srv.requests), took)
     _, gens = read_report(out)
     assert all(g["judge_error"] and g["score"] is None for g in gens)
     assert any("TimeoutError: no complete reply within 0.5 s" in g["judge_error"] for g in gens)

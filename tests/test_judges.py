@@ -329,9 +329,9 @@ def test_guard_verdicts_become_an_asr_with_its_interval(tmp_path, llama3_tok_dir
     """eval.py's scoring with a guard: unsafe verdicts are successes, errors are left out and counted."""
     class FixedGuard(evaluate.GuardJudge):  # the verdicts of a trained guard, without the model
         def __init__(self):
-            self.path = "fixed"
+            self.path, self.categories = "fixed", data.GUARD_CATEGORIES
 
-        def judge_all(self, pairs):
+        def judge_all(self, pairs, on_result=None):
             return [(True, ["S1"], None), (False, [], None), (None, [], "malformed guard reply: 'maybe'"), (True, ["S2"], None)]
     recs = [{"model": "m", "attack_step": 0, "set": "s", "kind": "harmful", "prompt": "p", "answer": a, "reference": None,
              "n_tokens": 1} for a in "abcd"]

@@ -25,7 +25,8 @@ def dry_run(root=ROOT, **env):
     """The commands train.sh (of the project at `root`) would run: [(nproc, script, {flag: value or True}, [words])]."""
     env = {k: v for k, v in os.environ.items() if not k.isupper() or k in ("PATH", "HOME", "PATCHER_ASSETS")} | env
     r = subprocess.run(["bash", str(root / "train.sh")], env={**env, "DRY_RUN": "1"}, capture_output=True, text=True, cwd=root)
-    assert r.returncode == 0, r.stderr[-3000:]
+    if r.returncode:
+        raise subprocess.CalledProcessError(r.returncode, r.args, r.stdout, r.stderr)
     out = r.stdout
     commands = []
     for line in out.splitlines():
