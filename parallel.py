@@ -5,9 +5,9 @@ Parallel Patcher: the defender keeps training on a stale attack vector while the
     torchrun --nproc_per_node=8 parallel.py ...                                         # 4 + 4, each half FSDP2-sharded
     torchrun --standalone --nproc_per_node=2 parallel.py                                # the built-in demo (gloo, CPU)
 
-Every flag of patcher.py applies (this file builds on it), plus the four below. A two-dimensional device mesh
-(role x fsdp) splits the world: ranks 0..h-1 are the defender half, ranks h..2h-1 the attacker half (h = world/2),
-and each half FSDP2-shards the model over its own row of the mesh. Both halves shard the same model the same way,
+Every patcher.py flag it honours (HONOURED, below; any other is refused) applies, plus its own five. A two-dimensional
+device mesh (role x fsdp) splits the world: ranks 0..h-1 are the defender half, ranks h..2h-1 the attacker half
+(h = world/2), and each half FSDP2-shards the model over its own row of the mesh. Both halves shard the same model the same way,
 so defender i (rank i) and attacker i (rank h + i) hold the same rows of every parameter: theta and theta_att
 travel between these partners as local shards, point to point, never gathered and never written to disk.
 
@@ -51,7 +51,6 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 
 import patcher
-from model import save_model
 
 DEFENDER, ATTACKER = 0, 1  # the "role" coordinate of the device mesh
 POLL = 0.01  # seconds between looks at the store while waiting for a key
@@ -224,7 +223,10 @@ def attacker(args, model, batches, partner, group, device):
         partner.check()
         return agree(partner.has("stop"), group, device, dist.ReduceOp.MAX)
 
-    r = 0
+    partner.wait(partner.key("first", 0), stop=False)
+    r = int(partner.get(partner.key("first", 0)))  # a resumed defender goes on with its count ...
+    for _ in range(r * args.inner_steps):  # ... and this stream with the batches its earlier attacks drew (--sync: exact)
+        next(batches)
     while partner.wait(partner.key("theta", r)):
         start = receive_theta(partner, model, r)
         t = time.time()
@@ -261,20 +263,22 @@ def sends(args, step):
     return (step - args.warmup_steps) % args.refresh_every == 0
 
 
-def defender(args, model, streams, partner, group, device, log):
+def defender(args, model, optimizer, streams, partner, group, device, log, resumed, run_settings):
     """Defender steps on D_safe for the sequential budget; each attack vector is installed as it arrives (looked for
     when looks()) and theta is sent off for the next attack when sends() (--sync: at the start of each round, then
-    waited for)."""
+    waited for). Every --save-every steps (and at the last) the half writes a checkpoint; `resumed`: (step, delta,
+    extra) of the one --resume loaded. An attack in flight at a checkpoint is not in it: the resumed run starts the
+    next one."""
     warmup, k2 = args.warmup_steps, args.defend_steps
     total = warmup + args.rounds * k2
-    optimizer = patcher.make_optimizer(model.parameters(), args.lr, args.weight_decay, args.fused_adamw)
     theta_buffer = patcher.snapshot(model)  # reused by every defender step
     params = dict(model.named_parameters())
     safe, retain = streams["safe"], streams.get("retain")
-    delta, installed = None, -1  # the attack vector in use and its attack (None: plain SFT steps)
-    r, sent = 0, None  # the attack in flight and the step its theta was sent at (None: no attack in flight)
+    step, delta, extra = resumed  # delta: the attack vector in use (None: plain SFT steps)
+    installed, r = extra.get("installed", -1), extra.get("attack", 0)  # the last attack installed, the next to run
+    sent = None  # the step the theta of attack r was sent at (None: no attack in flight)
     theta_start = None  # --delta-ref start: the theta the attack in flight started from
-    step = 0
+    partner.set(partner.key("first", 0), r)  # the attacker numbers its attacks from here
     while step < total:
         partner.check()  # two small store reads: a dead attacker is noticed within --peer-timeout, even in warmup
         # 1. has the attack in flight finished? Look every --refresh-every steps (--refresh-offset steps before
@@ -312,6 +316,9 @@ def defender(args, model, streams, partner, group, device, log):
             raise FloatingPointError(f"{phase} step {step + 1}: {e}") from None
         step += 1
         log.step(step, phase, installed, metrics, time.time() - t, args.lr)
+        if args.save_every and (step % args.save_every == 0 or step == total):  # within this half: its group
+            patcher.save_checkpoint(Path(args.out), step, model, optimizer, delta, streams, run_settings, log.offset(),
+                                    partner.rank, group=group, extra={"installed": installed, "attack": r})
     partner.set("stop")  # any defender may say it: all of them are past their last step
     return installed + 1
 
@@ -350,8 +357,12 @@ def run(args):
                                f"(torchrun --nproc_per_node=2|4|8 parallel.py ...); got {world}")
     torch.manual_seed(args.seed)
     out = Path(args.out)
+    patcher.check_resume(args, out)  # before the demo writes anything
     if args.model is None:
         patcher.make_demo(args, out, rank)
+    run_settings = patcher.settings(args, world)
+    if args.resume:
+        patcher.check_finished(out, run_settings)  # every rank: a finished run has nothing to do
     half = world // 2
     mesh = init_device_mesh(device.type, (2, half), mesh_dim_names=("role", "fsdp"))
     role, pair = mesh.get_coordinate()
@@ -361,22 +372,22 @@ def run(args):
     try:
         model = patcher.build_model(args.model, device, args, mesh=mesh["fsdp"])
         # each half draws its batches as a sequential run over `half` ranks would (sharded by pair)
-        streams, notes = patcher.load_data(args, pair, half)
+        streams, notes = patcher.load_data(args, pair, half, model.config.max_position_embeddings)
         total = args.warmup_steps + args.rounds * args.defend_steps
-        if rank == 0:
-            for line in notes:
-                print(line)
-            print(f"parallel{' --sync' if args.sync else ''} | world {world} = {half} defender + {half} attacker ranks | "
-                  f"{patcher.precision(args.precision)} | {total} defender steps = warmup {args.warmup_steps} + {args.rounds} "
-                  f"rounds x k2 {args.defend_steps} | inner attack k1 {args.inner_steps} at lr {args.inner_lr:g} | refresh "
-                  f"every {args.refresh_every} steps | delta-ref {args.delta_ref}", flush=True)
-            patcher.write_config(out, args)
-        if role == DEFENDER:
-            log = patcher.Log(out, rank, total, device)
-            n = defender(args, model, streams, partner, group, device, log)
-            save_model(model, out / "final", like=args.model, dtype=patcher.export_dtype(args))  # within this half only
+        if role == DEFENDER:  # fresh, or resumed from its checkpoint (the defender half's alone)
+            optimizer = patcher.make_optimizer(model.parameters(), args.lr, args.weight_decay, args.fused_adamw)
+            step, delta, log, extra = patcher.start_run(args, out, model, optimizer, streams, run_settings, rank, total,
+                                                        notes, group=group, header=False)
             if rank == 0:
-                print(f"defender: {total} steps, {n} attack vectors installed | exported {out / 'final'}", flush=True)
+                print(f"parallel{' --sync' if args.sync else ''} | world {world} = {half} defender + {half} attacker "
+                      f"ranks | {patcher.precision(args.precision)} | {total} defender steps = warmup {args.warmup_steps} "
+                      f"+ {args.rounds} rounds x k2 {args.defend_steps} | inner attack k1 {args.inner_steps} at lr "
+                      f"{args.inner_lr:g} | refresh every {args.refresh_every} steps | delta-ref {args.delta_ref}"
+                      + (f" | resumed at step {step}" if step else ""), flush=True)
+            n = defender(args, model, optimizer, streams, partner, group, device, log, (step, delta, extra), run_settings)
+            patcher.export_final(model, out, args, total, rank, run_settings)  # within this half only
+            if rank == 0:
+                print(f"defender: {total} steps, {n} attack vectors installed", flush=True)
         else:
             n = attacker(args, model, streams["unsafe"], partner, group, device)
             if pair == 0:
@@ -400,9 +411,8 @@ HONOURED = {"model", "safe_data", "unsafe_data", "safe_format", "unsafe_format",
             "inner_steps", "defend_steps", "reset_optimizer", "retain_weight", "lr", "weight_decay", "max_grad_norm",
             "batch_size", "inner_lr", "inner_weight_decay", "inner_max_grad_norm", "inner_batch_size", "micro_batch_size",
             "group_by_length", "seed", "out", "export_dtype", "precision", "activation_checkpointing", "compile",
-            "fused_adamw", "debug", "list_flags"}
-WHY_NOT = {"save_every": "parallel.py saves no resumable checkpoints (--resume, --save-every), only final/",
-           "resume": "parallel.py saves no resumable checkpoints (--resume, --save-every), only final/"}
+            "fused_adamw", "debug", "list_flags", "save_every", "resume"}
+WHY_NOT = {}  # dest -> why parallel.py refuses it, where there is more to say than that it does not honour it
 
 
 def parse_args(argv=None):

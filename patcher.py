@@ -522,7 +522,7 @@ def export_dtype(args):
     return None if args.export_dtype == "checkpoint" else DTYPES[args.export_dtype]
 
 
-def load_data(args, rank, world):
+def load_data(args, rank, world, context=None):
     """Endless, resumable batch streams for D_safe, D_unsafe (the defenses that use it) and the retain set (if any),
     each rank taking its share of every global batch; and a line about each set for the log."""
     tok = data.load_tokenizer(args.model)
@@ -533,23 +533,26 @@ def load_data(args, rank, world):
                      args.inner_batch_size if defense.inner_attack else args.batch_size))
     if args.retain_data and args.retain_weight > 0:
         sets.append(("retain", args.retain_data, "auto", args.batch_size))
+    # an example longer than the model's context is cut there too (its positions have no rotary angles beyond it)
+    max_len = min(args.max_len, context or args.max_len)
+    limit = f"--max-len {max_len}" if max_len == args.max_len else f"the model's context {max_len}"
     streams, notes = {}, []
     for i, (name, path, fmt, batch) in enumerate(sets):
         records = data.load_records(path, args.prompt_field, args.response_field, fmt, role=name,
                                     field_flags="--prompt-field/--response-field")
-        examples, n_cut, n_dropped, longest = data.tokenize_records(tok, records, args.max_len, args.system_prompt,
+        examples, n_cut, n_dropped, longest = data.tokenize_records(tok, records, max_len, args.system_prompt,
                                                                     args.loss_mask)
-        dropped = f", {n_dropped} of them dropped: the answer starts past --max-len" if n_dropped else ""
+        dropped = f", {n_dropped} of them dropped: the answer starts past {limit}" if n_dropped else ""
         if len(examples) < batch:  # BatchIterator would refuse too, naming neither the file nor the cause
             raise data.DataError(f"{path}: {len(examples)} of {len(records)} records left to train on"
-                                 + (f" ({n_dropped} dropped: the answer starts past --max-len {args.max_len})" if n_dropped
+                                 + (f" ({n_dropped} dropped: the answer starts past {limit})" if n_dropped
                                     else "") + f", too few for one global batch of {batch}")
         micro = min(args.micro_batch_size or batch, -(-batch // world))
         streams[name] = data.BatchIterator(examples, batch, rank, world, micro, seed=args.seed + i, pad_id=tok.pad_id,
                                            group_by_length=args.group_by_length)
         s = streams[name]
         notes.append(f"{name}: {path}: {len(records)} records, longest {longest} tokens, {n_cut} truncated at "
-                     f"--max-len {args.max_len}{dropped} | global batch {batch} = {s.accum} x {world} ranks x {s.micro}"
+                     f"{limit}{dropped} | global batch {batch} = {s.accum} x {world} ranks x {s.micro}"
                      + (f" ({s.accum * world * s.micro - batch} empty rows: more ranks than sequences)"
                         if s.accum * world * s.micro > batch else ""))
     return streams, notes
@@ -641,11 +644,11 @@ class Training:
             check_finished(self.out, self.settings)  # a run that finished has nothing to do
         self.defense = DEFENSES[args.mode]
         self.model = build_model(args.model, device, args)
-        self.streams, notes = load_data(args, self.rank, world)
+        self.streams, notes = load_data(args, self.rank, world, self.model.config.max_position_embeddings)
         self.optimizer = make_optimizer(self.model.parameters(), args.lr, args.weight_decay, args.fused_adamw)
         self.total = args.warmup_steps + args.rounds * args.defend_steps
-        self.step, self.delta, self.log = start_run(args, self.out, self.model, self.optimizer, self.streams,
-                                                    self.settings, self.rank, self.total, notes)
+        self.step, self.delta, self.log, _ = start_run(args, self.out, self.model, self.optimizer, self.streams,
+                                                       self.settings, self.rank, self.total, notes)
         # one copy of theta for every attack and step that moves the weights
         self.theta_buffer = snapshot(self.model) if self.defense.moves_theta else None
         self.planned = 0
@@ -807,25 +810,27 @@ def check_resume(args, out):
                        f"continue it, or another --out")
 
 
-def start_run(args, out, model, optimizer, streams, run_settings, rank, total, notes):
+def start_run(args, out, model, optimizer, streams, run_settings, rank, total, notes, group=None, header=True):
     """Fresh, or resumed from out/checkpoints/latest (a resume with other settings is refused, before
-    anything is written). Writes config.json, prints the header; returns (step, delta, log)."""
-    step, delta, offset = 0, None, None
+    anything is written). Writes config.json, prints the header; returns (step, delta, log, the schedule's extra
+    state of the checkpoint)."""
+    step, delta, offset, extra = 0, None, None, {}
     if args.resume:
         delta_like = ({n: torch.zeros_like(p) for n, p in model.named_parameters()} if DEFENSES[args.mode].inner_attack
                       else None)
-        step, delta, offset = load_checkpoint(out, model, optimizer, delta_like, streams, run_settings, rank)
+        step, delta, offset, extra = load_checkpoint(out, model, optimizer, delta_like, streams, run_settings, rank, group)
     device, world = model.lm_head.weight.device, run_settings["world_size"]
     if rank == 0:
         (out / "done.json").unlink(missing_ok=True)  # another run's (a resume of a finished one ended in Finished)
         write_config(out, args, run_settings["inputs"])
         for line in notes:
             print(line)
+    if rank == 0 and header:
         print(f"mode {args.mode} | world {world} | {precision(args.precision)} | {total} steps = warmup {args.warmup_steps} + "
               f"{args.rounds} rounds x k2 {args.defend_steps}" + (f" | inner attack k1 {args.inner_steps} at lr "
               f"{args.inner_lr:g}" if DEFENSES[args.mode].inner_attack else "") + (f" | resumed at step {step}" if step else ""),
               flush=True)
-    return step, delta, Log(out, rank, total, device, offset)
+    return step, delta, Log(out, rank, total, device, offset), extra
 
 
 def write_config(out, args, inputs=None):
@@ -837,9 +842,9 @@ def write_config(out, args, inputs=None):
         os.replace(out / ".config.json.tmp", out / "config.json")
 
 
-def barrier():
+def barrier(group=None):
     if dist.is_initialized():
-        dist.barrier()
+        dist.barrier(group=group)
 
 
 def dcp_cause(e):
@@ -849,9 +854,11 @@ def dcp_cause(e):
     return cause[0] if isinstance(cause, tuple) else cause
 
 
-def save_checkpoint(out, step, model, optimizer, delta, streams, run_settings, log_offset, rank, keep=2):
+def save_checkpoint(out, step, model, optimizer, delta, streams, run_settings, log_offset, rank, keep=2, group=None,
+                    extra=None):
     """Write out/checkpoints/step-XXXXXXX (torch.distributed.checkpoint: model, optimizer, delta; one JSON per
-    rank: step, settings, data positions, RNG, the log's length; nothing is ever unpickled). It is written
+    rank: step, settings, data positions, RNG, the log's length, `extra`: a schedule's own state; nothing is ever
+    unpickled; `group`: the ranks that hold the model, parallel.py's defender half). It is written
     into a temporary directory and renamed once complete, then `latest` is switched to it: a crash at any
     point leaves the previous checkpoint intact and named by `latest`."""
     import torch.distributed.checkpoint as dcp
@@ -863,22 +870,22 @@ def save_checkpoint(out, step, model, optimizer, delta, streams, run_settings, l
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-    barrier()
+    barrier(group)
     np_state = np.random.get_state()
     state = {"format": 2, "step": step, "has_delta": delta is not None, "settings": run_settings, "metrics_bytes": log_offset,
-             "data": {name: s.state_dict() for name, s in streams.items()},
+             "data": {name: s.state_dict() for name, s in streams.items()}, "extra": extra or {},
              "rng": {"torch": torch.get_rng_state().tolist(), "python": list(random.getstate()[1]),
                      "numpy": [np_state[1].tolist(), int(np_state[2])]}}
     sd = {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer)}
     if delta is not None:
         sd["delta"] = delta
     try:
-        dcp.save(sd, checkpoint_id=tmp)
+        dcp.save(sd, checkpoint_id=tmp, process_group=group)
         (tmp / f"state-rank{rank}.json").write_text(json.dumps(state))
         if rank == 0:  # the log up to this step: a resume restores it, whatever happened to out/metrics.jsonl since
             with open(out / "metrics.jsonl", "rb") as f:
                 (tmp / "metrics.jsonl").write_bytes(f.read(log_offset))
-        barrier()  # every rank's files are complete: each hashes its own
+        barrier(group)  # every rank's files are complete: each hashes its own
         (tmp / f"checksums-rank{rank}.json").write_text(json.dumps({f.name: sha256(f) for f in own_files(tmp, rank)}))
     except (Exception, KeyboardInterrupt, dcp.api.CheckpointException) as e:  # dcp's own is a BaseException
         cause = dcp_cause(e)
@@ -888,7 +895,7 @@ def save_checkpoint(out, step, model, optimizer, delta, streams, run_settings, l
             raise Interrupted(step) from None
         raise RunError(f"could not write checkpoint {tmp}: {describe(cause)} ({free_space(root)}); the previous "
                        f"checkpoint is intact") from None
-    barrier()
+    barrier(group)
     if rank == 0:
         if final.exists():  # left by a run killed before it switched `latest`, which never names it
             shutil.rmtree(final)
@@ -897,7 +904,7 @@ def save_checkpoint(out, step, model, optimizer, delta, streams, run_settings, l
         os.replace(root / "latest.tmp", root / "latest")
         for old in sorted(root.glob("step-*"))[:-keep]:
             shutil.rmtree(old)
-    barrier()
+    barrier(group)
 
 
 def latest_checkpoint(out):
@@ -952,13 +959,13 @@ def checkpoint_damage(path, ranks):
     return None
 
 
-def agreed_damage(path, rank, world):
+def agreed_damage(path, rank, world, group=None):
     """checkpoint_damage of this rank's files, the same answer on every rank (the first damage any rank found), so
     that all refuse together instead of some entering a collective load alone."""
     damage = checkpoint_damage(path, [rank])
     if world > 1:
         found = [None] * world
-        dist.all_gather_object(found, damage)
+        dist.all_gather_object(found, damage, group=group)
         damage = next((d for d in found if d), None)
     return damage
 
@@ -972,8 +979,9 @@ def older_intact(path, ranks):
     return "no older checkpoint is intact"
 
 
-def load_checkpoint(out, model, optimizer, delta_like, streams, run_settings, rank):
-    """Restore in place from out/checkpoints/latest -> (step, delta or None, the log's length then). A damaged
+def load_checkpoint(out, model, optimizer, delta_like, streams, run_settings, rank, group=None):
+    """Restore in place from out/checkpoints/latest -> (step, delta or None, the log's length then, the schedule's
+    `extra` state). `group`: the ranks that hold the model (save_checkpoint's). A damaged
     checkpoint is named, with the older one to resume from; a run with other settings than the checkpoint's
     (flags, world size, mode, the content of an input) is refused, naming each change."""
     import torch.distributed.checkpoint as dcp
@@ -991,8 +999,8 @@ def load_checkpoint(out, model, optimizer, delta_like, streams, run_settings, ra
         said = (["the checkpoint's run had " + ", ".join(flags)] if flags else []) + inputs
         raise RunError(f"--resume: {'; '.join(said)}; resume with its settings and inputs ({path}), or start a new "
                        f"run in another --out")
-    world = run_settings["world_size"]
-    damage = agreed_damage(path, rank, world)
+    world = dist.get_world_size(group) if dist.is_initialized() else 1
+    damage = agreed_damage(path, rank, world, group)
     if damage:
         raise CheckpointError(f"--resume: checkpoint {damage}; {older_intact(path, range(world))}")
     state = json.loads((path / f"state-rank{rank}.json").read_text())
@@ -1000,7 +1008,7 @@ def load_checkpoint(out, model, optimizer, delta_like, streams, run_settings, ra
     if state["has_delta"]:
         sd["delta"] = delta_like
     try:
-        dcp.load(sd, checkpoint_id=path)
+        dcp.load(sd, checkpoint_id=path, process_group=group)
     except (Exception, dcp.api.CheckpointException) as e:  # damage that the files' sizes do not show
         cause = dcp_cause(e)
         if isinstance(cause, KeyboardInterrupt):
@@ -1019,7 +1027,7 @@ def load_checkpoint(out, model, optimizer, delta_like, streams, run_settings, ra
         with naming(out / "metrics.jsonl"):
             shutil.copyfile(path / "metrics.jsonl", out / ".metrics.jsonl.tmp")
             os.replace(out / ".metrics.jsonl.tmp", out / "metrics.jsonl")
-    return state["step"], sd.get("delta"), state["metrics_bytes"]
+    return state["step"], sd.get("delta"), state["metrics_bytes"], state.get("extra", {})
 
 
 class Finished(Exception):
@@ -1286,14 +1294,15 @@ BASE_STEPS, BASE_WARMUP, BASE_LR, BASE_BATCH = 800, 200, 3e-3, 32
 
 def make_demo(args, out, rank):
     """Rank 0 writes the toy world's splits to out/data/*.jsonl and trains the base model into out/base
-    (reused if present: train.sh shares one base between a seed's SFT and Patcher runs); then every rank
+    (reused if it was trained for this --seed: train.sh shares one base between a seed's alignments); then every rank
     points the flags at them. A resume writes nothing: it reads what its run wrote, which the checkpoint's
     fingerprints then check (a refused resume leaves the run directory as it was)."""
     base = out / "base"
     if rank == 0 and not args.resume:
         with naming(out / "data"):  # a full disk: write() names no file
             paths = data.write_toy_world(out / "data", args.seed)
-        if not (base / data.ToyTokenizer.FILE).exists():
+        made = base / data.ToyTokenizer.FILE  # records the seed of the toy world the base model was trained for
+        if not made.exists() or json.loads(made.read_text() or "{}").get("toy_world_seed") != args.seed:
             print(f"demo: training a tiny base model ({BASE_STEPS} steps) to comply with every toy request -> {base}",
                   flush=True)
             torch.manual_seed(args.seed)

@@ -30,16 +30,38 @@
 #                baseline, as inner-steps=0 does), or one evaluation per value (an eval.py flag); default mode=sft,patcher.
 #                A sweep writes OUT/sweep.md (and sweep.png with matplotlib) besides OUT/summary.md
 #   EVAL_BASE=1  also evaluate the unaligned base model (always in the demo)
+#
+# Run again with the same OUT and settings, it continues where it stopped (killed, preempted, a judge down): finished
+# alignments are skipped, others resume from their last checkpoint (every SAVE_EVERY steps), eval.py keeps every
+# answer and verdict. The same OUT with other settings is refused, naming the change. One train.sh per OUT.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
+if [[ $# -gt 0 ]]; then
+  if [[ $1 == --help || $1 == -h ]]; then sed -n '2,/^set -euo pipefail/p' "$0" | sed '$d' | sed -E 's/^# ?//'; exit 0; fi
+  echo "train.sh: no arguments ('$1'): every setting is a variable, e.g. SEEDS=0 ./train.sh (./train.sh --help)" >&2
+  exit 2
+fi
 
 # The flags each program takes come from its own parser (--list-flags: "NAME value|switch MODES" a line), never from
 # lists kept here: a flag added to a program reaches it from its variable with no edit of this file.
-LISTS=$(mktemp -d)
-trap 'rm -rf "$LISTS"' EXIT
-pids=()
-for program in patcher parallel eval; do python "$program.py" --list-flags > "$LISTS/$program" & pids+=($!); done
-for pid in "${pids[@]}"; do wait "$pid" || { echo "train.sh: a program could not list its flags (python ... --list-flags)" >&2; exit 1; }; done
+if [[ -n ${TRAIN_SH_LISTS:-} ]]; then LISTS=$TRAIN_SH_LISTS; else
+  LISTS=$(mktemp -d)
+  pids=()
+  for program in patcher parallel eval; do python "$program.py" --list-flags > "$LISTS/$program" & pids+=($!); done
+  for pid in "${pids[@]}"; do wait "$pid" || { echo "train.sh: a program could not list its flags (python ... --list-flags)" >&2; exit 1; }; done
+fi
+lock= child=
+finish() {  # on exit: the lock given back, the lists removed
+  [[ -n $lock && $(sed -nE 's/.*"pid": ([0-9]+).*/\1/p' "$lock" 2>/dev/null) == "$$" ]] && rm -f "$lock"
+  [[ -n ${TRAIN_SH_LISTS:-} ]] || rm -rf "$LISTS"
+}
+trap finish EXIT
+interrupted() {  # SIGINT / SIGTERM: end the program running, say how to continue, exit 130 / 143
+  trap - INT TERM
+  if [[ -n $child ]]; then kill -TERM "$child" 2>/dev/null || true; wait "$child" 2>/dev/null || true; fi
+  echo "train.sh: interrupted by $1; run the same command again to continue (OUT=$OUT)" >&2
+  exit "$2"
+}
 # the flags this script sets itself, from its own variables (the data files, the run directories, the seeds)
 OWN_ALIGN="model safe-data out seed mode resume save-every list-flags"
 OWN_EVAL="model out seed attack-data eval-data benign-data gsm8k summarize sweep worst-case check list-flags"
@@ -52,14 +74,14 @@ case "$PRESET" in
   demo)  # patcher.py's own demo flags for alignment; the toy world's files for eval.py (written by patcher.py)
     : "${SEEDS:=0 1 2}" "${OUT:=runs/demo}" "${EVAL_AT:=0,10,20,40,80}" "${ATTACK_LR:=5e-4}" "${ATTACK_BATCH_SIZE:=16}"
     : "${GREEDY:=1}" "${REPETITION_PENALTY:=1}" "${MAX_NEW_TOKENS:=4}" "${OMP_NUM_THREADS:=1}"
-    : "${ATTACKS:=tests/data/attacks/demo-small.txt}" ;;  # the pure and the poisoned attack; demo.txt: all six
+    : "${ATTACKS:=tests/data/attacks/demo-small.txt}" "${SAVE_EVERY:=50}" ;;  # the pure and the poisoned attack; demo.txt: all six
   smollm2-cpu)  # the README's small real run on a 2-core CPU
     : "${MODEL:=${PATCHER_ASSETS:-$HOME/.cache/patcher-assets}/smollm2-135m-instruct}" "${OUT:=runs/smollm2}"
     : "${ATTACK_DATA:=$SAFETY/attack.jsonl}" "${EVAL_DATA:=eval=$SAFETY/eval.jsonl}"
     : "${WARMUP_STEPS:=20}" "${ROUNDS:=6}" "${INNER_STEPS:=10}" "${DEFEND_STEPS:=10}" "${LR:=5e-5}" "${INNER_LR:=5e-5}"
     : "${BATCH_SIZE:=4}" "${INNER_BATCH_SIZE:=4}" "${MAX_LEN:=128}" "${EVAL_AT:=0,10,20,40}" "${ATTACK_LR:=5e-5}"
     : "${ATTACK_BATCH_SIZE:=4}" "${ATTACK_MAX_LEN:=128}" "${MAX_NEW_TOKENS:=96}" "${DTYPE:=bfloat16}" "${EVAL_BASE:=1}"
-    : "${ATTACKS:=tests/data/attacks/smollm2-cpu.txt}" "${GSM8K:=task=$TASK/test.jsonl}" "${LIMIT:=50}"
+    : "${ATTACKS:=tests/data/attacks/smollm2-cpu.txt}" "${GSM8K:=task=$TASK/test.jsonl}" "${LIMIT:=50}" "${SAVE_EVERY:=20}"
     mkdir -p "$OUT"
     if [[ -z "${UNSAFE_DATA:-}" ]]; then  # D_unsafe: 60 of the 95 harmful answers; the other 35 are the transfer attack's
       head -n 60 "$SAFETY/attack.jsonl" > "$OUT/unsafe_inner.jsonl"
@@ -116,6 +138,7 @@ SWEEP=${SWEEP:-mode=sft,patcher}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(nproc)}
 [[ $SCHEME == sequential || $SCHEME == parallel || $SCHEME == both ]] || { echo "SCHEME must be sequential, parallel or both" >&2; exit 2; }
 PARALLEL_NPROC=${PARALLEL_NPROC:-$(( NPROC < 2 ? 2 : NPROC ))}
+SAVE_EVERY=${SAVE_EVERY:-500}  # every alignment checkpoints (and at its last step): a rerun resumes it
 export OUT TOY RUN TASK SAFETY UNSAFE_DATA ATTACK_DATA ATTACK_BENIGN_DATA  # for the lines of an attack suite
 if [[ $DEMO == 0 ]]; then
   for v in SAFE_DATA UNSAFE_DATA ATTACK_DATA EVAL_DATA; do
@@ -141,10 +164,32 @@ launch() {  # launch NPROC SCRIPT ARGS...: one process, or torchrun (FSDP2); DRY
   [[ $n -gt 1 ]] && cmd=(python -m torch.distributed.run --standalone --nproc_per_node="$n" "$@")
   if [[ "${DRY_RUN:-0}" == 1 ]]; then printf '%q ' "${cmd[@]}"; echo; else "${cmd[@]}"; fi
 }
-run_logged() {  # run_logged LOG NPROC SCRIPT ARGS...
-  local log=$1; shift
+run_logged() {  # run_logged LOG NPROC SCRIPT ARGS...: in the background, so that a signal reaches this script at once
+  local log=$1 rc=0; shift
   if [[ "${DRY_RUN:-0}" == 1 ]]; then launch "$@"; return; fi
-  launch "$@" > "$log" 2>&1 || { tail -n 30 "$log"; echo "failed: see $log" >&2; exit 1; }
+  launch "$@" > "$log" 2>&1 &
+  child=$!
+  wait "$child" || rc=$?
+  child=
+  [[ $rc == 0 ]] || { tail -n 30 "$log"; echo "failed: see $log" >&2; exit 1; }
+}
+take_lock() {  # OUT/.lock: one train.sh per OUT; a lock whose holder is dead (this host) is taken over, saying so
+  local tmp="$OUT/.lock.$$" holder pid host
+  lock=$OUT/.lock
+  printf '{"host": "%s", "pid": %d, "program": "train.sh", "started": "%s"}\n' "$(uname -n)" $$ "$(date '+%F %T')" > "$tmp"
+  for _ in 1 2 3; do
+    if ln "$tmp" "$lock" 2>/dev/null; then rm -f "$tmp"; return; fi
+    holder=$(cat "$lock" 2>/dev/null) || continue
+    pid=$(sed -nE 's/.*"pid": ([0-9]+).*/\1/p' <<< "$holder") host=$(sed -nE 's/.*"host": "([^"]*)".*/\1/p' <<< "$holder")
+    if [[ $host == "$(uname -n)" ]] && ! kill -0 "$pid" 2>/dev/null; then
+      echo "train.sh: OUT $OUT was locked by $holder, which is no longer running: taking it over"
+      rm -f "$lock"
+    else
+      rm -f "$tmp"; lock=
+      echo "train.sh: OUT $OUT is in use by $holder: one run per directory; wait for it, or use another OUT" >&2; exit 1
+    fi
+  done
+  rm -f "$tmp"; lock=; echo "train.sh: could not take $OUT/.lock" >&2; exit 1
 }
 cpu=$(grep -m1 "model name" /proc/cpuinfo 2>/dev/null | cut -d: -f2 | xargs || echo unknown)
 
@@ -171,9 +216,48 @@ eval_args_for() {  # eval_args_for VALUE: eval.py's flags, with the swept value 
   [[ $1 == - ]] || printf '%s\n%s\n' "--$sweep_flag" "$1"
 }
 eval_dir() { echo "eval$([[ $1 == - ]] || echo "-$sweep_flag=$1")"; }
+if [[ "${DRY_RUN:-0}" == 0 ]]; then
+  mkdir -p "$OUT"
+  take_lock
+  trap 'interrupted SIGINT 130' INT
+  trap 'interrupted SIGTERM 143' TERM
+  export PATCHER_PARENT_PID=$$  # each program ends itself when this script is gone (kill -9 included)
+  # This run is its commands (DRY_RUN=1, but --resume, which says only what is there already): an OUT that holds
+  # another run's is refused, naming what changed, so that results of two settings are never mixed.
+  plan=$(TRAIN_SH_LISTS=$LISTS DRY_RUN=1 bash "$0" | sed -E 's/ --resume( |$)/ /g')
+  if [[ -f $OUT/plan.txt ]] && ! cmp -s <(printf '%s\n' "$plan") "$OUT/plan.txt"; then
+    echo "train.sh: OUT $OUT holds a run of other settings; use another OUT (or remove it). What differs (its, now):" >&2
+    python - "$OUT/plan.txt" <(printf '%s\n' "$plan") >&2 <<'PY'
+import shlex, sys
+def commands(path):  # {its --out: (program, {flag: values})} of the python commands of a plan
+    found = {}
+    for line in open(path):
+        if line.startswith("python "):
+            words, flags = shlex.split(line), {}
+            for i, w in enumerate(words):
+                if w.startswith("--"):
+                    k, _, v = w.partition("=")
+                    flags.setdefault(k, []).append(v or (words[i + 1] if i + 1 < len(words) and not words[i + 1].startswith("--") else ""))
+            found[" ".join(flags.get("--out", ["?"]))] = (next(w for w in words if w.endswith(".py")), flags)
+    return found
+was, now = commands(sys.argv[1]), commands(sys.argv[2])
+for out in sorted(was.keys() | now.keys()):
+    if out not in now or out not in was:
+        print(f"  {out}: {'no longer run' if out in was else 'new'}")
+        continue
+    (p, a), (q, b) = was[out], now[out]
+    said = [f"{k} {' '.join(a.get(k, ['(unset)']))} (now {' '.join(b.get(k, ['(unset)']))})" for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
+    said = ([f"{p} (now {q})"] if p != q else []) + said
+    if said:
+        print(f"  {out}: " + ", ".join(said))
+PY
+    exit 2
+  fi
+  printf '%s\n' "$plan" > "$OUT/plan.txt"
+fi
 t0=$SECONDS
 reports=()
-[[ "${DRY_RUN:-0}" == 1 ]] || { mkdir -p "$OUT"; : > "$OUT/timing.tsv"; }
+[[ "${DRY_RUN:-0}" == 1 || -f $OUT/timing.tsv ]] || : > "$OUT/timing.tsv"
 for seed in $SEEDS; do
   run=$OUT/seed$seed
   [[ "${DRY_RUN:-0}" == 1 ]] || mkdir -p "$run"
@@ -189,7 +273,9 @@ for seed in $SEEDS; do
   fi
   if [[ $DEMO == 1 ]]; then  # the demo's base model and toy world, once per seed, before any alignment is timed
     echo "== seed $seed: the demo's base model -> $run/demo"
-    run_logged "$run/demo.log" 1 patcher.py --mode sft --warmup-steps 0 --rounds 1 --defend-steps 1 --seed "$seed" --out "$run/demo"
+    again=$([[ -e $run/demo/done.json ]] && echo --resume || true)  # made already: patcher.py checks it is this one
+    run_logged "$run/demo.log" 1 patcher.py --mode sft --warmup-steps 0 --rounds 1 --defend-steps 1 --seed "$seed" \
+      --out "$run/demo" --save-every 1 $again
   fi
   # what eval.py will get, checked now (its flags, data and attack suite), before hours of alignment
   first=$run/demo RUN=$run TOY=$run/demo/data
@@ -232,8 +318,10 @@ for seed in $SEEDS; do
       models+=("$name")
       echo "== seed $seed: align $name ($script, $n rank(s) x $OMP_NUM_THREADS thread(s)) -> $dir"
       start=$(python -c "import time; print(time.time())")  # not date +%s.%N or bc: neither is on every machine
+      [[ $SAVE_EVERY == 0 ]] || these+=(--save-every "$SAVE_EVERY")
+      [[ -e $dir/checkpoints/latest || -e $dir/done.json ]] && these+=(--resume)  # patcher.py checks it is this run
       run_logged "$run/$name.log" "$n" "$script" "${data_args[@]}" "${own[@]}" --seed "$seed" --out "$dir" "${these[@]}"
-      if [[ "${DRY_RUN:-0}" == 0 ]]; then
+      if [[ "${DRY_RUN:-0}" == 0 ]] && ! grep -q "^finished already" "$run/$name.log"; then
         grep -E "^(demo|mode|parallel|exported|defender)" "$run/$name.log" || true
         printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$seed" "$name" "$script" "$n" "$OMP_NUM_THREADS" \
           "$(python -c "import sys, time; print(f'{time.time() - float(sys.argv[1]):.2f}')" "$start")" >> "$OUT/timing.tsv"
