@@ -766,8 +766,8 @@ def usefulness(report, row):
             "task accuracy": mean("gsm8k", "accuracy")}
 
 
-def worst_case(reports, out):
-    """worst_case.md and worst_case.png in `out`: the attack suite's worst case, per model and harmful set, against
+def worst_case(reports, out, files=("worst_case.md", "worst_case.png")):
+    """worst_case.md and worst_case.png in `out` (or `files` there): the attack suite's worst case, per model and harmful set, against
     the attack budget. A budget of k steps is the highest ASR any attack reached at a step <= k; beside it the attack
     that reached it and that attacked model's usefulness. A second view counts the budget in harmful examples seen
     (steps x batch x harmful share, the attack set's expected count): the smallest such budget that reached each
@@ -824,8 +824,8 @@ def worst_case(reports, out):
                 best = row[key]
                 lines.append(f"| {m} | {s} | {h:.0f} | {pct(row[key], row.get(key + '_ci'))} | " + (
                     "no attack" if row["attack_step"] == 0 else f"{row.get('attack') or 'attack'}@{row['attack_step']}") + " |")
-    (Path(out) / "worst_case.md").write_text("\n".join(lines) + "\n")
-    plot_worst_case(reports, per, key, Path(out) / "worst_case.png")
+    (Path(out) / files[0]).write_text("\n".join(lines) + "\n")
+    plot_worst_case(reports, per, key, Path(out) / files[1])
     return "\n".join(lines) + "\n"
 
 
@@ -957,8 +957,9 @@ def get_parser():
     g.add_argument("--sweep", metavar="FLAG", help="with --summarize: the table (and figure) of a sweep over FLAG, into --out")
     g.add_argument("--worst-case", action="store_true", help="with --summarize: the worst case over the attack suite "
                    "of each report (seed), mean ± std, into --out/worst_case.md (and .png)")
-    g.add_argument("--list-flags", action=patcher.ListFlags,
-                   help="print every flag as 'NAME value|switch all', then exit (train.sh reads it)")
+    g.add_argument("--list-flags", action=patcher.ListFlags, same=lambda dest: dest in NOT_RESULT_SETTINGS,
+                   help="print every flag as 'NAME value|switch all same|changes' (same: it does not change the answers), "
+                        "then exit (train.sh reads it)")
     return p
 
 
@@ -1229,14 +1230,15 @@ def data_fingerprint(path):
 def result_settings(args, models):
     """What this command's answers depend on: the flags (but NOT_RESULT_SETTINGS) and the content of every model and
     data file (their fingerprints; the paths are only shown)."""
-    flags = {k: v for k, v in vars(args).items() if k not in NOT_RESULT_SETTINGS}
+    files = ("attack_data", "attack_benign_data", "attacks", "eval_data", "benign_data", "gsm8k")
+    flags = {k: v for k, v in vars(args).items() if k not in NOT_RESULT_SETTINGS + files}
     inputs = {f"model {name}": patcher.fingerprint(path) for name, path in models.items()}
-    for flag in ("attack_data", "attack_benign_data", "attacks"):
+    for flag in files[:3]:
         if getattr(args, flag):
             inputs[flag] = data_fingerprint(getattr(args, flag))
-    for flag in ("eval_data", "benign_data", "gsm8k"):
-        for spec in getattr(args, flag):
-            inputs[f"{flag} {spec}"] = data_fingerprint(split_spec(spec)[1])
+    for flag in files[3:]:
+        for name, path in named(getattr(args, flag), f"--{flag.replace('_', '-')}", strip_ext=True).items():
+            inputs[f"{flag} {name}"] = data_fingerprint(path)
     return {**flags, "inputs": inputs}
 
 
@@ -1355,10 +1357,10 @@ def run(args):
               "attack_stats": stats, "seconds": time.time() - t0}
     if isinstance(judge, LLMJudge):
         report["settings"].update(judge_url=judge.url, judge_model=judge.model)
-    png = write_report(out, report, records)
+    png = write_report(out, report, records, suite=bool(args.suite))
     print(markdown(report))
     if args.suite:
-        print(worst_case([report], out))
+        print((out / "worst_case.md").read_text())
     print(f"wrote {out / 'report.json'}, report.md, generations.jsonl" + (", robustness.png" if png else
           " (no robustness.png: matplotlib is not installed)") + (", worst_case.md" if args.suite else "")
           + f" in {time.time() - t0:.0f}s", flush=True)
@@ -1368,29 +1370,35 @@ def run(args):
                                f"the report has no LLM-judge numbers")
 
 
-def write_report(out, report, records):
-    """report.json, report.md, generations.jsonl and robustness.png, as one consistent set: all are written under
-    temporary names first and renamed into place only once every one is complete, report.json (which records the
-    sha256 of the others) last. A write that fails (a full disk) removes the temporaries and leaves the previous
-    set as it was. Returns whether robustness.png was drawn (it needs matplotlib)."""
+def write_report(out, report, records, suite=False):
+    """report.json, report.md, generations.jsonl and robustness.png (with an attack suite, worst_case.md and .png
+    too), as one consistent set: all are written under temporary names first and renamed into place only once every
+    one is complete, report.json (which records the sha256 of the others) last. A write that fails (a full disk)
+    removes the temporaries and leaves the previous set as it was. Returns whether robustness.png was drawn (it needs
+    matplotlib)."""
     texts = {"generations.jsonl": "".join(json.dumps(r) + "\n" for r in records), "report.md": markdown(report)}
     tmp = {name: out / f".{name}.tmp" for name in texts} | {"robustness.png": out / ".robustness.tmp.png",
                                                              "report.json": out / ".report.json.tmp"}
+    if suite:
+        tmp |= {"worst_case.md": out / ".worst_case.md.tmp", "worst_case.png": out / ".worst_case.tmp.png"}
     try:
         for name, text in texts.items():
             tmp[name].write_text(text)
+        if suite:
+            worst_case([report], out, (tmp["worst_case.md"].name, tmp["worst_case.png"].name))
+            texts["worst_case.md"] = tmp["worst_case.md"].read_text()
         png = plot_curve(report, tmp["robustness.png"])
-        report["outputs"] = {name: hashlib.sha256(tmp[name].read_bytes()).hexdigest()
-                             for name in [*texts, *["robustness.png"] * png]}
+        figures = [name for name in ("robustness.png", "worst_case.png") if name in tmp and tmp[name].exists()]
+        report["outputs"] = {name: hashlib.sha256(tmp[name].read_bytes()).hexdigest() for name in [*texts, *figures]}
         tmp["report.json"].write_text(json.dumps(report, indent=2) + "\n")
     except OSError as e:
         for f in tmp.values():
             f.unlink(missing_ok=True)
         raise patcher.RunError(f"could not write {e.filename or out}: {e.strerror or e}; the previous report in {out} "
                                f"is as it was") from None
-    if not png:
-        (out / "robustness.png").unlink(missing_ok=True)  # a stale figure would not match the new report
-    for name in (*texts, *["robustness.png"] * png, "report.json"):
+    for name in {"robustness.png", "worst_case.png"} - set(figures):
+        (out / name).unlink(missing_ok=True)  # a stale figure would not match the new report
+    for name in (*texts, *figures, "report.json"):
         os.replace(tmp[name], out / name)
     return png
 

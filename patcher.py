@@ -1190,9 +1190,10 @@ def get_parser():
     g.add_argument("--fused-adamw", action=argparse.BooleanOptionalAction, default=None,
                    help="fused AdamW kernels (default: on CUDA)")
     g.add_argument("--debug", action="store_true", help="show tracebacks for user errors too")
-    g.add_argument("--list-flags", action=ListFlags, modes=mode_of,
-                   help="print every flag as 'NAME value|switch MODES' (MODES: the --mode values that take it, or all), "
-                        "then exit: how train.sh learns which flags this program takes")
+    g.add_argument("--list-flags", action=ListFlags, modes=mode_of, same=lambda dest: dest in NOT_RUN_SETTINGS,
+                   help="print every flag as 'NAME value|switch MODES same|changes' (MODES: the --mode values that take "
+                        "it, or all; same: it does not change what the run computes), then exit: how train.sh learns "
+                        "which flags this program takes")
     return p
 
 
@@ -1202,12 +1203,13 @@ def mode_of(dest):
 
 
 class ListFlags(argparse.Action):
-    """--list-flags: one line per flag, 'NAME value|switch MODES', then exit (as --help does). `modes`: dest -> the
-    modes that take it (none: the flag is not listed). train.sh reads this instead of keeping lists of its own."""
+    """--list-flags: one line per flag, 'NAME value|switch MODES same|changes', then exit (as --help does). `modes`:
+    dest -> the modes that take it (none: the flag is not listed); `same`: whether it leaves what the program computes
+    the same (a rerun may change it). train.sh reads this instead of keeping lists of its own."""
 
-    def __init__(self, option_strings, dest, modes=lambda dest: ["all"], **kw):
+    def __init__(self, option_strings, dest, modes=lambda dest: ["all"], same=lambda dest: False, **kw):
         super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kw)
-        self.modes = modes
+        self.modes, self.same = modes, same
 
     def __call__(self, parser, namespace, values, option_string=None):
         for a in parser._actions:
@@ -1216,7 +1218,7 @@ class ListFlags(argparse.Action):
             kind, modes = "switch" if a.nargs == 0 else "value", self.modes(a.dest)
             for name in a.option_strings:
                 if name.startswith("--") and modes:
-                    print(f"{name[2:]} {kind} {','.join(modes)}")
+                    print(f"{name[2:]} {kind} {','.join(modes)} {'same' if self.same(a.dest) else 'changes'}")
         parser.exit()
 
 

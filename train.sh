@@ -150,7 +150,7 @@ var() { local v=${1//-/_}; echo "${v^^}"; }  # a flag's variable: inner-steps ->
 flags() {  # flags PROGRAM MODE SKIP: "--flag value" for every flag of PROGRAM (patcher, parallel, eval) that its --mode
            # MODE takes and whose variable is set, but those this script sets itself and SKIP (space-separated)
   local name kind modes v own=$([[ $1 == eval ]] && echo "$OWN_EVAL" || echo "$OWN_ALIGN")
-  while read -r name kind modes; do
+  while read -r name kind modes _; do
     [[ $modes == all || ,$modes, == *,$2,* ]] && [[ " $own $3 " != *" $name "* ]] || continue
     v=$(var "$name")
     if [[ $kind == switch ]]; then [[ "${!v:-0}" == 0 ]] || printf '%s\n' "--$name"
@@ -162,7 +162,7 @@ launch() {  # launch NPROC SCRIPT ARGS...: one process, or torchrun (FSDP2); DRY
   local n=$1; shift
   local cmd=(python "$@")
   [[ $n -gt 1 ]] && cmd=(python -m torch.distributed.run --standalone --nproc_per_node="$n" "$@")
-  if [[ "${DRY_RUN:-0}" == 1 ]]; then printf '%q ' "${cmd[@]}"; echo; else "${cmd[@]}"; fi
+  if [[ "${DRY_RUN:-0}" == 1 ]]; then printf '%q ' "${cmd[@]}"; echo; else exec "${cmd[@]}"; fi  # (run_logged's subshell)
 }
 run_logged() {  # run_logged LOG NPROC SCRIPT ARGS...: in the background, so that a signal reaches this script at once
   local log=$1 rc=0; shift
@@ -222,35 +222,41 @@ if [[ "${DRY_RUN:-0}" == 0 ]]; then
   trap 'interrupted SIGINT 130' INT
   trap 'interrupted SIGTERM 143' TERM
   export PATCHER_PARENT_PID=$$  # each program ends itself when this script is gone (kill -9 included)
-  # This run is its commands (DRY_RUN=1, but --resume, which says only what is there already): an OUT that holds
-  # another run's is refused, naming what changed, so that results of two settings are never mixed.
-  plan=$(TRAIN_SH_LISTS=$LISTS DRY_RUN=1 bash "$0" | sed -E 's/ --resume( |$)/ /g')
-  if [[ -f $OUT/plan.txt ]] && ! cmp -s <(printf '%s\n' "$plan") "$OUT/plan.txt"; then
-    echo "train.sh: OUT $OUT holds a run of other settings; use another OUT (or remove it). What differs (its, now):" >&2
-    python - "$OUT/plan.txt" <(printf '%s\n' "$plan") >&2 <<'PY'
+  # This run is its commands (DRY_RUN=1; OUT spelled $OUT, so that a moved OUT is the same run): an OUT that holds
+  # another run's is refused, naming what changed, so that results of two settings are never mixed. The flags that
+  # do not change what a program computes (--list-flags: "same"; --resume, --save-every, the judge) may change.
+  plan=$(TRAIN_SH_LISTS=$LISTS DRY_RUN=1 bash "$0" | sed "s|$OUT|\$OUT|g")
+  rerun=$([[ -f $OUT/plan.txt ]] && echo 1 || echo 0)
+  if [[ $rerun == 1 ]] && ! python - "$OUT/plan.txt" <(printf '%s\n' "$plan") "$LISTS"/* >&2 <<'PY'
 import shlex, sys
-def commands(path):  # {its --out: (program, {flag: values})} of the python commands of a plan
+same = {"--" + w[0] for f in sys.argv[3:] for w in map(str.split, open(f)) if w[-1] == "same"}
+def commands(path):  # {its --out: (program, {flag: values})} of the python commands of a plan, but the flags in `same`
     found = {}
     for line in open(path):
         if line.startswith("python "):
             words, flags = shlex.split(line), {}
             for i, w in enumerate(words):
-                if w.startswith("--"):
-                    k, _, v = w.partition("=")
+                k, _, v = w.partition("=")
+                if w.startswith("--") and (k not in same or k == "--out"):
                     flags.setdefault(k, []).append(v or (words[i + 1] if i + 1 < len(words) and not words[i + 1].startswith("--") else ""))
-            found[" ".join(flags.get("--out", ["?"]))] = (next(w for w in words if w.endswith(".py")), flags)
+            found[" ".join(flags.pop("--out", ["?"]))] = (next(w for w in words if w.endswith(".py")), flags)
     return found
-was, now = commands(sys.argv[1]), commands(sys.argv[2])
+was, now, said = commands(sys.argv[1]), commands(sys.argv[2]), []
 for out in sorted(was.keys() | now.keys()):
     if out not in now or out not in was:
-        print(f"  {out}: {'no longer run' if out in was else 'new'}")
+        said.append(f"  {out}: {'no longer run' if out in was else 'new'}")
         continue
     (p, a), (q, b) = was[out], now[out]
-    said = [f"{k} {' '.join(a.get(k, ['(unset)']))} (now {' '.join(b.get(k, ['(unset)']))})" for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
-    said = ([f"{p} (now {q})"] if p != q else []) + said
-    if said:
-        print(f"  {out}: " + ", ".join(said))
+    changed = [f"{k} {' '.join(a.get(k, ['(unset)']))} (now {' '.join(b.get(k, ['(unset)']))})" for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
+    changed = ([f"{p} (now {q})"] if p != q else []) + changed
+    if changed:
+        said.append(f"  {out}: " + ", ".join(changed))
+if said:
+    print("train.sh: OUT holds a run of other settings; use another OUT (or remove it). What differs (its, now):")
+    print("\n".join(said))
+sys.exit(2 if said else 0)
 PY
+  then
     exit 2
   fi
   printf '%s\n' "$plan" > "$OUT/plan.txt"
@@ -291,8 +297,8 @@ for seed in $SEEDS; do
   for x in ${GSM8K:-}; do evals+=(--gsm8k "$x"); done
   for ev in "${evaluations[@]}"; do
     mapfile -t eval_args < <(eval_args_for "$ev")
-    [[ "${DRY_RUN:-0}" == 1 ]] || run_logged "$run/check.log" 1 eval.py "${evals[@]}" "${eval_args[@]}" --seed "$seed" \
-      --out "$run/$(eval_dir "$ev")" --check
+    [[ "${DRY_RUN:-0}" == 1 || $rerun == 1 ]] || run_logged "$run/check.log" 1 eval.py "${evals[@]}" "${eval_args[@]}" \
+      --seed "$seed" --out "$run/$(eval_dir "$ev")" --check  # (a rerun of the same plan was checked by its first run)
   done
   # 1. align: the same base, data, seed and number of defender steps; only the swept value differs
   models=()

@@ -182,8 +182,9 @@ def check_list_flags(base, rs, ctx):
     lines = ctx["stdout"].splitlines()
     names = {o[2:] for a in patcher.get_parser()._actions for o in a.option_strings if o.startswith("--")}
     assert {line.split()[0] for line in lines} == names - {"help", "list-flags"}
-    for line in ("vaccine-rho value vaccine", "inner-steps value patcher", "unsafe-data value patcher,booster",
-                 "lr value all", "reset-optimizer switch all", "no-fused-adamw switch all"):
+    for line in ("vaccine-rho value vaccine changes", "inner-steps value patcher changes", "lr value all changes",
+                 "unsafe-data value patcher,booster changes", "reset-optimizer switch all changes",
+                 "no-fused-adamw switch all same", "save-every value all same"):
         assert line in lines, line
 
 

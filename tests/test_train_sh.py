@@ -120,10 +120,11 @@ def test_every_flag_of_the_programs_reaches_them_from_its_variable(tmp_path):
         want = {k for k in align if k not in own_align and set(patcher.mode_of(k.replace("-", "_"))) & {"all", mode}}
         if mode != "patcher":
             want.discard("reset-optimizer")  # the official's new process per round is Patcher's only (train.sh)
-        assert {k[2:] for k in flags} - {"mode", "seed", "out"} == want, mode
+        assert {k[2:] for k in flags} - {"mode", "seed", "out", "save-every"} == want, mode
+        assert flags["--save-every"] == "50"  # the demo's SAVE_EVERY: every alignment checkpoints
     flags = by_name["patcher-parallel"][2]
     want = {k for k in par if k not in own_align and (k not in align or dest(parallel.get_parser(), k) in parallel.HONOURED)}
-    assert {k[2:] for k in flags} - {"mode", "seed", "out"} == want
+    assert {k[2:] for k in flags} - {"mode", "seed", "out", "save-every"} == want
     flags = by_name["eval"][2]
     assert {k[2:] for k in flags} - own_eval == set(ev) - own_eval
     # D_unsafe (train.sh's UNSAFE_DATA) reaches the defenses that use it: Patcher's inner attack, Booster's steps
