@@ -328,3 +328,15 @@ def test_the_paper_presets_judge_call_is_the_officials():
     with Endpoint(lambda h, req: (400, {}, b"{}")) as srv:
         score, error = evaluate.LLMJudge(srv.url, "judge-1").judge("p", "a")
     assert "max_tokens" not in srv.requests[0]["body"] and len(srv.requests) == 1 and error.startswith("HTTP 400")
+
+
+def test_an_answer_has_one_deadline_over_all_its_tries():
+    """--judge-deadline: a judge that keeps failing (HTTP 500) is not asked for an answer 50 times x the backoff: the
+    answer gives up at its deadline, as a judge error (a rerun asks again: errors are not kept)."""
+    with Endpoint(lambda h, req: (500, {}, b"busy")) as srv:
+        judge = evaluate.LLMJudge(srv.url, "judge-1", None, retries=49, backoff=0.05, deadline=0.5)
+        t = time.monotonic()
+        score, error = judge.judge("p", "a")
+        took = time.monotonic() - t
+    assert score is None and "gave up at the deadline of 0.5 s" in error and took < 2.5, (error, took)
+    assert 2 <= len(srv.requests) < 50

@@ -280,3 +280,118 @@ def test_sigterm_is_an_interruption_with_exit_143(program, tmp_path, demo_base):
     else:
         assert last.startswith("interrupted by SIGTERM; the same command continues: the answers of 2 evaluated steps"), last
     assert not (out / ".lock").exists()
+
+
+# --- nothing silently wrong --------------------------------------------------------------------------
+
+def eval_argv(tmp_path, model, **over):
+    from test_eval import toy_args
+    import data
+    toy = data.write_toy_world(tmp_path / "toy", 0)
+    return ["--model", model, *toy_args(toy), "--eval-at", "0,3", "--out", tmp_path / "out", *over.get("extra", [])], toy
+
+
+def test_a_model_with_non_finite_weights_is_refused_at_load(tmp_path):
+    from safetensors.torch import load_file, save_file
+    from test_eval import demo_checkpoint
+    ckpt = demo_checkpoint(tmp_path / "m")
+    weights = load_file(ckpt / "model.safetensors")
+    weights["model.layers.0.mlp.up_proj.weight"][0, 0] = float("nan")
+    save_file(weights, ckpt / "model.safetensors", metadata={"format": "pt"})
+    r = run_script("eval.py", eval_argv(tmp_path, ckpt)[0], check=False)
+    assert r.returncode == 1 and "non-finite weights (NaN or inf)" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert not (tmp_path / "out" / "report.json").exists()  # not a report of ASR 100% from empty answers
+
+
+def test_a_set_whose_prompts_all_skip_is_an_error(tmp_path):
+    from test_eval import demo_checkpoint
+    argv, _ = eval_argv(tmp_path, demo_checkpoint(tmp_path / "m"))
+    r = run_script("eval.py", [*argv, "--max-new-tokens", "256"], check=False)  # the demo's context is 64 positions
+    assert r.returncode == 1 and "every prompt of set 'harmful' is too long" in r.stderr, r.stderr[-2000:]
+
+
+def test_examples_longer_than_the_context_are_cut_and_counted(tmp_path, demo_base):
+    """Past the model's 64 positions (--max-len 4096 would let them through): cut there and counted, in training and
+    in the test-time attack, as --max-len does."""
+    import data
+    long = [{"prompt": "t0 w1 w2 w3", "response": " ".join(["w1"] * 80)}] * 16
+    path = tmp_path / "long.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in long))
+    r = run_script("patcher.py", ["--model", demo_base, "--safe-data", path, "--mode", "sft", "--max-len", "4096",
+                                  "--warmup-steps", "1", "--rounds", "1", "--defend-steps", "1", "--out", tmp_path / "o"])
+    assert "16 truncated at the model's context 64" in r.stdout, r.stdout
+    argv, _ = eval_argv(tmp_path, demo_base)
+    argv[argv.index("--attack-data") + 1] = path
+    r = run_script("eval.py", [*argv, "--attack-max-len", "4096"])
+    assert "truncated at the model's context 64" in r.stdout, r.stdout[-2000:]
+
+
+def test_the_demos_base_model_belongs_to_its_seed(tmp_path, demo_base):
+    out = with_base(tmp_path / "run", demo_base)  # trained for seed 0
+    r = run_script("patcher.py", ["--out", out, *FAST, "--seed", "1"])
+    assert "demo: training a tiny base model" in r.stdout
+    import data
+    assert json.loads((out / "base" / data.ToyTokenizer.FILE).read_text()) == {"toy_world_seed": 1}
+    r = run_script("patcher.py", ["--out", tmp_path / "again", "--seed", "1", *FAST], check=False)
+    assert r.returncode == 0
+
+
+@pytest.mark.parametrize("extra,needle", [
+    (["--attack-samples", "100000", "--attack-benign-data", "{benign}"], "cannot draw 20000 harmful of"),
+    (["--attack-kind", "lora", "--lora-targets", "q_proj,qkv"], "--lora-targets q_proj,qkv: qkv is no Linear layer"),
+    (["--attack-data", "{cut}"], "invalid JSON"),
+])
+def test_check_reads_every_data_file_and_attack_value(extra, needle, tmp_path):
+    """train.sh's check before it aligns anything (eval.py --check) reads the data and draws each attack's set."""
+    argv, toy = eval_argv(tmp_path, tmp_path / "unused")
+    argv = argv[2:]  # no --model: --check needs none
+    cut = tmp_path / "cut.jsonl"
+    cut.write_bytes(Path(toy["attack"]).read_bytes()[:300])
+    extra = [w.format(benign=toy["attack_benign"], cut=cut) for w in extra]
+    r = run_script("eval.py", [*argv, *extra, "--check"], check=False)
+    assert r.returncode != 0 and needle in r.stderr, r.stderr[-2000:]
+    assert run_script("eval.py", [*argv, "--check"]).returncode == 0
+
+
+@pytest.mark.parametrize("name", ["tokenizer.json", "tokenizer_config.json", "generation_config.json"])
+def test_a_cut_checkpoint_json_file_is_one_line_naming_it(name, tmp_path, smollm2_dir):
+    ckpt = shutil.copytree(smollm2_dir, tmp_path / "m", ignore=shutil.ignore_patterns("*.safetensors"))
+    shutil.copy(smollm2_dir / "model.safetensors", ckpt / "model.safetensors")
+    text = (ckpt / name).read_text()
+    (ckpt / name).write_text(text[:len(text) // 2])
+    safe = tmp_path / "s.jsonl"
+    safe.write_text(json.dumps({"prompt": "p", "response": "r"}) + "\n")
+    r = run_script("patcher.py", ["--model", ckpt, "--safe-data", safe, "--mode", "sft", "--batch-size", "1",
+                                  "--out", tmp_path / "o"], check=False)
+    if name == "generation_config.json":  # read by eval.py's sampling only
+        r = run_script("eval.py", ["--model", ckpt, "--eval-data", safe, "--eval-at", "0", "--out", tmp_path / "e"], check=False)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert f"{ckpt / name}" in r.stderr and "not valid JSON" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_summarize_on_the_wrong_file_is_one_line(tmp_path):
+    bad = tmp_path / "config.json"
+    bad.write_text(json.dumps({"mode": "patcher"}))
+    for f in (bad, ROOT / "tests" / "data" / "safety" / "eval.jsonl"):
+        r = run_script("eval.py", ["--summarize", f, "--out", tmp_path], check=False)
+        assert r.returncode == 1 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert "error: --summarize" in r.stderr or "error:" in r.stderr
+
+
+def test_saved_answers_are_judged_again_by_another_judge_without_generating(tmp_path):
+    """The same command with another judge into the same --out: no model is attacked or loaded, only the kept
+    answers are judged, by it; the first judge's verdicts stay in the cache for it."""
+    from test_eval import demo_checkpoint
+    argv, _ = eval_argv(tmp_path, demo_checkpoint(tmp_path / "m"))
+    first, second = CountingJudge(), CountingJudge()
+    try:
+        for judge in (first, second):
+            r = run_script("eval.py", [*argv, "--judge", "llm", "--judge-model", "judge-1"],
+                           env={"JUDGE_URL": judge.url})
+        assert "every step of attack - kept from an earlier run" in r.stdout and "| attack step" not in r.stdout
+        assert set(first.counts) == set(second.counts) and set(second.counts.values()) == {1}
+        r = run_script("eval.py", [*argv, "--judge", "llm", "--judge-model", "judge-1"], env={"JUDGE_URL": first.url})
+        assert "judging 0 answers" in r.stdout and all(n == 1 for c, n in first.counts.items() if PROBE not in c)
+    finally:
+        first.close()
+        second.close()
