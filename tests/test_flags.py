@@ -379,6 +379,8 @@ INHERITED_ELSEWHERE = {  # flag -> why it is not in the combined run
     "system_prompt": "as --safe-format (and the toy world has no system turn)", "loss_mask": "as --system-prompt",
     "mode": "parallel.py is Patcher's parallel schedule: any other mode is refused", "out": "each program its own",
     "list_flags": "lists what parallel.py takes (test_train_sh.py reads it)",
+    "save_every": "the defender half's checkpoints: test_parallel_resumes_from_its_checkpoint_as_if_never_stopped",
+    "resume": "test_parallel_resumes_from_its_checkpoint_as_if_never_stopped",
     "activation_checkpointing": "the same numbers: patcher.build_model, which parallel.py calls",
     "compile": "patcher.build_model, which parallel.py calls", "fused_adamw": "patcher.make_optimizer, called with it",
     "debug": "patcher.main, which parallel.py runs under",
@@ -396,7 +398,7 @@ def test_every_flag_of_parallel_has_a_case():
 def test_parallel_refuses_every_patcher_flag_it_does_not_honour(tmp_path, capsys):
     """Each patcher.py flag outside parallel.HONOURED (a flag a fork adds included) is a usage error naming it."""
     refused = flags_of(patcher.get_parser()) - parallel.HONOURED
-    assert {"save_every", "resume", "vaccine_rho", "booster_lambda"} <= refused
+    assert {"vaccine_rho", "booster_lambda", "booster_alpha"} <= refused
     for dest in sorted(refused):
         argv = CASES[dest][0] if isinstance(CASES[dest][0], list) else ["--" + dest.replace("_", "-")]
         with pytest.raises(SystemExit) as exited:
@@ -422,8 +424,7 @@ def test_parallel_takes_every_inherited_flag_as_patcher_does(tmp_path, demo_base
 
 
 def test_parallel_refuses_what_it_cannot_do(tmp_path, demo_base):
-    for i, (flags, needle) in enumerate(((["--save-every", "5"], "no resumable checkpoints"),
-                                         (["--resume"], "no resumable checkpoints"),
+    for i, (flags, needle) in enumerate(((["--vaccine-rho", "1"], "--vaccine-rho is a flag of --mode vaccine"),
                                          (["--refresh-every", "3", "--refresh-offset", "3"], "--refresh-offset 3 must be smaller"))):
         r = run_script("parallel.py", ["--out", with_base(tmp_path / str(i), demo_base), *FAST, *flags], check=False)
         assert r.returncode != 0 and needle in r.stderr, r.stderr[-2000:]

@@ -38,6 +38,25 @@ def test_sync_equals_sequential(nproc, tmp_path, demo_base):
         assert (wa[name] - wb[name]).abs().max().item() <= 1e-5, name
 
 
+def test_parallel_resumes_from_its_checkpoint_as_if_never_stopped(tmp_path, demo_base):
+    """parallel.py checkpoints the defender half every --save-every steps (the log, the attack vector, how many attacks
+    it installed; the attacker's stream goes on with the batches of those attacks). With --sync, resumed from an earlier
+    checkpoint, every number equals the uninterrupted run's; then the finished run has nothing more to do."""
+    out, flags = with_base(tmp_path / "full", demo_base), ["--sync", *FAST, "--save-every", "4"]
+    run_script("parallel.py", ["--out", out, *flags], nproc=2)
+    full = rows(out)
+    assert sorted(p.name for p in (out / "checkpoints").glob("step-*")) == ["step-0000008", "step-0000011"]
+    (out / "checkpoints" / "latest").write_text("step-0000008")  # as if killed after step 8
+    (out / "done.json").unlink()
+    r = run_script("parallel.py", ["--out", out, *flags, "--resume"], nproc=2)
+    assert "resumed at step 8" in r.stdout
+    volatile = ("tokens_per_s", "supervised_per_s", "mfu", "seconds", "defender_wait_seconds")
+    same = lambda rs: [{k: v for k, v in x.items() if k not in volatile} for x in rs]
+    assert same(rows(out)) == same(full)
+    r = run_script("parallel.py", ["--out", out, *flags, "--resume"], nproc=2)
+    assert "finished already" in r.stdout
+
+
 def load_dumps(folder):
     """{(rank, event, round): dump} recorded by parallel_probe.py."""
     dumps = {}
