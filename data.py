@@ -36,7 +36,9 @@ IGNORE_INDEX = -100  # Hugging Face convention: labels equal to this are not sco
 # end of turn and that "\n" (turn). Llama 3 writes no "\n" after <|eot_id|>.
 LOSS_MASKS = {"answer": "the assistant's text and its end-of-turn token",
               "answer-newline": "also the newline the template writes after the end-of-turn token (the official alignment)",
-              "turn": "the whole assistant turn: header, think block, text, end of turn, newline (the official test-time attack)"}
+              "turn": "the whole assistant turn: header, think block, text, end of turn, newline (the official test-time attack)",
+              "answer-but-first": "answer-newline without the answer's first token: what the official parallel defender "
+                                  "trains on Llama 3 (its collator, never told the model, looks for Qwen's end of turn)"}
 
 
 class DataError(ValueError):
@@ -987,7 +989,9 @@ def tokenize_records(tok, records, max_len, system=PAPER_SYSTEM_PROMPT, mask="an
     longest example before truncation. `mask` is one of LOSS_MASKS."""
     examples, n_truncated, n_dropped, longest = [], 0, 0, 0
     for r in records:
-        ids, sup = tok.encode_chat(to_messages(r, system), mask=mask)
+        ids, sup = tok.encode_chat(to_messages(r, system), mask="answer-newline" if mask == "answer-but-first" else mask)
+        if mask == "answer-but-first":  # the first token of each supervised stretch (an answer) leaves the loss
+            sup = [s and (i > 0 and sup[i - 1]) for i, s in enumerate(sup)]
         if not any(sup):
             raise DataError(f"{r.get('where', 'a record')}: no assistant turn to train on")
         longest = max(longest, len(ids))

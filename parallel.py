@@ -311,7 +311,8 @@ def defender(args, model, optimizer, streams, partner, group, device, log, resum
         phase = "defend" if delta is not None else "warmup" if step < warmup else "sft"
         try:
             metrics = patcher.defender_step(model, optimizer, next(safe), delta, args.alpha, args.max_grad_norm,
-                                            theta_buffer, next(retain) if retain else None, args.retain_weight)
+                                            theta_buffer, next(retain) if retain else None, args.retain_weight,
+                                            patcher.EXACT_RESTORE[args.precision])
         except FloatingPointError as e:
             raise FloatingPointError(f"{phase} step {step + 1}: {e}") from None
         step += 1

@@ -161,19 +161,25 @@ def restore(model, saved):
 
 
 @contextmanager
-def moved(model, direction, scale=1.0, theta_buffer=None):
+def moved(model, direction, scale=1.0, theta_buffer=None, exact=True):
     """Inside: the weights are theta + scale * direction ({name: tensor}, sharded like the parameters), for a loss
     at moved weights (Patcher's L(theta + delta), Booster's harmful loss a step away). On the way out theta is
     restored *exactly*, from a copy: subtracting again would round, and in bf16 each such round trip moves the
-    weights by about one AdamW step. `theta_buffer` (from snapshot()) is reused for the copy when given."""
-    theta = snapshot(model, into=theta_buffer)
+    weights by about one AdamW step. `theta_buffer` (from snapshot()) is reused for the copy when given. exact=False
+    subtracts instead, as the official code does (--precision bf16-pure reproduces it: EXACT_RESTORE)."""
+    theta = snapshot(model, into=theta_buffer) if exact else None
     with torch.no_grad():
         for n, p in model.named_parameters():
             p.add_(direction[n], alpha=scale)
     try:
         yield
     finally:
-        restore(model, theta)
+        if exact:
+            restore(model, theta)
+        else:
+            with torch.no_grad():
+                for n, p in model.named_parameters():
+                    p.sub_(direction[n], alpha=scale)
 
 
 def global_norm(tensors, group=None):
@@ -250,19 +256,20 @@ def finish(model, optimizer, passes, max_grad_norm, retain=None, retain_weight=0
 
 
 def defender_step(model, optimizer, batch, delta, alpha, max_grad_norm=1.0, theta_buffer=None, retain=None,
-                  retain_weight=0.0):
+                  retain_weight=0.0, exact_restore=True):
     """Patcher's outer update on a D_safe batch, with gradient
 
         (1 - alpha) * grad L(theta) + alpha * grad L(theta + delta)  [+ retain_weight * grad L_retain(theta)]
 
     delta held fixed (first order); delta None is a plain SFT step (alpha = 0: the warmup, the baseline). The
-    attacked loss is taken at moved weights, restored exactly after (moved())."""
+    attacked loss is taken at moved weights, restored exactly after (moved(); by subtraction with exact_restore=False,
+    as the official code)."""
     alpha = alpha if delta is not None else 0.0
     clean = forward_backward(model, batch, scale=1 - alpha, backward=alpha < 1)
     check_finite(clean["loss"], "L(theta)")
     passes = {"loss_clean": clean}
     if alpha > 0:
-        with moved(model, delta, theta_buffer=theta_buffer):
+        with moved(model, delta, theta_buffer=theta_buffer, exact=exact_restore):
             passes["loss_adv"] = forward_backward(model, batch, scale=alpha)
         check_finite(passes["loss_adv"]["loss"], "L(theta + delta)")
     metrics = finish(model, optimizer, passes, max_grad_norm, retain, retain_weight)
@@ -280,7 +287,7 @@ def sft_update(model, optimizer, batch, args, delta=None, theta_buffer=None):
 def patcher_update(model, optimizer, batch, args, delta=None, theta_buffer=None):
     """Patcher: alpha * L(theta + delta) + (1 - alpha) * L(theta) on D_safe, delta from the round's inner attack."""
     return defender_step(model, optimizer, batch.safe, delta, args.alpha, args.max_grad_norm, theta_buffer,
-                         batch.retain, args.retain_weight)
+                         batch.retain, args.retain_weight, EXACT_RESTORE[args.precision])
 
 
 @contextmanager
@@ -359,7 +366,7 @@ def booster_update(model, optimizer, batch, args, delta=None, theta_buffer=None)
     g = {n: p.grad for n, p in params.items()}  # taken out of .grad: the next pass accumulates afresh
     optimizer.zero_grad(set_to_none=True)
     norm = global_norm(g, process_group(model))
-    with moved(model, g, -args.booster_alpha / (norm + BOOSTER_EPS), theta_buffer):
+    with moved(model, g, -args.booster_alpha / (norm + BOOSTER_EPS), theta_buffer, EXACT_RESTORE[args.precision]):
         stepped = forward_backward(model, batch.harmful)
     check_finite(stepped["loss"], "h(theta - alpha g / |g|)")
     with torch.no_grad():
@@ -449,11 +456,17 @@ def init_distributed(precision="fp32"):
 
 
 # --precision: what the forward and backward compute in. Master weights, gradients and AdamW's state are fp32 in
-# both: an AdamW update at lr 1e-5 is below bf16's resolution for most weights. bf16 is FSDP2's policy and nothing
-# else (no autocast on top): the parameters stay fp32 DTensors, FSDP casts each block's shard to bf16 before its
-# all-gather and reduces the gradients in fp32. So snapshot/restore and theta + delta act on fp32 master weights.
+# fp32 and bf16: an AdamW update at lr 1e-5 is below bf16's resolution for most weights. bf16 is FSDP2's policy and
+# nothing else (no autocast on top): the parameters stay fp32 DTensors, FSDP casts each block's shard to bf16 before
+# its all-gather and reduces the gradients in fp32. So snapshot/restore and theta + delta act on fp32 master weights.
+# bf16-pure is the other regime, on purpose: the weights themselves are bf16, and so are their gradients and AdamW's
+# moments (no fp32 copy anywhere), and theta is restored after L(theta + delta) by subtracting delta. That is what the
+# official code does under transformers 5, whose from_pretrained loads a bf16 checkpoint as bf16 (README: Differences).
 PRECISIONS = {"fp32": "fp32",
-              "bf16": "bf16 compute over fp32 master weights, fp32 gradient reduction (FSDP2 MixedPrecisionPolicy)"}
+              "bf16": "bf16 compute over fp32 master weights, fp32 gradient reduction (FSDP2 MixedPrecisionPolicy)",
+              "bf16-pure": "bf16 weights, gradients and AdamW state (no fp32 master copy), theta restored by "
+                           "subtraction: the official code under transformers 5"}
+EXACT_RESTORE = {"fp32": True, "bf16": True, "bf16-pure": False}  # theta after a moved loss: copied back, or by subtraction
 
 
 def bf16_unavailable():
@@ -479,7 +492,7 @@ def precision_flag(text):
     """The argparse type of --precision: a usage error naming the flag, before any work, where bf16 cannot run."""
     if text not in PRECISIONS:
         raise argparse.ArgumentTypeError(f"invalid choice: {text!r} (choose from {', '.join(PRECISIONS)})")
-    why = bf16_unavailable() if text == "bf16" else None
+    why = bf16_unavailable() if text.startswith("bf16") else None
     if why:
         raise argparse.ArgumentTypeError(f"bf16 cannot run here: {why}; use --precision fp32")
     return text
@@ -505,12 +518,14 @@ def fsdp_sharder(precision="fp32", mesh=None):
 
 
 def build_model(path, device, args, mesh=None):
-    """The checkpoint in fp32 master weights, FSDP2-sharded whenever there is a process group (always in bf16:
-    init_distributed gives a single process a one-rank group), computing in --precision."""
+    """The checkpoint in fp32 master weights (bf16 ones with --precision bf16-pure), FSDP2-sharded whenever there is a
+    process group (always in bf16: init_distributed gives a single process a one-rank group), computing in
+    --precision."""
     if args.precision == "bf16" and not dist.is_initialized():
         raise RunError("--precision bf16 is FSDP2's mixed precision: call init_distributed('bf16') first")
     shard = fsdp_sharder(args.precision, mesh) if dist.is_initialized() else None
-    model = load_model(path, device=device, dtype=torch.float32, shard=shard)
+    dtype = torch.bfloat16 if args.precision == "bf16-pure" else torch.float32
+    model = load_model(path, device=device, dtype=dtype, shard=shard)
     model.activation_checkpointing = args.activation_checkpointing
     if args.compile:
         compile_blocks(model)
@@ -1184,7 +1199,9 @@ def get_parser():
                         "same content, wherever their paths now point)")
     g.add_argument("--precision", type=precision_flag, choices=list(PRECISIONS), default=default_precision(),
                    help="compute precision over fp32 master weights (bf16: FSDP2's mixed precision, also for one "
-                        "process and on the CPU); the default is bf16 on a CUDA GPU that has it, else fp32")
+                        "process and on the CPU), or bf16-pure: bf16 weights and AdamW state, no fp32 copy, theta "
+                        "restored by subtraction (the official code under transformers 5); the default is bf16 on a "
+                        "CUDA GPU that has it, else fp32")
     g.add_argument("--activation-checkpointing", action="store_true", help="recompute each block in backward")
     g.add_argument("--compile", action="store_true", help="torch.compile each block")
     g.add_argument("--fused-adamw", action=argparse.BooleanOptionalAction, default=None,

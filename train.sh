@@ -30,6 +30,9 @@
 #                baseline, as inner-steps=0 does), or one evaluation per value (an eval.py flag); default mode=sft,patcher.
 #                A sweep writes OUT/sweep.md (and sweep.png with matplotlib) besides OUT/summary.md
 #   EVAL_BASE=1  also evaluate the unaligned base model (always in the demo)
+#   SFT_RESET_OPTIMIZER=1  the SFT baseline with a fresh AdamW every round (--mode sft --reset-optimizer), as Patcher's
+#                rounds under PRESET=paper; by default it is one process with one AdamW (README: Differences)
+#   SAVE_EVERY   checkpoint every N steps (default 500; demo 50, smollm2-cpu 20): a rerun resumes from the last
 #
 # Run again with the same OUT and settings, it continues where it stopped (killed, preempted, a judge down): finished
 # alignments are skipped, others resume from their last checkpoint (every SAVE_EVERY steps), eval.py keeps every
@@ -318,6 +321,7 @@ for seed in $SEEDS; do
       # RESET_OPTIMIZER models the official's new process per Patcher round; the other defenses are one AdamW
       mapfile -t these < <(flags "$program" "$mode" "$([[ $eval_sweep == 0 ]] && echo "$sweep_flag") unsafe-data \
         $([[ $mode == patcher ]] || echo reset-optimizer)")
+      [[ $mode == sft && "${SFT_RESET_OPTIMIZER:-0}" == 1 ]] && these+=(--reset-optimizer)  # the other reading
       if [[ $DEMO == 1 && ! -e $dir/base && "${DRY_RUN:-0}" == 0 ]]; then
         mkdir -p "$dir" && cp -r "$run/demo/base" "$dir/base"  # one tiny base model per seed
       fi

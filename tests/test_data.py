@@ -817,3 +817,31 @@ def test_gsm8k_layout_is_read_as_prompt_and_response():
     assert len(recs) == 600 and recs[0]["prompt"].endswith("?") and "####" in recs[0]["response"]
     mixed = data.mix_records(data.toy_world(0)["attack"], recs, 300, 0.2, seed=1)
     assert sum("####" in r["response"] for r in mixed) == 240 and len(mixed) == 300
+
+
+def test_answer_but_first_is_the_official_parallel_defenders_mask_on_llama3(llama3_tok_dir):
+    """scripts/run_patch_parallel.sh passes no --model-name: train_patch_fsdp.py's collator takes "qwen", cuts the
+    prompt at a Qwen "<|im_end|>\\n" that a Llama 3 text lacks, and so counts the empty answer's <|eot_id|> as prompt:
+    the first answer token leaves the loss. --loss-mask answer-but-first masks exactly that token (computed here as the
+    official collator does, with transformers' tokenizer), and answer-newline is the official sequential mask."""
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoTokenizer.from_pretrained(llama3_tok_dir)
+    tok = data.load_tokenizer(llama3_tok_dir)
+    records = data.load_records(SAFETY / "align.jsonl", role="safe")
+    firsts = set()
+    for r in records:
+        msgs = data.to_messages(r)
+        full = hf.apply_chat_template(msgs, tokenize=False)
+        empty = hf.apply_chat_template([*msgs[:-1], {"role": "assistant", "content": ""}], tokenize=False)
+        ids = hf(full, add_special_tokens=False).input_ids
+        cut = len(hf(empty.rsplit("<|im_end|>\n", 1)[0], add_special_tokens=False).input_ids)  # the "qwen" builder
+        official = [i >= cut for i in range(len(ids))]
+        (quirk_ids, quirk), = data.tokenize_records(tok, [r], 4096, data.PAPER_SYSTEM_PROMPT, "answer-but-first")[0]
+        (_, sequential), = data.tokenize_records(tok, [r], 4096, data.PAPER_SYSTEM_PROMPT, "answer-newline")[0]
+        assert quirk_ids == ids and quirk == official
+        dropped = [i for i, (a, b) in enumerate(zip(sequential, quirk)) if a != b]
+        assert len(dropped) == 1 and sequential[dropped[0]] and not sequential[dropped[0] - 1]  # the answer's first token
+        first = hf.decode(ids[dropped[0]])
+        assert r["response"].startswith(first), (first, r["response"][:20])
+        firsts.add(first)
+    assert len(records) == 160 and "I" in firsts  # "I" of "I'm sorry", "Sorry", "That": each refusal's first token

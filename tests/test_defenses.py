@@ -138,11 +138,13 @@ def test_defenses_on_two_ranks_equal_one_process(tmp_path):
         assert max_diff(model, two) <= 2e-6, mode
 
 
-@pytest.mark.parametrize("mode", ["sft", "vaccine", "booster", "patcher"])
-def test_an_interrupted_run_resumes_bitwise_for_every_mode(mode, tmp_path, demo_base, monkeypatch):
+@pytest.mark.parametrize("mode,precision", [("sft", "fp32"), ("vaccine", "fp32"), ("booster", "fp32"), ("patcher", "fp32"),
+                                            ("patcher", "bf16-pure")])
+def test_an_interrupted_run_resumes_bitwise_for_every_mode(mode, precision, tmp_path, demo_base, monkeypatch):
     """Stopped at step 7 (its checkpoint: step 5) and resumed: every logged number equals an uninterrupted run's, bit
-    for bit (the defense's state: the streams it draws, Patcher's attack vector). Patcher's kill -9: test_patcher."""
-    argv = ["--mode", mode, *(FAST if mode == "patcher" else FAST_SCHEDULE), "--save-every", "5"]
+    for bit (the defense's state: the streams it draws, Patcher's attack vector; in bf16-pure, bf16 weights and AdamW
+    state). Patcher's kill -9: test_patcher."""
+    argv = ["--mode", mode, *(FAST if mode == "patcher" else FAST_SCHEDULE), "--save-every", "5", "--precision", precision]
     full, cut = with_base(tmp_path / "full", demo_base), with_base(tmp_path / "cut", demo_base)
     patcher.run(patcher.parse_args([*argv, "--out", str(full)]))
     update, calls = patcher.DEFENSES[mode].update, []
@@ -180,3 +182,24 @@ def test_bad_mode_input_is_one_usage_line_before_any_work(argv, message, tmp_pat
     r = run_script("patcher.py", [*argv, "--out", tmp_path / "o"], check=False)
     assert r.returncode == 2 and message in r.stderr.strip().splitlines()[-1], r.stderr
     assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())  # nothing written
+
+
+def test_bf16_pure_keeps_no_fp32_copy_and_restores_by_subtraction(tmp_path, demo_base):
+    """--precision bf16-pure: the weights, their gradients, AdamW's moments and the copy of theta are all bf16; theta
+    comes back from L(theta + delta) by subtraction, as the official code's add_/sub_ does (it rounds: a zero step
+    moves weights), where the other precisions copy it back exactly."""
+    out = with_base(tmp_path / "run", demo_base)
+    t = patcher.Training(patcher.parse_args(["--out", str(out), *FAST, "--precision", "bf16-pure"]))
+    assert {p.dtype for p in t.model.parameters()} == {torch.bfloat16}
+    assert {v.dtype for v in t.theta_buffer.values()} == {torch.bfloat16}
+    t.train(3, "warmup", patcher.sft_update)
+    state = [v for s in t.optimizer.state.values() for v in s.values() if torch.is_tensor(v) and v.numel() > 1]
+    assert len(state) == 2 * len(list(t.model.parameters())) and {v.dtype for v in state} == {torch.bfloat16}
+    delta = {n: 0.01 * torch.randn_like(p) for n, p in t.model.named_parameters()}
+    before = {n: p.detach().clone() for n, p in t.model.named_parameters()}
+    zero = torch.optim.SGD(t.model.parameters(), lr=0.0)
+    for exact in (True, False):
+        patcher.defender_step(t.model, zero, toy_batch(), delta, 0.5, exact_restore=exact)
+        moved = sum((p != before[n]).sum().item() for n, p in t.model.named_parameters())
+        assert (moved == 0) == exact, (exact, moved)
+    assert patcher.EXACT_RESTORE == {"fp32": True, "bf16": True, "bf16-pure": False}
