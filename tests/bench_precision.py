@@ -1,7 +1,7 @@
 """What --precision bf16-pure (the official code under transformers 5: bf16 weights and AdamW state, no fp32 copy) does
 to learning, against fp32 master weights, on the same batches:
 
-    OMP_NUM_THREADS=1 python tests/bench_precision.py [--model DIR] [--steps 8] [--lr 1e-5]
+    OMP_NUM_THREADS=1 python tests/bench_precision.py [--model DIR] [--data D_SAFE] [--steps 8] [--lr 1e-5]
 
 Prints, per precision, the SFT loss at each step on the safety refusals (batch 4) and the share of weights that the
 first AdamW step left exactly as they were (in bf16 an update below half a unit in the last place rounds away)."""
@@ -22,10 +22,11 @@ p.add_argument("--model", default=os.path.join(os.environ.get("PATCHER_ASSETS", 
 p.add_argument("--steps", type=int, default=8)
 p.add_argument("--lr", type=float, default=1e-5)
 p.add_argument("--batch", type=int, default=4)
+p.add_argument("--data", default=str(Path(__file__).parent / "data" / "safety" / "align.jsonl"), help="D_safe records")
 args = p.parse_args()
 
 tok = data.load_tokenizer(args.model)
-records = data.load_records(Path(__file__).parent / "data" / "safety" / "align.jsonl", role="safe")
+records = data.load_records(args.data, role="safe")
 examples = data.tokenize_records(tok, records, 128, data.PAPER_SYSTEM_PROMPT)[0]
 for precision in ("fp32", "bf16-pure"):
     flags = patcher.get_parser().parse_args(["--precision", precision])
