@@ -149,6 +149,10 @@ def _():
     mfu = f", MFU {100 * model.flops_per_token(batch[0]['input_ids'].shape[1]) * n / t_sft / peak:.1f}%" if peak else ""
     yield ("SFT step, FSDP2 one rank, " + patcher.precision(flags.precision).split(",")[0], f"{n / t_sft:.0f} tok/s{mfu}", True)
     yield ("defender step / SFT step time (floor 2.0)", f"{t_def / t_sft:.2f}", t_def / t_sft < 2.3)
+    for mode, floor in (("vaccine", 2.0), ("booster", 3.0)):  # passes per update: two, three
+        update, margs = getattr(patcher, f"{mode}_update"), patcher.get_parser().parse_args(["--mode", mode])
+        t_mode = best_time(lambda: update(model, opt, patcher.Batches(batch, batch), margs, theta_buffer=buf), 3, dev)
+        yield (f"{mode} update / SFT step time (floor {floor:.1f})", f"{t_mode / t_sft:.2f}", t_mode / t_sft < floor + 0.5)
     if GPU:
         mem, k1_3 = {}, patcher.get_parser().parse_args(["--inner-steps", "3"])
         for what, fn in (("SFT step", lambda: patcher.sft_step(model, opt, batch)),
