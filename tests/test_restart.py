@@ -123,7 +123,7 @@ def test_train_sh_killed_anywhere_continues_to_the_report_of_an_uninterrupted_ru
     judge = CountingJudge()
     try:
         out, marker = tmp_path / "run", tmp_path / "generating"
-        env = experiment(out, judge, PATCHER_TEST_GENERATION_MARKER=str(marker))
+        env = experiment(out, judge)
         seen = {}
 
         def finished_alignments():
@@ -144,7 +144,8 @@ def test_train_sh_killed_anywhere_continues_to_the_report_of_an_uninterrupted_ru
             if what == "judging":
                 assert lines(cache) == 0  # nothing judged before: judging follows every generation
                 judge.hold_after = judge.answered + 30
-            kill_when(train_sh(env), ready, what=what)
+            slow = {"PATCHER_TEST_GENERATION_MARKER": str(marker)} if what == "generation" else {}  # the hook's pause
+            kill_when(train_sh({**env, **slow}), ready, what=what)
             finished_alignments()
             judge.hold_after = None
             judge.released.set()
