@@ -7,9 +7,10 @@ Parallel Patcher: the defender keeps training on a stale attack vector while the
 
 Every patcher.py flag it honours (HONOURED, below; any other is refused) applies, plus its own five. A two-dimensional
 device mesh (role x fsdp) splits the world: ranks 0..h-1 are the defender half, ranks h..2h-1 the attacker half
-(h = world/2), and each half FSDP2-shards the model over its own row of the mesh. Both halves shard the same model the same way,
-so defender i (rank i) and attacker i (rank h + i) hold the same rows of every parameter: theta and theta_att
-travel between these partners as local shards, point to point, never gathered and never written to disk.
+(h = world/2), and each half FSDP2-shards the model over its own row of the mesh. Both halves shard the same model
+the same way, so defender i (rank i) and attacker i (rank h + i) hold the same rows of every parameter: theta and
+theta_att travel between these partners as local shards, point to point, never gathered and never written to disk.
+The defender half alone writes the resumable checkpoints (--save-every; --resume): an attack in flight is not kept.
 
     defender  warmup | send theta_0 | sft sft ... sft | install delta_0, send theta_1 | defend ... | install delta_1 ...
     attacker  (idle) | recv theta_0 | k1 attack steps | send theta_att_0  recv theta_1 | k1 attack steps ...
