@@ -768,8 +768,8 @@ def usefulness(report, row):
 
 def worst_case(reports, out, files=("worst_case.md", "worst_case.png")):
     """worst_case.md and worst_case.png in `out` (or `files` there): the attack suite's worst case, per model and
-    harmful set, against the attack budget. A budget of k steps is the highest ASR any attack reached at a step <= k; beside it the attack
-    that reached it and that attacked model's usefulness. A second view counts the budget in harmful examples seen
+    harmful set, against the attack budget. A budget of k steps is the highest ASR any attack reached at a step <= k;
+    beside it the attack that reached it and that attacked model's usefulness. A second view counts the budget in harmful examples seen
     (steps x batch x harmful share, the attack set's expected count): the smallest such budget that reached each
     worst-case level. Over several reports (seeds): mean ± std of each one's worst case, the attacks that reached it."""
     key = next((k for k in WORST_KEYS if any(r.get(k) is not None for rep in reports for r in rep["rows"])), None)
