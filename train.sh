@@ -45,7 +45,7 @@ if [[ $# -gt 0 ]]; then
   exit 2
 fi
 
-# The flags each program takes come from its own parser (--list-flags: "NAME value|switch MODES" a line), never from
+# The flags each program takes come from its own parser (--list-flags: "NAME value|switch MODES same|changes"), never from
 # lists kept here: a flag added to a program reaches it from its variable with no edit of this file.
 if [[ -n ${TRAIN_SH_LISTS:-} ]]; then LISTS=$TRAIN_SH_LISTS; else
   LISTS=$(mktemp -d)
