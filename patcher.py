@@ -670,11 +670,20 @@ class Training:
 
     @contextmanager
     def naming_the_step(self, what):
-        """A non-finite number inside is named by `what`; Ctrl-C is an interruption at the step reached."""
+        """A non-finite number inside is named by `what`."""
         try:
             yield
         except FloatingPointError as e:
             raise FloatingPointError(f"{what}{e}") from None
+
+    @contextmanager
+    def interruptible(self):
+        """Ctrl-C or SIGTERM anywhere inside (an update, the log, a checkpoint being written, an inner attack) is an
+        interruption at the step reached, which main() reports with how --resume continues."""
+        try:
+            yield
+        except Interrupted:
+            raise
         except KeyboardInterrupt:
             raise Interrupted(self.step) from None
 
@@ -687,23 +696,24 @@ class Training:
         checkpointed every --save-every steps and at the last; the steps a resumed run had taken are skipped."""
         self.planned += n
         s, args = self.streams, self.args
-        while self.step < self.planned:
-            t = time.time()
-            batch = Batches(next(s["safe"]), next(s["unsafe"]) if self.defense.harmful else None,
-                            next(s["retain"]) if "retain" in s else None)
-            with self.naming_the_step(f"{phase} step {self.step + 1}: "):
-                metrics = update(self.model, self.optimizer, batch, args, self.delta, self.theta_buffer)
-            self.step += 1
-            self.log.step(self.step, phase, r, metrics, time.time() - t, args.lr)
-            # the last step too: an export that fails (a full disk) must not lose the run
-            if args.save_every and (self.step % args.save_every == 0 or self.step == self.total):
-                save_checkpoint(self.out, self.step, self.model, self.optimizer, self.delta, self.streams,
-                                self.settings, self.log.offset(), self.rank)
+        with self.interruptible():
+            while self.step < self.planned:
+                t = time.time()
+                batch = Batches(next(s["safe"]), next(s["unsafe"]) if self.defense.harmful else None,
+                                next(s["retain"]) if "retain" in s else None)
+                with self.naming_the_step(f"{phase} step {self.step + 1}: "):
+                    metrics = update(self.model, self.optimizer, batch, args, self.delta, self.theta_buffer)
+                self.step += 1
+                self.log.step(self.step, phase, r, metrics, time.time() - t, args.lr)
+                # the last step too: an export that fails (a full disk) must not lose the run
+                if args.save_every and (self.step % args.save_every == 0 or self.step == self.total):
+                    save_checkpoint(self.out, self.step, self.model, self.optimizer, self.delta, self.streams,
+                                    self.settings, self.log.offset(), self.rank)
 
     def inner_attack(self, r):
         """Round r's inner attack from the current theta (inner_attack()), logged; returns its attack vector."""
         t = time.time()
-        with self.naming_the_step(f"round {r}, inner "):
+        with self.interruptible(), self.naming_the_step(f"round {r}, inner "):
             delta, losses = inner_attack(self.model, self.streams["unsafe"], self.args, self.theta_buffer)
         self.log.inner_attack(self.step, r, losses, global_norm(delta, process_group(self.model)), time.time() - t)
         return delta

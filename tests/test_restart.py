@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, run_script, with_base
-from test_patcher import FAST, rows
+from test_patcher import FAST, FAST_SCHEDULE, rows
 
 HOOKS = ROOT / "tests" / "hooks"
 PROBE = "What is 2 + 3?"  # in eval.py's one check request before any attack
@@ -281,6 +281,36 @@ def test_sigterm_is_an_interruption_with_exit_143(program, tmp_path, demo_base):
     else:
         assert last.startswith("interrupted by SIGTERM; the same command continues: the answers of 2 evaluated steps"), last
     assert not (out / ".lock").exists()
+
+
+@pytest.mark.parametrize("where", ["log", "batch"])
+def test_an_interruption_between_updates_names_the_step(where, tmp_path, demo_base, monkeypatch):
+    """Ctrl-C or SIGTERM while a step is logged or its batch drawn (not only inside the update) is an interruption
+    at the step reached: the line says the step and how --resume continues (a SIGTERM in this window once printed no
+    step)."""
+    import patcher
+    out = with_base(tmp_path / "run", demo_base)
+    args = patcher.parse_args(["--mode", "sft", *FAST_SCHEDULE, "--save-every", "2", "--out", str(out)])
+    log_step, draw = patcher.Log.step, patcher.Batches
+
+    def step(self, n, *a):
+        log_step(self, n, *a)
+        if n == 5:
+            raise KeyboardInterrupt
+
+    def batches(*a):  # the 6th step's batch, after step 5's update, log and nothing else
+        if len(rows(out)) == 5:
+            raise KeyboardInterrupt
+        return draw(*a)
+    monkeypatch.setattr(*((patcher.Log, "step", step) if where == "log" else (patcher, "Batches", batches)))
+    caught = None
+    try:  # a bare KeyboardInterrupt reaching pytest would end the session rather than fail this test
+        patcher.run(args)
+    except KeyboardInterrupt as e:
+        caught = e
+    assert isinstance(caught, patcher.Interrupted) and caught.step == 5, repr(caught)
+    assert patcher.interruption(args, caught.step) == (f" at step 5; --resume continues from checkpoint step-0000004 "
+                                                        f"({out / 'checkpoints'})")
 
 
 # --- nothing silently wrong --------------------------------------------------------------------------
