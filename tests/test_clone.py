@@ -13,19 +13,19 @@ from conftest import ASSETS, ROOT, asset_dir
 
 # Every Python process of the run (pytest and the patcher.py it starts) logs each file it opens under the folder
 # that holds the real repository (its siblings and the repository itself), unless the file is
-# Python's own or an allowed folder's, or made new (tempfile probes its folder so: a clone in /tmp has /tmp watched).
+# Python's own or an allowed folder's, or made new: tempfile's probe and TemporaryFile (a clone in /tmp watches /tmp).
 # Loaded through PYTHONPATH, so it travels into subprocesses.
 HOOK = '''
 import os, sys
 _watched = os.environ["CLONE_CHECK_WATCHED"] + os.sep
 _allowed = tuple(os.path.realpath(p) + os.sep for p in
                  os.environ["CLONE_CHECK_ALLOWED"].split(os.pathsep) + [sys.prefix, sys.base_prefix, sys.exec_prefix])
-_fresh = (os.O_CREAT | os.O_EXCL, getattr(os, "O_TMPFILE", -1))  # a file made new: nothing beside the clone is read
+_fresh = os.O_CREAT | os.O_EXCL  # a file made new: nothing beside the clone is read
 def _hook(event, args):
-    if event == "open" and isinstance(args[0], (str, bytes, os.PathLike)) and \
-            not any(f != -1 and (args[2] or 0) & f == f for f in _fresh):
+    if event == "open" and isinstance(args[0], (str, bytes, os.PathLike)) and (args[2] or 0) & _fresh != _fresh:
         path = os.path.realpath(os.fsdecode(args[0]))
-        if (path + os.sep).startswith(_watched) and not (path + os.sep).startswith(_allowed):
+        if (path + os.sep).startswith(_watched) and not (path + os.sep).startswith(_allowed) and \
+                not os.path.isdir(path):  # a folder opened for an unnamed temporary file (O_TMPFILE)
             with open(os.environ["CLONE_CHECK_LOG"], "a") as f:  # fires the hook again: the log is not watched
                 f.write(path + "\\n")
 sys.addaudithook(_hook)
