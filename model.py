@@ -262,6 +262,15 @@ class Transformer(nn.Module):
     def reset_rope(self):
         self.inv_freq.copy_(rope_inv_freq(self.config))
 
+    def _apply(self, fn, recurse=True):
+        # Every move and cast of the model (.to(dtype), .half(), to_empty(), ...) goes through _apply. inv_freq
+        # stays fp32 whatever the parameters' dtype, as transformers keeps it when it loads in bf16: rounded to
+        # bf16 it turns position 256 by up to 0.35 rad, and the logits drift from transformers' (NOTES.md).
+        super()._apply(fn, recurse)
+        if self.inv_freq.dtype != torch.float32:  # recomputed, not cast back: a cast has rounded it already
+            self.inv_freq = rope_inv_freq(self.config).to(self.inv_freq.device)
+        return self
+
     @torch.no_grad()
     def init_weights(self, std=0.02):
         """Random init for models trained from scratch (the built-in demo): as transformers initialises."""
