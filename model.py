@@ -169,6 +169,30 @@ class RMSNorm(nn.Module):
         return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
+def expands_kv_heads(device_type: str, dtype: torch.dtype, masked: bool) -> bool:
+    """Whether attention repeats each K/V head for its query group instead of asking SDPA for enable_gqa.
+
+    On CUDA (torch 2.11) SDPA runs enable_gqa in the flash kernel, which takes neither fp32 nor a mask, or else in
+    the math kernel, never in the memory-efficient one. The math kernel materialises every head's (T, T) weights:
+    fp32 on an 8B model runs out of memory at 4k tokens and is 10-15x slower, and a mask (generation under left
+    padding) sends bf16 there too. Repeated K/V cost (group - 1) more K/V memory and let the memory-efficient kernel
+    run. The CPU's flash kernel takes GQA with masks and fp32 (torch 2.13): there nothing is repeated."""
+    return device_type == "cuda" and (dtype == torch.float32 or masked)
+
+
+def attend(q, k, v, mask=None, expand_kv=None):
+    """SDPA of q (B, nh, T, hd) over k, v (B, nkv, S, hd), each K/V head shared by nh / nkv query heads: causal
+    without a mask, else where the bool mask (B, 1, T, S) is True. expand_kv: repeat the K/V heads (None: as
+    expands_kv_heads() decides for these inputs)."""
+    group = q.shape[1] // k.shape[1]
+    if expand_kv is None:
+        expand_kv = expands_kv_heads(q.device.type, q.dtype, mask is not None)
+    if group > 1 and expand_kv:  # query head h reads K/V head h // group, as enable_gqa does
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                          enable_gqa=k.shape[1] != q.shape[1])
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -195,10 +219,7 @@ class Attention(nn.Module):
         if kv is not None:  # generation: the cache stores these keys/values and returns all it holds so far
             cache, layer = kv
             k, v = cache.update(layer, k, v)
-        # SDPA picks flash/memory-efficient kernels; enable_gqa shares each K/V head across its query
-        # group without materialising repeated K/V. Training passes no mask: plain causal attention.
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                           enable_gqa=self.n_kv_head != self.n_head)
+        y = attend(q, k, v, mask)  # training passes no mask: plain causal attention
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 

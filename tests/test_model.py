@@ -176,6 +176,26 @@ def test_real_smollm2_bf16_matches_transformers_bf16(smollm2_dir):
     assert torch.equal(got.argmax(-1), want.argmax(-1))
     assert (got - want).abs().max().item() <= 0.1
 
+
+# --- attention kernels ------------------------------------------------------------------------------
+
+def test_repeated_kv_heads_attend_as_enable_gqa():
+    """On CUDA, fp32 or masked attention repeats each K/V head (the memory-efficient kernel has no GQA); the
+    repeated heads must give what SDPA's enable_gqa gives, with and without a mask."""
+    g = torch.Generator().manual_seed(0)
+    B, nh, nkv, T, hd = 2, 6, 2, 9, 8
+    q, k, v = (torch.randn(B, n, T, hd, generator=g) for n in (nh, nkv, nkv))
+    mask = torch.rand(B, 1, T, T, generator=g) < 0.7
+    mask |= torch.eye(T, dtype=torch.bool)  # every query sees something
+    for m in (None, mask):
+        want = model_py.attend(q, k, v, m, expand_kv=False)
+        got = model_py.attend(q, k, v, m, expand_kv=True)
+        assert (got - want).abs().max().item() <= 1e-6
+    rule = model_py.expands_kv_heads
+    assert rule("cuda", torch.float32, False) and rule("cuda", torch.float32, True) and rule("cuda", torch.bfloat16, True)
+    assert not rule("cuda", torch.bfloat16, False) and not rule("cuda", torch.float16, False)  # flash has GQA
+    assert not any(rule("cpu", dtype, masked) for dtype in (torch.float32, torch.bfloat16) for masked in (False, True))
+
 # --- sampling settings: transformers' processors and the checkpoint's generation config ------------
 
 def hf_logits_processors(temperature, top_k, top_p, repetition_penalty, attention_mask):
