@@ -399,6 +399,31 @@ def test_generate_matches_previous_implementation(case, tmp_path):
         assert generate(model, prompts, 1, [], pad_id=1) == [row[:1] for row in free]
 
 
+@pytest.mark.parametrize("case", ROTARY)
+def test_every_decode_step_matches_a_full_forward(case, tmp_path, monkeypatch):
+    """The logits that each step of generate() samples from equal a plain forward pass over that row's text so far,
+    without padding, at every step: a position or a cache slot off by one shows here even where the greedy tokens
+    stay the same (they did in the SmolLM2-vs-transformers and compiled-vs-eager tests)."""
+    model = load_model(make_checkpoint(case, tmp_path / case)).eval()
+    prompts = prompt_batches()[2]  # 9 prompts of 1 to 40 tokens: left padding, prefill in several length groups
+    assert len(model_py.length_groups([len(p) for p in prompts])) >= 3
+    fed = []  # (B, V) per step: the logits handed to sampling
+
+    def recording(logits, *args, **kwargs):
+        fed.append(logits.clone())
+        return sample_next(logits, *args, **kwargs)
+
+    sample_next = model_py.sample_next
+    monkeypatch.setattr(model_py, "sample_next", recording)
+    new = 12
+    out = generate(model, prompts, new, [], pad_id=1)
+    assert len(fed) == new and all(len(row) == new for row in out)
+    for i, (prompt, row) in enumerate(zip(prompts, out)):
+        with torch.no_grad():
+            want = model(torch.tensor([prompt + row[:-1]]))[0, len(prompt) - 1:]  # (new, V): logits before each new token
+        got = torch.stack([step[i] for step in fed])
+        assert (got - want).abs().max().item() <= 1e-5, (i, len(prompt))
+
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="no CUDA device: the CUDA graph path is not exercised"))])
 def test_compiled_decode_matches_eager(device, tmp_path):
