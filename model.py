@@ -7,8 +7,8 @@ Our own decoder-only transformer for the Hugging Face checkpoints Patcher is run
                 never with a non-finite weight (all_finite)
 - generate():   batched generation for left-padded prompts with a static KV cache (greedy or sampled:
                 repetition penalty, temperature, top-k, top-p, in transformers' order), its decode step
-                compilable into a CUDA graph, finished rows leaving the batch (eagerly);
-                generation_defaults() reads the checkpoint's sampling settings
+                compilable into a CUDA graph over one cache per model that every call reuses, finished rows
+                leaving the batch (eagerly); generation_defaults() reads the checkpoint's sampling settings
 - add_lora(), merge_lora_(): LoRA factors on named Linear layers (eval.py's low-rank attack);
   inference_copy(): a plain, unsharded copy of a (sharded, LoRA-augmented) model for generation
 
@@ -22,6 +22,7 @@ import math
 import os
 import shutil
 import uuid
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -697,18 +698,26 @@ class KVCache:
     which slots its T tokens go to and how many leading slots attention reads (`window`). Nothing grows
     and nothing is scanned: positions are slot - pad, the mask compares slot numbers. With all rows and
     window = max_len every decode step has the same shapes, so it can be compiled and captured as a
-    CUDA graph."""
+    CUDA graph; start() begins a new batch in the same tensors (see static_cache)."""
 
-    def __init__(self, cfg: ModelConfig, pad: torch.Tensor, max_len: int, dtype):
+    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, dtype, device):
         # One tensor per layer, not one (L, ...) tensor: torch.compile turns an in-place write into a
         # view of a graph input into a copy of the whole input (here: the cache of every layer).
-        shape = (pad.shape[0], cfg.num_key_value_heads, max_len, cfg.head_dim)  # (B, nkv, S, hd)
-        self.k = [torch.zeros(shape, device=pad.device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
-        self.v = [torch.zeros(shape, device=pad.device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
-        self.pad = pad  # (B,) padding slots at the start of each row
-        self.slot_ids = torch.arange(max_len, device=pad.device)  # (S,)
-        self.real = self.slot_ids >= pad[:, None]  # (B, S) slots that hold (or will hold) real tokens
-        self.rows, self.slots, self.window = None, None, max_len
+        shape = (batch, cfg.num_key_value_heads, max_len, cfg.head_dim)  # (B, nkv, S, hd)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
+        self.slot_ids = torch.arange(max_len, device=device)  # (S,)
+        self.pad = torch.full((batch,), max_len, device=device)  # (B,) padding slots at the start of each row
+        self.real = torch.zeros(batch, max_len, dtype=torch.bool, device=device)  # (B, S) real tokens, now or later
+        self.slot = torch.zeros(1, dtype=torch.long, device=device)  # (1,) the slot of the token decoded next
+        self.rows, self.slots, self.window, self.max_len = None, None, max_len, max_len
+
+    def start(self, pad: list[int]):
+        """Begin a batch whose row b starts with pad[b] padding slots, in place. Rows past len(pad) are dummies:
+        padding throughout, each of its tokens attending only to itself (static_cache pads a batch with them)."""
+        self.pad.fill_(self.max_len)
+        self.pad[:len(pad)] = torch.tensor(pad)
+        torch.ge(self.slot_ids, self.pad[:, None], out=self.real)
 
     def keep(self, rows: torch.Tensor):
         """Keep only `rows` (indices into the current rows): generate() drops finished rows. A copy of the cache."""
@@ -763,11 +772,12 @@ def length_groups(lengths: list[int], max_padding=0.25) -> list[list[int]]:
 
 
 def prefill(model: Transformer, tokens, lengths: list[int], cache: KVCache):
-    """Run the left-padded prompts tokens (B, T0) through the model, filling the cache; return each
-    row's next-token logits (B, V). Each length group runs alone, padded to its own longest prompt."""
+    """Run the left-padded prompts tokens (B, T0) through the model, filling the cache's first B rows;
+    return each row's next-token logits (B, V). Each length group runs alone, padded to its own longest
+    prompt."""
     B, T0 = tokens.shape
     groups = length_groups(lengths)
-    if len(groups) == 1:  # one rectangle: no gathering
+    if len(groups) == 1 and B == len(cache.pad):  # one rectangle over every row: no gathering
         cache.feed(torch.arange(T0, device=tokens.device), T0)
         return model(tokens, cache=cache, last_only=True)[:, -1]
     logits = torch.empty(B, model.config.vocab_size, device=tokens.device, dtype=model.lm_head.weight.dtype)
@@ -821,6 +831,30 @@ def decode_step(model: Transformer, tok, cache: KVCache):
     return model(tok, cache=cache)[:, -1]
 
 
+def static_cache(model: Transformer, batch: int, length: int) -> KVCache:
+    """The cache that compiled decoding reuses for `model` across generate() calls: the same tensors at the same
+    addresses, only their contents new, so the compiled step is neither compiled nor (on CUDA) recorded as a graph
+    again. It grows (is reallocated) only for a call with more rows or a longer text than it holds; a smaller
+    batch runs with dummy rows (KVCache.start), and attention reads every slot each step: the same shapes."""
+    dtype, device = model.lm_head.weight.dtype, model.lm_head.weight.device
+    cache = _static_caches.pop(model, None)
+    if cache is not None and (cache.k[0].dtype, cache.k[0].device) == (dtype, device):
+        batch, length = max(batch, len(cache.pad)), max(length, cache.max_len)
+        if (batch, length) == (len(cache.pad), cache.max_len):
+            _static_caches[model] = cache
+            return cache
+    del cache  # freed before its successor is allocated
+    cache = KVCache(model.config, batch, -(-length // 64) * 64, dtype, device)  # lengths in steps of 64: fewer graphs
+    # Without this a CUDA graph would copy every cache tensor into its own input buffers each step.
+    for t in cache.k + cache.v + [cache.pad, cache.real, cache.slot_ids, cache.slot]:
+        torch._dynamo.mark_static_address(t)
+    _static_caches[model] = cache
+    return cache
+
+
+_static_caches = weakref.WeakKeyDictionary()  # model -> its static_cache(), dropped with the model
+
+
 @functools.cache
 def compiled_decode_step(device_type: str):
     # On CUDA, mode="reduce-overhead" replays the whole step as one CUDA graph: a decode step is hundreds
@@ -862,40 +896,38 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     temperature 0 is greedy; top_k 0 and top_p 1 are off. Each row stops at the first token in
     `stop_ids`; the returned lists hold the new tokens up to and including that stop token (or
     max_new_tokens tokens). compile=True runs each decode step through torch.compile, as a CUDA graph
-    on CUDA, where a step's hundreds of small kernels take longer to launch than to run. Each new
-    model architecture and batch shape pays for compiling once (a minute or more on a CPU)."""
+    on CUDA, where a step's hundreds of small kernels take longer to launch than to run, over one static
+    cache per model that every call reuses (static_cache): a model compiles (a minute or more on a CPU)
+    and records its graph once, and again only when a call needs a larger batch or a longer text."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be at least 1, not {max_new_tokens}")
     device = model.lm_head.weight.device
     B, T0 = len(prompts), max(len(p) for p in prompts)
     S = T0 + max_new_tokens
-    if compile:  # fewer distinct cache lengths: fewer recompilations and CUDA graphs to record
-        S = -(-S // 64) * 64
-    # The text of every row, preallocated: left-padded prompt, then the new tokens.
-    tokens = torch.full((B, S), pad_id, dtype=torch.long)
+    if compile:  # the model's static cache, with dummy rows past B and slots past S
+        cache = static_cache(model, B, S)
+    else:  # a cache of this batch's size, whose finished rows leave it
+        cache = KVCache(model.config, B, S, model.lm_head.weight.dtype, device)
+    cache.start([T0 - len(p) for p in prompts])
+    # The text of every row of the cache, preallocated: left-padded prompt, then the new tokens.
+    tokens = torch.full(cache.real.shape, pad_id, dtype=torch.long)
     for i, p in enumerate(prompts):
         tokens[i, T0 - len(p):T0] = torch.tensor(p, dtype=torch.long)
     tokens = tokens.to(device)
-    cache = KVCache(model.config, torch.tensor([T0 - len(p) for p in prompts], device=device), S, model.lm_head.weight.dtype)
     every_row = torch.arange(B, device=device)
     seen = None  # (B, V) which tokens each row's text holds so far, for the repetition penalty
     if repetition_penalty != 1.0:
         seen = torch.zeros(B, model.config.vocab_size, dtype=torch.bool, device=device)
-        rows, cols = cache.real[:, :T0].nonzero(as_tuple=True)
+        rows, cols = cache.real[:B, :T0].nonzero(as_tuple=True)
         seen[rows, tokens[rows, cols]] = True
     stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
     generator = None
     if seed is not None:
         generator = torch.Generator(device=device).manual_seed(seed)
 
-    logits = prefill(model, tokens[:, :T0], [len(p) for p in prompts], cache)  # (B, V)
-    slot = torch.tensor([T0], device=device)  # (1,) the slot of the token fed next; advanced in place
-    step = decode_step
-    if compile:
-        step = compiled_decode_step(device.type)
-        # Without this a CUDA graph would copy every cache tensor into its own input buffers each step.
-        for t in cache.k + cache.v + [cache.pad, cache.real, cache.slot_ids, slot]:
-            torch._dynamo.mark_static_address(t)
+    logits = prefill(model, tokens[:B, :T0], [len(p) for p in prompts], cache)  # (B, V)
+    cache.slot.fill_(T0)  # advanced in place after each decode step
+    step = compiled_decode_step(device.type) if compile else decode_step
     # Asking whether rows are done copies flags to the host, which drains CUDA's queue: on CUDA ask
     # every 8 steps (a finished row then runs at most 7 steps too many; its tokens are cut off).
     check_every = 8 if device.type == "cuda" else 1
@@ -907,7 +939,7 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
         # padding), so that each row draws the same random numbers whichever rows have left.
         nxt = sample_next(logits, seen, temperature, top_k, top_p, repetition_penalty, generator)
         nxt = torch.where(finished, pad_id, nxt)
-        tokens[:, T0 + n] = nxt
+        tokens[:B, T0 + n] = nxt
         n += 1
         finished |= torch.isin(nxt, stop)
         if seen is not None:  # a finished row's text is over: its padding is not part of it
@@ -922,16 +954,17 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
                 cache.keep((~done).nonzero().squeeze(1))
                 alive = alive[~done]
         # Eagerly, attention reads only the slots filled so far (measured faster on a CPU); compiled, it
-        # reads all of them, masked, so that every step has the same shapes.
-        cache.feed(slot, S if compile else T0 + n)
-        if compile:
+        # reads all of the static cache's, masked, so that every step has the same shapes.
+        cache.feed(cache.slot, cache.max_len if compile else T0 + n)
+        if compile:  # every row of the static cache, the dummies' logits dropped
             torch.compiler.cudagraph_mark_step_begin()  # the previous step's logits are used up
-        if len(alive) == B:  # always, compiled
+            logits = step(model, tokens[:, T0 + n - 1:T0 + n], cache)[:B]
+        elif len(alive) == B:
             logits = step(model, tokens[:, T0 + n - 1:T0 + n], cache)
         else:
             logits = logits.index_copy(0, alive, step(model, tokens[alive, T0 + n - 1:T0 + n], cache))
-        slot += 1
-    return [until_stop(row, stop_ids) for row in tokens[:, T0:T0 + n].tolist()]
+        cache.slot += 1
+    return [until_stop(row, stop_ids) for row in tokens[:B, T0:T0 + n].tolist()]
 
 
 def until_stop(row: list[int], stop_ids) -> list[int]:

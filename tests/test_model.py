@@ -427,13 +427,34 @@ def test_every_decode_step_matches_a_full_forward(case, tmp_path, monkeypatch):
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="no CUDA device: the CUDA graph path is not exercised"))])
 def test_compiled_decode_matches_eager(device, tmp_path):
-    """compile=True (a torch.compile'd decode step over the full static cache; a CUDA graph on CUDA)
-    gives the eager tokens, also on a second call, whose new cache sits at new addresses."""
+    """compile=True (a torch.compile'd decode step over the model's static cache; a CUDA graph on CUDA) gives
+    the eager tokens. A second call with other prompts, fewer rows, shorter prompts and fewer new tokens reuses
+    the cache (dummy rows, unused slots) and compiles nothing: a cache made per call, as before, made a
+    smaller batch compile again (30 s here; on CUDA, also a new graph recorded at every call)."""
+    from torch._dynamo.utils import counters
     model = load_model(make_checkpoint("qwen2-bias-tied", tmp_path / "c"), device=device).eval()
-    prompts = prompt_batches()[2]
-    want = generate(model, prompts, 20, [0], pad_id=1)
-    for _ in range(2):
-        assert generate(model, prompts, 20, [0], pad_id=1, compile=True) == want
+    calls = [(prompt_batches()[2], 20, {}), (prompt_batches()[1], 12, dict(repetition_penalty=1.3))]  # 9 rows, then 3
+    for i, (prompts, new, kw) in enumerate(calls):
+        want = generate(model, prompts, new, [0], pad_id=1, **kw)
+        graphs = counters["stats"]["unique_graphs"]
+        assert generate(model, prompts, new, [0], pad_id=1, compile=True, **kw) == want, i
+        assert i == 0 or counters["stats"]["unique_graphs"] == graphs, "the second call compiled again"
+        cache = model_py.static_cache(model, 1, 1)  # the model's static cache, as it is
+        addresses = [t.data_ptr() for t in cache.k + cache.v]
+        assert i == 0 or addresses == first_addresses, "a new cache: on CUDA, a new graph recorded"
+        first_addresses = addresses
+
+
+def test_static_cache_is_reused_and_grows_only_when_needed(tmp_path):
+    model = load_model(make_checkpoint("qwen2-bias-tied", tmp_path / "c")).eval()
+    cache = model_py.static_cache(model, 4, 30)
+    assert cache.pad.shape == (4,) and cache.k[0].shape[2] == 64  # lengths in steps of 64
+    assert model_py.static_cache(model, 2, 64) is cache and model_py.static_cache(model, 4, 10) is cache
+    grown = model_py.static_cache(model, 3, 65)  # longer: reallocated once, at least as many rows as before
+    assert grown is not cache and grown.pad.shape == (4,) and grown.k[0].shape[2] == 128
+    assert model_py.static_cache(model, 4, 128) is grown
+    assert model_py.static_cache(model.to(torch.bfloat16), 1, 1).k[0].dtype == torch.bfloat16
+    assert model_py.static_cache(load_model(make_checkpoint("qwen2-bias-tied", tmp_path / "d")), 4, 1) is not grown
 
 
 def test_sampling_is_seeded_and_stops(tmp_path):
