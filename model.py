@@ -540,6 +540,22 @@ def _clean_leftovers(out_dir: Path):
         shutil.rmtree(p, ignore_errors=True)
 
 
+def gather_to_first(p: torch.Tensor, group) -> torch.Tensor | None:
+    """The whole of parameter p on the group's first rank, None on the others (p itself if it is not sharded).
+
+    Each rank sends its rows (local_rows), padded to FSDP2's shard size, to that rank alone, which cuts the
+    padding off; full_tensor() would all-gather the whole tensor onto every rank."""
+    if not hasattr(p, "to_local"):
+        return p
+    local, world, first = p.to_local(), dist.get_world_size(group), dist.get_rank(group) == 0
+    chunk = -(-p.shape[0] // world)  # rows per rank; the last ones may hold fewer, or none
+    padded = local.new_zeros(chunk, *p.shape[1:])
+    padded[:local.shape[0]] = local
+    full = local.new_empty(world * chunk, *p.shape[1:]) if first else None  # rank r's rows land in chunk r
+    dist.gather(padded, list(full.chunk(world)) if first else None, dst=dist.get_global_rank(group, 0), group=group)
+    return full[:p.shape[0]] if first else None
+
+
 @torch.no_grad()
 def save_model(model: Transformer, out_dir, like=None, dtype=None, max_shard_bytes=5 * 10**9):
     """Write `model` as a Hugging Face checkpoint directory, atomically.
@@ -549,9 +565,10 @@ def save_model(model: Transformer, out_dir, like=None, dtype=None, max_shard_byt
     - every tokenizer/generation file of the checkpoint directory `like`, copied unchanged.
     It is written into a temporary directory and swapped in whole (see _swap_in); a model with a
     non-finite weight is refused. Works on plain and FSDP2-sharded models (then all ranks of its group
-    call it): each tensor is gathered in turn, moved to the group's first rank's CPU and written out a
-    shard file at a time, so neither GPU nor host memory ever holds more than one tensor plus one shard
-    file. Only that rank writes."""
+    call it): each tensor in turn is gathered onto the group's first rank alone (gather_to_first), moved
+    to its CPU and written out a shard file at a time, so neither GPU nor host memory ever holds more
+    than one tensor plus one shard file, and the other ranks never hold a whole tensor. Only that rank
+    writes."""
     cfg = model.config
     dtype = dtype or DTYPES[cfg.torch_dtype]
     group = _shard_group(model)
@@ -576,8 +593,7 @@ def save_model(model: Transformer, out_dir, like=None, dtype=None, max_shard_byt
     for file, shard_names in zip(names, shards):
         tensors = {}
         for name in shard_names:
-            p = params[name]
-            full = p.full_tensor() if hasattr(p, "full_tensor") else p  # collective on sharded models
+            full = gather_to_first(params[name], group)  # collective on sharded models
             if rank == 0:
                 tensors[name] = full.detach().to("cpu", dtype).contiguous()
                 weight_map[name] = file
@@ -611,8 +627,8 @@ def save_model(model: Transformer, out_dir, like=None, dtype=None, max_shard_byt
 # Each targeted nn.Linear gets lora_A (r, in) and lora_B (out, r) as extra parameters, registered on the Linear
 # itself (Hugging Face names stay untouched), and a forward hook adds (alpha / r) * B A x to its output. B starts
 # at zero, so the model starts unchanged; every other weight is frozen. Under FSDP2 the factors are added after
-# sharding: plain tensors replicated on every rank, whose gradients a hook averages (FSDP2 averages only its
-# own), so that the training loop needs no LoRA case.
+# sharding: plain tensors replicated on every rank, whose gradients hooks average (FSDP2 averages only its own),
+# in one all-reduce per backward (LoraGradMean), so that the training loop needs no LoRA case.
 
 
 def _lora_hook(module, inputs, out):
@@ -620,9 +636,35 @@ def _lora_hook(module, inputs, out):
     return out + (F.linear(F.linear(x, module.lora_A), module.lora_B) * module.lora_scale).to(out.dtype)
 
 
-def _average_grad(p):
-    dist.all_reduce(p.grad)  # gloo has no AVG: SUM, then divide
-    p.grad /= dist.get_world_size()
+class LoraGradMean:
+    """Averages the LoRA factors' gradients over all ranks in ONE all-reduce per backward, not one per factor
+    (128 collectives a backward on 32 layers, each paying the network's latency).
+
+    Each factor's gradient hook (run before the gradient accumulates) keeps this backward's gradient and lets
+    zeros accumulate in its place; the hook of the backward's last factor all-reduces them all as one flat
+    tensor, adds each mean to its factor's .grad and returns its own. Only this backward's part is averaged,
+    never what earlier micro-batches of the step accumulated. Every factor takes part in every forward."""
+
+    def __init__(self, params):
+        self.params, self.held = params, {}
+        for i, p in enumerate(params):
+            p.register_hook(functools.partial(self.hold, i))
+
+    def hold(self, i, grad):
+        if i in self.held:
+            raise RuntimeError("LoRA: a backward reached only some of the LoRA factors; each must take part in every backward")
+        self.held[i] = grad
+        if len(self.held) < len(self.params):
+            return torch.zeros_like(grad)
+        grads = [self.held.pop(j) for j in range(len(self.params))]
+        flat = torch.cat([g.flatten() for g in grads])
+        dist.all_reduce(flat)  # gloo has no AVG: SUM, then divide
+        flat /= dist.get_world_size()
+        means = [m.view_as(g) for m, g in zip(flat.split([g.numel() for g in grads]), grads)]
+        for j, (p, mean) in enumerate(zip(self.params, means)):
+            if j != i:  # their zeros have accumulated already
+                p.grad.add_(mean)
+        return means[i]
 
 
 def add_lora(model, rank, alpha, targets, seed=0):
@@ -646,8 +688,7 @@ def add_lora(model, rank, alpha, targets, seed=0):
     if not params:
         raise CheckpointError(f"--lora-targets {','.join(targets)}: no Linear layer of the model has one of these names")
     if dist.is_initialized() and dist.get_world_size() > 1:
-        for p in params:
-            p.register_post_accumulate_grad_hook(_average_grad)
+        LoraGradMean(params)  # kept alive by its hooks
     return params
 
 

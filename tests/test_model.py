@@ -612,6 +612,10 @@ def test_no_pickles_read(tmp_path):
 # --- FSDP2 on two ranks ---------------------------------------------------------------------------
 
 def test_fsdp2_two_ranks_match_one_process(tmp_path):
+    """Two gloo ranks (tests/dist_model.py): logits; exports byte for byte as one process's, each tensor gathered
+    onto the first rank alone; LoRA gradients over two micro-batches per rank as one process's over the whole
+    batch, in one all-reduce per backward."""
+    from dist_model import add_test_lora, next_token_loss
     src = make_checkpoint("qwen3-qknorm-headdim", tmp_path / "src")
     idx = torch.randint(0, SMALL["vocab_size"], (2, 24), generator=torch.Generator().manual_seed(5))
     torch.save(idx, tmp_path / "idx.pt")
@@ -619,17 +623,34 @@ def test_fsdp2_two_ranks_match_one_process(tmp_path):
     with torch.no_grad():
         torch.save(model(idx), tmp_path / "want.pt")
     save_model(model, tmp_path / "single", dtype=torch.float32)
+    # a tiny model: rows that do not split evenly in two (9, 5) and a tensor of one row (a vocabulary of 1)
+    tiny = model_py.Transformer(model_py.ModelConfig.from_hf(dict(
+        model_type="llama", vocab_size=1, hidden_size=9, intermediate_size=5, num_hidden_layers=1,
+        num_attention_heads=1, num_key_value_heads=1, head_dim=4, torch_dtype="float32")))
+    torch.manual_seed(0)
+    tiny.init_weights(std=1.0)
+    save_model(tiny, tmp_path / "tiny", dtype=torch.float32)
+    lora_idx = torch.randint(0, SMALL["vocab_size"], (4, 16), generator=torch.Generator().manual_seed(6))
+    torch.save(lora_idx, tmp_path / "lora_idx.pt")
+    lora = add_test_lora(model)
+    next_token_loss(model, lora_idx).backward()  # one process, the whole batch
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(ROOT / "tests" / "dist_model.py"), str(src), str(tmp_path)]
+           str(ROOT / "tests" / "dist_model.py"), str(src), str(tmp_path / "tiny"), str(tmp_path)]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     want = torch.load(tmp_path / "want.pt", weights_only=True)
     for rank in (0, 1):
         got = torch.load(tmp_path / f"logits{rank}.pt", weights_only=True)
         assert (got - want).abs().max().item() <= 1e-5
-    assert (tmp_path / "sharded" / "model.safetensors").read_bytes() == (tmp_path / "single" / "model.safetensors").read_bytes()
-    assert not any(p.name.startswith(".sharded") for p in tmp_path.iterdir())
+    for one, two in [("single", "sharded"), ("tiny", "tiny-sharded")]:
+        assert (tmp_path / two / "model.safetensors").read_bytes() == (tmp_path / one / "model.safetensors").read_bytes()
+    assert not any(p.name.startswith((".sharded", ".tiny")) for p in tmp_path.iterdir())
+    for rank in (0, 1):
+        got = torch.load(tmp_path / f"lora{rank}.pt", weights_only=True)
+        assert got["all_reduces"] == [1, 1]  # one flat all-reduce per backward, not one per LoRA factor
+        for p, g in zip(lora, got["grads"]):
+            assert (g - p.grad).abs().max().item() <= 1e-5 * p.grad.abs().max().item()  # measured: 2.7e-7
 
 
 def test_gpu_check_runs_on_the_cpu_at_tiny_shapes(tmp_path, demo_base):
