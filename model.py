@@ -1,15 +1,17 @@
 """
 Our own decoder-only transformer for the Hugging Face checkpoints Patcher is run on
-(Llama 2/3/3.1/3.2, SmolLM, Mistral, Qwen2/2.5, Qwen3), plus:
+(Llama 2/3/3.1/3.2, SmolLM, Mistral, Qwen2/2.5, Qwen3), whose bf16 logits equal transformers' bf16 ones
+(its rotary inv_freq stays fp32 whatever the model's dtype, as theirs does when loaded in bf16), plus:
 
 - load_model(): config.json + safetensors -> Transformer, also straight into FSDP2 shards
-- save_model(): Transformer (plain or FSDP2-sharded) -> Hugging Face checkpoint directory, swapped in whole;
-                never with a non-finite weight (all_finite)
+- save_model(): Transformer (plain or FSDP2-sharded: each tensor gathered onto the first rank alone) ->
+                Hugging Face checkpoint directory, swapped in whole; never with a non-finite weight (all_finite)
 - generate():   batched generation for left-padded prompts with a static KV cache (greedy or sampled:
                 repetition penalty, temperature, top-k, top-p, in transformers' order), its decode step
                 compilable into a CUDA graph over one cache per model that every call reuses, finished rows
                 leaving the batch (eagerly); generation_defaults() reads the checkpoint's sampling settings
-- add_lora(), merge_lora_(): LoRA factors on named Linear layers (eval.py's low-rank attack);
+- add_lora(), merge_lora_(): LoRA factors on named Linear layers (eval.py's low-rank attack), their gradients
+  averaged over ranks in one all-reduce per backward;
   inference_copy(): a plain, unsharded copy of a (sharded, LoRA-augmented) model for generation
 
 Module names equal Hugging Face parameter names (model.layers.{i}.self_attn.q_proj.weight, ...),
