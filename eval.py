@@ -949,6 +949,8 @@ def get_parser():
     g.add_argument("--log-every", type=positive, default=10, help="print the attack loss every N steps")
     g.add_argument("--activation-checkpointing", action="store_true", help="recompute each block in the attack's backward")
     g.add_argument("--compile", action="store_true", help="torch.compile each block for the attack, and the decode step (a CUDA graph on CUDA)")
+    g.add_argument("--collective-timeout", type=rate_, default=patcher.COLLECTIVE_TIMEOUT,
+                   help="seconds a rank waits in a collective before it fails (as patcher.py's)")
     g.add_argument("--debug", action="store_true", help="show tracebacks for user errors too")
     g.add_argument("--check", action="store_true", help="check every flag, data file and the attack suite, then exit "
                    "(train.sh runs it before it aligns anything; --model is not needed)")
@@ -1214,7 +1216,8 @@ class JudgeCache:
 
 # The flags that do not change what the attacks and generations are: a rerun into the same --out may change them
 # (another judge judges the kept answers again; refusal phrases are only scoring).
-NOT_RESULT_SETTINGS = ("out", "debug", "log_every", "check", "summarize", "sweep", "worst_case", "suite", "model",
+NOT_RESULT_SETTINGS = ("out", "debug", "collective_timeout", "log_every", "check",
+                       "summarize", "sweep", "worst_case", "suite", "model",
                        "judge", "judge_template", "judge_url", "judge_model", "judge_max_tokens", "judge_tries",
                        "judge_retry", "judge_timeout", "judge_deadline", "judge_model_path", "refusal_phrases", "export")
 
@@ -1306,7 +1309,7 @@ def run(args):
         print(f"eval.py: the flags are valid, the prompt sets read ({', '.join(f'{n} {len(v[1])}' for n, v in sets.items())})"
               + (f", and the {len(args.suite)} attacks of {args.attacks}" if args.suite else ""))
         return
-    rank, world, device = patcher.init_distributed(args.precision)
+    rank, world, device = patcher.init_distributed(args.precision, args.collective_timeout)
     torch.manual_seed(args.seed)
     args.dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
     out = Path(args.out)

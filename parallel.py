@@ -140,29 +140,56 @@ class Partner:
 
     def _finish(self, works):
         """Wait for the transfers, watching the partner meanwhile: a partner that dies or freezes mid-transfer
-        would block a plain wait() forever. The wait runs in a thread (it releases the GIL; gloo's cannot be
-        polled, see NOTES) while this one checks the heartbeat."""
-        done, failed = threading.Event(), []
-
-        def wait():
-            try:
-                for work in works:
-                    work.wait()
-            except Exception as e:  # noqa: BLE001 (handed to the main thread)
-                failed.append(e)
-            done.set()
-        threading.Thread(target=wait, daemon=True).start()
-        while not done.wait(POLL):
-            self.check()
-        if failed:  # gloo's own error for a partner that died mid-transfer ("Connection reset by peer", ...)
-            first = str(failed[0]).strip().splitlines()[0] if str(failed[0]).strip() else type(failed[0]).__name__
-            raise PeerLost(f"partner rank {self.peer} was lost during a transfer: {first[:300]}") from failed[0]
+        would block a plain wait() forever (wait_watching)."""
+        try:
+            wait_watching(works, self.check, poll=dist.is_initialized() and dist.get_backend() == "nccl")
+        except PeerLost:
+            raise
+        except Exception as e:  # noqa: BLE001 (gloo's own error for a partner that died mid-transfer: "Connection reset")
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise PeerLost(f"partner rank {self.peer} was lost during a transfer: {first[:300]}") from e
 
     def abort(self, why):
         try:  # best effort: the store may be gone with the job
             self.store.set(f"abort/{self.rank}", why)
         except Exception:
             pass
+
+
+def wait_watching(works, check, poll):
+    """Block until every transfer in `works` is done, calling check() (which raises on a dead or silent partner)
+    every POLL seconds meanwhile. The two backends need two ways of waiting:
+
+    - NCCL (poll=True): work.wait() returns to the host at once (it only makes the current CUDA stream wait on the
+      transfer), so a thread blocked in wait() would report a transfer from a dead partner as done, and the next
+      host sync would hang until NCCL's watchdog killed the rank with no message. is_completed() reports the GPU-side
+      completion without blocking: poll it, then wait() to order the current stream after the transfer.
+    - gloo (poll=False): is_completed() of a receive stays False even after the data has arrived (NOTES.md), and
+      wait() blocks until it has: wait() runs in a thread (it releases the GIL) while this one checks the partner.
+
+    The CPU tests run gloo only; the NCCL branch is exercised here with stand-in works (tests/test_parallel.py) and on
+    GPUs by tests/gpu_check.py with two or more of them."""
+    if poll:
+        while not all(work.is_completed() for work in works):
+            check()
+            time.sleep(POLL)
+        for work in works:
+            work.wait()
+        return
+    done, failed = threading.Event(), []
+
+    def wait():
+        try:
+            for work in works:
+                work.wait()
+        except Exception as e:  # noqa: BLE001 (handed to the calling thread)
+            failed.append(e)
+        done.set()
+    threading.Thread(target=wait, daemon=True).start()
+    while not done.wait(POLL):
+        check()
+    if failed:
+        raise failed[0]
 
 
 def agree(flag, group, device, op):
@@ -353,7 +380,7 @@ def get_parser():
 
 
 def run(args):
-    rank, world, device = patcher.init_distributed(args.precision)
+    rank, world, device = patcher.init_distributed(args.precision, args.collective_timeout)
     if world < 2 or world % 2:
         raise patcher.RunError(f"parallel.py needs an even number of ranks, half defender and half attacker "
                                f"(torchrun --nproc_per_node=2|4|8 parallel.py ...); got {world}")
@@ -413,7 +440,7 @@ HONOURED = {"model", "safe_data", "unsafe_data", "safe_format", "unsafe_format",
             "inner_steps", "defend_steps", "reset_optimizer", "retain_weight", "lr", "weight_decay", "max_grad_norm",
             "batch_size", "inner_lr", "inner_weight_decay", "inner_max_grad_norm", "inner_batch_size", "micro_batch_size",
             "group_by_length", "seed", "out", "export_dtype", "precision", "activation_checkpointing", "compile",
-            "fused_adamw", "debug", "list_flags", "save_every", "resume"}
+            "fused_adamw", "debug", "list_flags", "save_every", "resume", "collective_timeout"}
 WHY_NOT = {}  # dest -> why parallel.py refuses it, where there is more to say than that it does not honour it
 
 

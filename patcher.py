@@ -41,6 +41,7 @@ import sys
 import threading
 import time
 from contextlib import contextmanager, nullcontext
+from datetime import timedelta
 from pathlib import Path
 from typing import Callable, NamedTuple
 
@@ -434,24 +435,34 @@ def run(args):
 # 4. Setup: distributed, FSDP2, data, optimizer
 
 
-def init_distributed(precision="fp32"):
+COLLECTIVE_TIMEOUT = 3600.0  # seconds: --collective-timeout's default
+
+
+def init_distributed(precision="fp32", timeout=COLLECTIVE_TIMEOUT):
     """(rank, world_size, device). Under torchrun: NCCL on CUDA, gloo on CPU. Plain `python`: one process,
     which on CUDA, or in bf16 on the CPU, still gets a one-rank process group, so that FSDP2's mixed precision
-    (the one precision policy) holds at every world size. Only a CPU run in fp32 stays a plain module."""
+    (the one precision policy) holds at every world size. Only a CPU run in fp32 stays a plain module.
+
+    `timeout` (--collective-timeout) bounds every collective: a rank that waits longer for the others ends with an
+    error. NCCL's own default, 10 minutes (gloo's: 30), is shorter than what the ranks legitimately wait for while one
+    of them works alone: the DCP write of an 8B run's checkpoint (~100 GB with AdamW and delta) and its checksums on
+    network storage, rank 0's export, loading the Llama Guard judge."""
+    timeout = timedelta(seconds=timeout)
     if "RANK" in os.environ:
         if torch.cuda.is_available():
             local = int(os.environ["LOCAL_RANK"])
             torch.cuda.set_device(local)
-            dist.init_process_group("nccl", device_id=torch.device("cuda", local))
+            dist.init_process_group("nccl", device_id=torch.device("cuda", local), timeout=timeout)
             return dist.get_rank(), dist.get_world_size(), torch.device("cuda", local)
-        dist.init_process_group("gloo")
+        dist.init_process_group("gloo", timeout=timeout)
         return dist.get_rank(), dist.get_world_size(), torch.device("cpu")
     if torch.cuda.is_available():
         torch.cuda.set_device(0)
-        dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1, device_id=torch.device("cuda", 0))
+        dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1, device_id=torch.device("cuda", 0),
+                                timeout=timeout)
         return 0, 1, torch.device("cuda", 0)
     if precision == "bf16":
-        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
     return 0, 1, torch.device("cpu")
 
 
@@ -648,7 +659,7 @@ class Training:
 
     def __init__(self, args):
         self.args = args
-        self.rank, world, device = init_distributed(args.precision)
+        self.rank, world, device = init_distributed(args.precision, args.collective_timeout)
         torch.manual_seed(args.seed)
         self.out = Path(args.out)
         check_resume(args, self.out)  # before the demo writes or trains anything, or a model is loaded
@@ -761,7 +772,7 @@ def describe(e):
 
 # flags that do not change what a run computes: a resume may change them
 NOT_RUN_SETTINGS = ("resume", "save_every", "out", "compile", "activation_checkpointing", "fused_adamw", "debug",
-                    "peer_timeout")
+                    "peer_timeout", "collective_timeout")
 # Flags that name what a run reads. A resume compares what they hold (a fingerprint), not how the path is spelled:
 # `./base` and `base`, a relative and an absolute path, a copied run directory are the same run; the same
 # relative path from another working directory may name other data, and is refused.
@@ -1216,6 +1227,9 @@ def get_parser():
     g.add_argument("--compile", action="store_true", help="torch.compile each block")
     g.add_argument("--fused-adamw", action=argparse.BooleanOptionalAction, default=None,
                    help="fused AdamW kernels (default: on CUDA)")
+    g.add_argument("--collective-timeout", type=RATE, default=COLLECTIVE_TIMEOUT,
+                   help="seconds a rank waits in a collective before it fails (NCCL's own default is 600: shorter than "
+                        "a large checkpoint's write)")
     g.add_argument("--debug", action="store_true", help="show tracebacks for user errors too")
     g.add_argument("--list-flags", action=ListFlags, modes=mode_of, same=lambda dest: dest in NOT_RUN_SETTINGS,
                    help="print every flag as 'NAME value|switch MODES same|changes' (MODES: the --mode values that take "

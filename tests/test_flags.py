@@ -196,6 +196,11 @@ def check_precision(base, rs, ctx):
     assert_rows_close(base, rs, BF16_TOL, ("loss_clean", "loss_adv", "attack_loss_start", "attack_loss_end", "delta_norm"))
 
 
+def check_collective_timeout(base, rs, ctx):
+    """The process group gets the timeout (bf16 gives one process a one-rank group); the numbers are bf16's."""
+    assert ctx["calls"]["timeouts"] == [123.0] and phases(rs) == phases(base)
+
+
 # flag -> (argv, check); argv may be a function of the baseline (for the cases that name its files) and of tmp_path
 CASES = {
     "model": (lambda b, t: explicit(b), unchanged()),
@@ -248,6 +253,7 @@ CASES = {
     "debug": ("debug", check_debug),
     "export_dtype": (["--export-dtype", "bfloat16"], check_export_dtype),
     "precision": (["--precision", "bf16"], check_precision),  # a one-rank gloo group in this process: closed after
+    "collective_timeout": (["--collective-timeout", "123", "--precision", "bf16"], check_collective_timeout),
     "list_flags": ("list_flags", check_list_flags),
 }
 
@@ -277,8 +283,8 @@ def test_flag_changes_exactly_what_it_should(flag, baseline, demo_base, tmp_path
     elif isinstance(check, tuple):  # ("reference", its flags, check): compared with another run than the baseline
         base_rows, _ = run_demo(tmp_path / "ref", check[1], demo_base)
         check = check[2]
-    calls = {"fused": [], "compiled": 0}
-    real_adamw = torch.optim.AdamW
+    calls = {"fused": [], "compiled": 0, "timeouts": []}
+    real_adamw, real_init = torch.optim.AdamW, dist.init_process_group
 
     def adamw(params, **kw):
         calls["fused"].append(bool(kw.get("fused")))
@@ -287,7 +293,11 @@ def test_flag_changes_exactly_what_it_should(flag, baseline, demo_base, tmp_path
     def compile_blocks(model):
         calls["compiled"] += 1
         return model
+    def init_process_group(*args, **kw):
+        calls["timeouts"].append(kw["timeout"].total_seconds())
+        return real_init(*args, **kw)
     monkeypatch.setattr(patcher.torch.optim, "AdamW", adamw)
+    monkeypatch.setattr(patcher.dist, "init_process_group", init_process_group)
     monkeypatch.setattr(patcher, "compile_blocks", compile_blocks)
     out = tmp_path / "run"
     capsys.readouterr()
@@ -384,6 +394,7 @@ INHERITED_ELSEWHERE = {  # flag -> why it is not in the combined run
     "activation_checkpointing": "the same numbers: patcher.build_model, which parallel.py calls",
     "compile": "patcher.build_model, which parallel.py calls", "fused_adamw": "patcher.make_optimizer, called with it",
     "debug": "patcher.main, which parallel.py runs under",
+    "collective_timeout": "patcher.init_distributed, called with it",
 }
 
 

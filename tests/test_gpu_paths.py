@@ -235,3 +235,61 @@ def test_two_nodes_run_both_programs(tmp_path, demo_base, fp32_one):
     assert len(defender_node) == len(attacker_node) == 1 and defender_node != attacker_node, (out0[-2000:], out1[-2000:])
     assert "2 attack vectors installed" in (out0, out1)[defender_node[0]]
     assert_same_curve(fp32_one, rows(par))
+
+
+# --- --compile and --activation-checkpointing, through build_model as the programs take them ----------------------
+
+def built(demo_base, *flags):
+    """The demo's base model as patcher.py builds it from these flags (fp32, one process: a plain module)."""
+    args = patcher.get_parser().parse_args([*flags])
+    return patcher.build_model(demo_base, torch.device("cpu"), args)
+
+
+def block_forwards(model):
+    """{block index: forward calls}, counted from now on by pre-forward hooks (a recomputation in backward is a call;
+    it may stop early, once it has recomputed what backward needs, so a post-forward hook would not see it)."""
+    calls = {}
+    for i, block in enumerate(model.model.layers):
+        block.register_forward_pre_hook(lambda m, a, i=i: calls.__setitem__(i, calls.get(i, 0) + 1))
+    return calls
+
+
+def test_activation_checkpointing_recomputes_every_block_in_backward(demo_base):
+    """--activation-checkpointing, as build_model applies it: every block runs its forward twice per forward-backward
+    pass (the recomputation in backward), without it once, and the gradients are the same either way."""
+    batch, grads = toy_batch(n=6), {}
+    for flags in ((), ("--activation-checkpointing",)):
+        model = built(demo_base, *flags)
+        calls = block_forwards(model)
+        patcher.forward_backward(model, batch)
+        assert calls == {i: 1 + len(flags) for i in range(len(model.model.layers))}, (flags, calls)
+        grads[flags] = {n: p.grad for n, p in model.named_parameters()}
+    plain, checkpointed = grads.values()
+    assert all(torch.equal(plain[n], checkpointed[n]) for n in plain)
+
+
+def test_compile_in_fp32_equals_eager(demo_base):
+    """--compile, as build_model applies it (torch.compile of each block, inductor on the CPU), against eager in fp32:
+    something really was compiled; the gradients of one pass agree within fp32 rounding of reordered sums (1e-5 of
+    each tensor's norm), and so do the losses of two SFT steps and a defender step after them (AdamW turns the last
+    bits of near-zero gradients into whole steps of the weights, which is why the weights themselves are not compared).
+    The flag tests swap compile_blocks out (they run forty cases in one process): this is where --compile meets eager."""
+    torch._dynamo.reset()
+    counts = torch._dynamo.utils.counters
+    graphs = counts["stats"]["unique_graphs"]
+    runs = {}
+    for flags in ((), ("--compile",)):
+        model, batch = built(demo_base, *flags), toy_batch(n=6)
+        patcher.forward_backward(model, batch)
+        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        model.zero_grad(set_to_none=True)
+        opt = patcher.make_optimizer(model.parameters(), 1e-3)
+        delta = {n: 0.01 * torch.ones_like(p) for n, p in model.named_parameters()}
+        losses = [patcher.sft_step(model, opt, batch)["loss"] for _ in range(2)]
+        m = patcher.defender_step(model, opt, batch, delta, 0.5, theta_buffer=patcher.snapshot(model))
+        runs[flags] = (grads, losses + [m["loss_clean"], m["loss_adv"]])
+    assert counts["stats"]["unique_graphs"] > graphs, "--compile compiled nothing"
+    (g_eager, eager), (g_compiled, compiled) = runs.values()
+    assert all((g_eager[n] - g_compiled[n]).norm() <= 1e-5 * g_eager[n].norm() for n in g_eager)
+    assert all(abs(a - b) <= 1e-5 * abs(a) for a, b in zip(eager, compiled)), (eager, compiled)
+    torch._dynamo.reset()

@@ -201,3 +201,41 @@ def test_a_transfer_cut_by_the_partner_names_it():
     partner.peer, partner.check = 3, lambda: None
     with pytest.raises(parallel.PeerLost, match=r"^partner rank 3 was lost during a transfer: \[gloo.*peer \[127.0.0.1\]:29500$"):
         partner._finish([Cut()])
+
+
+class PolledWork:
+    """A stand-in for an NCCL Work: wait() returns at once whatever the transfer's state (on NCCL it only orders the
+    CUDA stream); is_completed() turns True after `after` polls, or never (a dead partner)."""
+
+    def __init__(self, after=None):
+        self.after, self.polls, self.waited = after, 0, False
+
+    def is_completed(self):
+        self.polls += 1
+        return self.after is not None and self.polls > self.after
+
+    def wait(self):
+        self.waited = True
+        return True
+
+
+def test_nccl_waits_poll_completion_and_notice_a_dead_partner():
+    """The NCCL path of parallel.wait_watching (CPU tests cannot run NCCL): a transfer is waited for by polling
+    is_completed(), never by trusting wait(), which returns at once on NCCL; the partner is checked between polls, so
+    a transfer that never completes ends with the partner's PeerLost instead of a hang."""
+    import parallel
+    works, checks = [PolledWork(after=3), PolledWork(after=0)], []
+    parallel.wait_watching(works, lambda: checks.append(1), poll=True)
+    assert works[0].polls == 4 and len(checks) == 3 and all(w.waited for w in works)  # then wait() orders the stream
+
+    def check():
+        checks.append(1)
+        if len(checks) > 5:
+            raise parallel.PeerLost("partner rank 1 did not respond within 1 s (no heartbeat)")
+    checks.clear()
+    stuck = PolledWork(after=None)
+    with pytest.raises(parallel.PeerLost, match="partner rank 1 did not respond"):
+        parallel.wait_watching([stuck], check, poll=True)
+    assert stuck.polls == 6 and not stuck.waited
+    # the gloo path would have believed the stuck transfer done: its wait() returns (as NCCL's does)
+    parallel.wait_watching([PolledWork(after=None)], lambda: None, poll=False)
