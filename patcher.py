@@ -203,10 +203,11 @@ def moved(model, direction, scale=1.0, theta_buffer=None, exact=True):
     about one AdamW step. `theta_buffer` (from snapshot()) is reused for the copy when given. exact=False subtracts
     instead, as the official code does (--precision bf16-pure reproduces it: EXACT_RESTORE); then a non-finite
     direction leaves non-finite weights behind, as there (the update stops before its step all the same)."""
-    names, params = zip(*model.named_parameters())
+    names = [n for n, _ in model.named_parameters()]
+    d = local(direction[n] for n in names)
     theta = snapshot(model, into=theta_buffer) if exact else None
-    p, d = local(params), local(direction[n] for n in names)
     with torch.no_grad():
+        p = local(model.parameters())
         if not isinstance(scale, torch.Tensor):
             torch._foreach_add_(p, d, alpha=scale)
         elif exact:  # theta + scale * direction, with theta's copy as the addend: no temporary the size of theta
@@ -219,6 +220,7 @@ def moved(model, direction, scale=1.0, theta_buffer=None, exact=True):
         yield
     finally:
         with torch.no_grad():
+            p = local(model.parameters())  # afresh: FSDP2 may move a shard's storage in its first forward
             if exact:
                 restore(model, theta)
             elif isinstance(scale, torch.Tensor):
