@@ -309,10 +309,13 @@ class Transformer(nn.Module):
 
     def forward(self, idx, cache=None, last_only=False, only=None):
         """idx: (B, T) token ids -> logits (B, T, vocab); (B, 1, vocab) with last_only; (N, vocab) for
-        the N positions where the (B, T) bool mask `only` is set.
+        the N positions `only` picks: (N,) int64 indices into the B * T positions, flattened row by row, or a
+        (B, T) bool mask. The mask's N depends on its data, so on a GPU the host waits for the device to count
+        it; indices cost no wait.
 
-        Training calls model(idx, only=scored): positions 0..T-1, plain causal attention, and the
-        vocabulary projection (a fifth of a small model's flops) only where the loss looks.
+        Training calls model(idx, only=scored) with indices made on the host from the CPU labels: positions
+        0..T-1, plain causal attention, and the vocabulary projection (a fifth of a small model's flops) only
+        where the loss looks.
         Generation passes a KVCache, which supplies positions and the left-padding mask, stores each
         layer's keys/values and returns those to attend over (see KVCache.feed)."""
         B, T = idx.shape
@@ -334,8 +337,8 @@ class Transformer(nn.Module):
         x = self.model.norm(x)
         if last_only:
             x = x[:, -1:]
-        if only is not None:
-            x = x[only]  # (N, d)
+        if only is not None:  # (N, d)
+            x = x[only] if only.dtype == torch.bool else x.flatten(0, 1).index_select(0, only)
         return self.lm_head(x)
 
 

@@ -192,11 +192,13 @@ def wait_watching(works, check, poll):
         raise failed[0]
 
 
-def agree(flag, group, device, op):
+def agree(flag, votes, op):
     """One decision for the whole half (op MIN: all ranks say yes; MAX: any rank does). Ranks of a half that
-    decided differently would deadlock in their next FSDP collective."""
-    t = torch.tensor([float(flag)], device=device)
-    dist.all_reduce(t, op=op, group=group)
+    decided differently would deadlock in their next FSDP collective. `votes`: the half's gloo group (run()), so the
+    vote is a CPU tensor: on a GPU run, one on the device would make the host wait for the device's queue, twice
+    (the copy there, the read back), before every attack step."""
+    t = torch.tensor([float(flag)])
+    dist.all_reduce(t, op=op, group=votes)
     return t.item() > 0
 
 
@@ -242,14 +244,14 @@ def install(partner, delta, reference, r, k1, device):
 # 2. The attacker half
 
 
-def attacker(args, model, batches, partner, group, device):
+def attacker(args, model, batches, partner, votes, device):
     """Receive theta, attack it in place (k1 steps on D_unsafe) into theta_att, send theta_att back; until stop.
     Returns the number of attacks delivered."""
     lead = partner.pair == 0  # attacker 0 speaks for the half
 
     def should_stop():  # asked before every attack step
         partner.check()
-        return agree(partner.has("stop"), group, device, dist.ReduceOp.MAX)
+        return agree(partner.has("stop"), votes, dist.ReduceOp.MAX)
 
     partner.wait(partner.key("first", 0), stop=False)
     r = int(partner.get(partner.key("first", 0)))  # a resumed defender goes on with its count ...
@@ -291,7 +293,7 @@ def sends(args, step):
     return (step - args.warmup_steps) % args.refresh_every == 0
 
 
-def defender(args, model, optimizer, streams, partner, group, device, log, resumed, run_settings):
+def defender(args, model, optimizer, streams, partner, group, votes, device, log, resumed, run_settings):
     """Defender steps on D_safe for the sequential budget; each attack vector is installed as it arrives (looked for
     when looks()) and theta is sent off for the next attack when sends() (--sync: at the start of each round, then
     waited for). Every --save-every steps (and at the last) the half writes a checkpoint; `resumed`: (step, delta,
@@ -315,7 +317,7 @@ def defender(args, model, optimizer, streams, partner, group, device, log, resum
         if sent is not None and (args.sync or looks(args, step)):
             if args.sync:
                 partner.wait(partner.key("ready", r), stop=False)
-            if agree(partner.has(partner.key("ready", r)), group, device, dist.ReduceOp.MIN):
+            if agree(partner.has(partner.key("ready", r)), votes, dist.ReduceOp.MIN):
                 if delta is None:
                     delta = {n: torch.empty_like(p) for n, p in params.items()}  # sharded like theta
                 reference = theta_start if args.delta_ref == "start" else params
@@ -395,7 +397,9 @@ def run(args):
     half = world // 2
     mesh = init_device_mesh(device.type, (2, half), mesh_dim_names=("role", "fsdp"))
     role, pair = mesh.get_coordinate()
-    group = mesh["fsdp"].get_group()  # this half: the FSDP collectives, losses and decisions stay within it
+    group = mesh["fsdp"].get_group()  # this half: the FSDP collectives and losses stay within it
+    # ... and its decisions (agree): a gloo group of the same ranks, on CPU tensors (every rank makes both halves')
+    votes = [dist.new_group(list(range(h * half, (h + 1) * half)), backend="gloo") for h in (DEFENDER, ATTACKER)][role]
     who = f"{('defender', 'attacker')[role]} {pair} (rank {rank})"
     partner = Partner(rank, world, args.peer_timeout)
     try:
@@ -413,12 +417,13 @@ def run(args):
                       f"+ {args.rounds} rounds x k2 {args.defend_steps} | inner attack k1 {args.inner_steps} at lr "
                       f"{args.inner_lr:g} | refresh every {args.refresh_every} steps | delta-ref {args.delta_ref}"
                       + (f" | resumed at step {step}" if step else ""), flush=True)
-            n = defender(args, model, optimizer, streams, partner, group, device, log, (step, delta, extra), run_settings)
+            n = defender(args, model, optimizer, streams, partner, group, votes, device, log, (step, delta, extra),
+                         run_settings)
             patcher.export_final(model, out, args, total, rank, run_settings)  # within this half only
             if rank == 0:
                 print(f"defender: {total} steps, {n} attack vectors installed", flush=True)
         else:
-            n = attacker(args, model, streams["unsafe"], partner, group, device)
+            n = attacker(args, model, streams["unsafe"], partner, votes, device)
             if pair == 0:
                 print(f"attacker: {n} attacks delivered", flush=True)
         partner.set(f"done/{rank}")

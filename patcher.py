@@ -76,32 +76,57 @@ def all_sum(x: torch.Tensor, group):
     return x
 
 
+# A GPU runs what the host queues, later. Every read of a device number on the host (.item(), .tolist(), float(),
+# bool(), an `if` on a tensor), every result whose shape depends on the data (a boolean mask), and every copy of
+# host memory that is not pinned makes the host wait until the device has run out of work: the queue drains, and
+# the next kernels start only once the host has queued them. So an update reads its numbers once, at its end, and
+# everything the host knows about a batch (which positions are scored, their targets, the token counts) is worked
+# out on the host from the CPU batch and sent ahead without waiting. tests/test_host_syncs.py counts the waits.
+
+
+def to_device(t, device):
+    """The host tensor `t` (the CPU batch, numbers made from it) on `device`, queued without a wait: the copy goes
+    from pinned (page-locked) memory, non_blocking; from pageable memory it would wait. On a CPU run it is already
+    there (and pin_memory() needs a GPU build)."""
+    return (t.pin_memory() if device.type == "cuda" else t).to(device, non_blocking=True)
+
+
+def read(numbers):
+    """{name: 0-dim tensor on the device} -> {name: float}, in one transfer: the update's one wait for the device."""
+    values = torch.stack([v.detach().double() for v in numbers.values()]).tolist()
+    return dict(zip(numbers, values))
+
+
 def forward_backward(model, batch, scale=1.0, backward=True):
     """Accumulate scale * grad of the loss on `batch` into .grad (backward=False only evaluates).
-    Returns {"loss", "tokens", "supervised", "flops"}: the loss and the global counts of token slots
-    (padding included), supervised tokens and model flops (for throughput and MFU)."""
+    Returns {"loss", "tokens", "supervised", "flops"}: the loss and the global counts of token slots (padding
+    included), supervised tokens and model flops (for throughput and MFU), as 0-dim float64 tensors on the model's
+    device, not read here (the update reads all its numbers at once: read(); float(x) reads one)."""
     micro = batch if isinstance(batch, list) else [batch]
     group = process_group(model)
     world = dist.get_world_size(group) if group is not None else 1
     device = model.lm_head.weight.device
-    scored = [m["labels"][:, 1:] != data.IGNORE_INDEX for m in micro]  # position t predicts token t + 1
+    # The positions the loss scores (t predicts token t + 1), their targets and the counts come from the CPU labels,
+    # on the host: scored is (N,) flat indices into the (B, T) positions of each micro-batch
+    scored = [F.pad(m["labels"][:, 1:] != data.IGNORE_INDEX, (0, 1)).flatten().nonzero().squeeze(1) for m in micro]
     flops = sum(m["input_ids"].numel() * model.flops_per_token(m["input_ids"].shape[1], backward) for m in micro)
-    counts = all_sum(torch.tensor([float(sum(s.sum() for s in scored)), float(sum(m["input_ids"].numel() for m in micro)),
-                                   flops], device=device, dtype=torch.float64), group).tolist()
+    counts = torch.tensor([sum(len(s) for s in scored), sum(m["input_ids"].numel() for m in micro), flops],
+                          dtype=torch.float64)
+    supervised, tokens, flops = all_sum(to_device(counts, device), group)
     loss_sum = torch.zeros((), device=device)
-    for m, s in zip(micro, scored):
-        idx, s = m["input_ids"].to(device), s.to(device)
+    for m, positions in zip(micro, scored):
+        targets = m["labels"].flatten()[positions + 1]  # the token after each scored position (never past its row)
+        idx, positions, targets = (to_device(t, device) for t in (m["input_ids"], positions, targets))
         with nullcontext() if backward else torch.no_grad():
-            logits = model(idx, only=F.pad(s, (0, 1)))  # (N, vocab): only where the loss looks
-            loss = F.cross_entropy(logits.float(), m["labels"][:, 1:].to(device)[s], reduction="sum")
+            logits = model(idx, only=positions)  # (N, vocab): only where the loss looks
+            loss = F.cross_entropy(logits.float(), targets, reduction="sum")
         if backward:
             # FSDP2 averages gradients over ranks; scaling by world makes the result the global mean
-            (loss * (scale * world / counts[0])).backward()
+            (loss * (scale * world / supervised)).backward()
         loss_sum += loss.detach()
     if not backward and hasattr(model, "reshard"):
         model.reshard()  # FSDP2 keeps the root unsharded after a forward with no backward to follow
-    return {"loss": all_sum(loss_sum, group).item() / counts[0], "tokens": counts[1], "supervised": counts[0],
-            "flops": counts[2]}
+    return {"loss": all_sum(loss_sum, group) / supervised, "tokens": tokens, "supervised": supervised, "flops": flops}
 
 
 def check_finite(value, what):
@@ -110,23 +135,26 @@ def check_finite(value, what):
         raise FloatingPointError(f"{what} is {value}")
 
 
-def clip_and_step(model, optimizer, max_grad_norm):
-    """Clip the global gradient norm (0: no clipping; the norm is still reported), then update."""
+def clip_and_step(model, optimizer, max_grad_norm, numbers, checked, more=None):
+    """Clip the global gradient norm (0: no clipping; the norm is still reported), read `numbers` ({key: 0-dim
+    device tensor}), the norm and `more` on the host at once (read()), and update, unless one of them is not
+    finite: `checked` ({key: its name in the error}, in the order checked), then the gradient norm. Then the
+    gradients are dropped and the first non-finite one named, before the step. Returns {key: float}."""
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm if max_grad_norm > 0 else float("inf"))
-    norm = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()
-    if not math.isfinite(norm):
-        optimizer.zero_grad(set_to_none=True)
-        check_finite(norm, "the gradient norm")
+    norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+    values = read({**numbers, "grad_norm": norm, **(more or {})})
+    for key, what in {**checked, "grad_norm": "the gradient norm"}.items():
+        if not math.isfinite(values[key]):
+            optimizer.zero_grad(set_to_none=True)
+            check_finite(values[key], what)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return norm
+    return values
 
 
 def sft_step(model, optimizer, batch, max_grad_norm=1.0):
     """One plain SFT update on `batch`."""
-    m = forward_backward(model, batch)
-    check_finite(m["loss"], "the loss")
-    return {**m, "grad_norm": clip_and_step(model, optimizer, max_grad_norm)}
+    return clip_and_step(model, optimizer, max_grad_norm, forward_backward(model, batch), {"loss": "the loss"})
 
 
 def sft_steps(model, optimizer, batches, steps, max_grad_norm=1.0, first=1, should_stop=None):
@@ -144,49 +172,74 @@ def sft_steps(model, optimizer, batches, steps, max_grad_norm=1.0, first=1, shou
     return losses
 
 
+def local(tensors):
+    """This rank's part of each tensor, as a list: a DTensor's local shard (FSDP2), a plain tensor itself. A
+    torch._foreach_ op on these lists is a few kernels for all the weights, not one DTensor dispatch per weight."""
+    return [t.to_local() if hasattr(t, "to_local") else t for t in tensors]
+
+
 @torch.no_grad()
 def snapshot(model, into=None):
     """A copy of this rank's part of every parameter (one extra sharded copy of theta), written
     into the buffers of an earlier snapshot `into` when given, so that no new memory is allocated."""
     if into is None:
         return {n: p.detach().clone() for n, p in model.named_parameters()}
-    for n, p in model.named_parameters():
-        into[n].copy_(p)
+    names, params = zip(*model.named_parameters())
+    torch._foreach_copy_(local(into[n] for n in names), local(params))
     return into
 
 
 @torch.no_grad()
 def restore(model, saved):
-    for n, p in model.named_parameters():
-        p.copy_(saved[n])
+    names, params = zip(*model.named_parameters())
+    torch._foreach_copy_(local(params), local(saved[n] for n in names))
 
 
 @contextmanager
 def moved(model, direction, scale=1.0, theta_buffer=None, exact=True):
     """Inside: the weights are theta + scale * direction ({name: tensor}, sharded like the parameters), for a loss
-    at moved weights (Patcher's L(theta + delta), Booster's harmful loss a step away). On the way out theta is
-    restored *exactly*, from a copy: subtracting again would round, and in bf16 each such round trip moves the
-    weights by about one AdamW step. `theta_buffer` (from snapshot()) is reused for the copy when given. exact=False
-    subtracts instead, as the official code does (--precision bf16-pure reproduces it: EXACT_RESTORE)."""
+    at moved weights (Patcher's L(theta + delta), Booster's harmful loss a step away). `scale`: a number, or a 0-dim
+    tensor on the device (Booster's -alpha / |g|, never read on the host). On the way out theta is restored
+    *exactly*, from a copy: subtracting again would round, and in bf16 each such round trip moves the weights by
+    about one AdamW step. `theta_buffer` (from snapshot()) is reused for the copy when given. exact=False subtracts
+    instead, as the official code does (--precision bf16-pure reproduces it: EXACT_RESTORE); then a non-finite
+    direction leaves non-finite weights behind, as there (the update stops before its step all the same)."""
+    names = [n for n, _ in model.named_parameters()]
+    d = local(direction[n] for n in names)
     theta = snapshot(model, into=theta_buffer) if exact else None
     with torch.no_grad():
-        for n, p in model.named_parameters():
-            p.add_(direction[n], alpha=scale)
+        p = local(model.parameters())
+        if not isinstance(scale, torch.Tensor):
+            torch._foreach_add_(p, d, alpha=scale)
+        elif exact:  # theta + scale * direction, with theta's copy as the addend: no temporary the size of theta
+            torch._foreach_copy_(p, d)
+            torch._foreach_mul_(p, scale)
+            torch._foreach_add_(p, local(theta[n] for n in names))
+        else:
+            torch._foreach_add_(p, torch._foreach_mul(d, scale))
     try:
         yield
     finally:
-        if exact:
-            restore(model, theta)
-        else:
-            with torch.no_grad():
-                for n, p in model.named_parameters():
-                    p.sub_(direction[n], alpha=scale)
+        with torch.no_grad():
+            p = local(model.parameters())  # afresh: FSDP2 may move a shard's storage in its first forward
+            if exact:
+                restore(model, theta)
+            elif isinstance(scale, torch.Tensor):
+                torch._foreach_sub_(p, torch._foreach_mul(d, scale))  # the same products as on the way in
+            else:
+                torch._foreach_sub_(p, d, alpha=scale)
+
+
+def sum_of_squares(tensors, group=None):
+    """The sum of the squares of every entry of `tensors`, sharded over `group` (or whole): local sums, summed over
+    it. A 0-dim fp32 tensor on their device: nothing is read on the host."""
+    norms = torch._foreach_norm(local(tensors), 2, dtype=torch.float32)
+    return all_sum(torch.stack(norms).square().sum(), group)
 
 
 def global_norm(tensors, group=None):
-    """The L2 norm of a dict of tensors sharded over `group` (or whole): local sums of squares, summed over it."""
-    sq = sum((t.to_local() if hasattr(t, "to_local") else t).float().pow(2).sum() for t in tensors.values())
-    return all_sum(sq, group).item() ** 0.5
+    """The L2 norm of a dict of tensors sharded over `group` (or whole), read on the host (for the log)."""
+    return sum_of_squares(tensors.values(), group).item() ** 0.5
 
 
 def make_optimizer(params, lr, weight_decay=0.01, fused=None):
@@ -230,8 +283,9 @@ def inner_attack(model, batches, args, theta_buffer=None):
 # every step (Booster), a retain batch with --retain-weight. delta: the round's attack vector, for the defenses that
 # have an inner attack (Patcher). args: the flags; each defense reads its own (Defense.flags). theta_buffer: a
 # snapshot() reused for the copy of theta of a loss at moved weights. Each update accumulates its gradient, then
-# finish() adds the optional retain term, clips and takes the AdamW step. A new defense is a function here, its
-# line in DEFENSES, its flags (an add_argument each, named in its Defense) and its test.
+# finish() adds the optional retain term, clips, reads every number of the update at once (the numbers stay on the
+# device until then) and takes the AdamW step. A new defense is a function here, its line in DEFENSES, its flags (an
+# add_argument each, named in its Defense) and its test.
 
 
 class Batches(NamedTuple):
@@ -240,20 +294,20 @@ class Batches(NamedTuple):
     retain: list | None = None  # benign answers for the retain term (--retain-data, --retain-weight > 0)
 
 
-def finish(model, optimizer, passes, max_grad_norm, retain=None, retain_weight=0.0):
+def finish(model, optimizer, passes, names, max_grad_norm, retain=None, retain_weight=0.0, more=None):
     """The end of every defense's update. `passes`: {metric: forward_backward result} of the passes it ran, their
-    gradients accumulated in .grad. The optional retain term (TAR's retain loss, Tamirisa et al. 2024) adds the
-    gradient of the loss on a batch of benign prompt -> answer pairs at theta (`retain`, weighted; None or weight 0:
-    nothing is computed); then clip and step. Returns each pass's loss, their summed counts and the gradient norm."""
+    gradients accumulated in .grad; `names`: {metric: that loss's name in an error}, in the order they are checked;
+    `more`: {metric: 0-dim device tensor} for other numbers it reports. The optional retain term (TAR's retain loss,
+    Tamirisa et al. 2024) adds the gradient of the loss on a batch of benign prompt -> answer pairs at theta
+    (`retain`, weighted; None or weight 0: nothing is computed); then clip_and_step() reads every number at once and
+    steps if all are finite. Returns each pass's loss, their summed counts, the gradient norm and `more`, as floats."""
     if retain is not None and retain_weight > 0:
-        kept = forward_backward(model, retain, scale=retain_weight)
-        check_finite(kept["loss"], "L_retain(theta)")
-        passes["loss_retain"] = kept
-    metrics = {k: p["loss"] for k, p in passes.items()}
+        passes["loss_retain"] = forward_backward(model, retain, scale=retain_weight)
+        names = {**names, "loss_retain": "L_retain(theta)"}
+    numbers = {k: p["loss"] for k, p in passes.items()}
     for k in ("tokens", "supervised", "flops"):
-        metrics[k] = sum(p[k] for p in passes.values())
-    metrics["grad_norm"] = clip_and_step(model, optimizer, max_grad_norm)
-    return metrics
+        numbers[k] = sum(p[k] for p in passes.values())
+    return clip_and_step(model, optimizer, max_grad_norm, numbers, names, more)
 
 
 def defender_step(model, optimizer, batch, delta, alpha, max_grad_norm=1.0, theta_buffer=None, retain=None,
@@ -264,16 +318,15 @@ def defender_step(model, optimizer, batch, delta, alpha, max_grad_norm=1.0, thet
 
     delta held fixed (first order); delta None is a plain SFT step (alpha = 0: the warmup, the baseline). The
     attacked loss is taken at moved weights, restored exactly after (moved(); by subtraction with exact_restore=False,
-    as the official code)."""
+    as the official code). The losses stay on the device until finish() reads them, once, before the step."""
     alpha = alpha if delta is not None else 0.0
-    clean = forward_backward(model, batch, scale=1 - alpha, backward=alpha < 1)
-    check_finite(clean["loss"], "L(theta)")
-    passes = {"loss_clean": clean}
+    passes = {"loss_clean": forward_backward(model, batch, scale=1 - alpha, backward=alpha < 1)}
+    names = {"loss_clean": "L(theta)"}  # how an error names each loss that is not finite
     if alpha > 0:
         with moved(model, delta, theta_buffer=theta_buffer, exact=exact_restore):
             passes["loss_adv"] = forward_backward(model, batch, scale=alpha)
-        check_finite(passes["loss_adv"]["loss"], "L(theta + delta)")
-    metrics = finish(model, optimizer, passes, max_grad_norm, retain, retain_weight)
+        names["loss_adv"] = "L(theta + delta)"
+    metrics = finish(model, optimizer, passes, names, max_grad_norm, retain, retain_weight)
     if alpha > 0:
         metrics["gap"] = metrics["loss_adv"] - metrics["loss_clean"]
     return metrics
@@ -334,20 +387,17 @@ def vaccine_update(model, optimizer, batch, args, delta=None, theta_buffer=None)
     with attention_outputs(model, record=grads):
         clean = forward_backward(model, batch.safe)
     optimizer.zero_grad(set_to_none=True)
-    check_finite(clean["loss"], "L(theta)")
     # the gradient of the global mean loss: forward_backward scaled each rank's loss by the world size (for FSDP2)
     group = process_group(model)
     world = dist.get_world_size(group) if group is not None else 1
     grads = [[g / world for g in micro] for micro in grads]
-    norm = all_sum(sum(g.float().pow(2).sum() for micro in grads for g in micro), group).item() ** 0.5
+    norm = sum_of_squares((g for micro in grads for g in micro), group).double().sqrt()  # on the device, as all below
     scale = args.vaccine_rho / (norm + VACCINE_EPS)
     with attention_outputs(model, add=[[g * scale for g in micro] for micro in grads]):
         perturbed = forward_backward(model, batch.safe)
-    check_finite(perturbed["loss"], "L(theta) with perturbed attention")
-    metrics = finish(model, optimizer, {"loss_clean": clean, "loss_perturbed": perturbed}, args.max_grad_norm,
-                     batch.retain, args.retain_weight)
-    metrics["perturbation_grad_norm"] = norm
-    return metrics
+    return finish(model, optimizer, {"loss_clean": clean, "loss_perturbed": perturbed},
+                  {"loss_clean": "L(theta)", "loss_perturbed": "L(theta) with perturbed attention"}, args.max_grad_norm,
+                  batch.retain, args.retain_weight, more={"perturbation_grad_norm": norm})
 
 
 BOOSTER_EPS = 1e-7  # added to the norm, as the official code does
@@ -362,28 +412,24 @@ def booster_update(model, optimizer, batch, args, delta=None, theta_buffer=None)
     (--booster-lambda, --booster-alpha): it also lowers how much one normalised harmful step would reduce h. theta
     is restored exactly after the moved pass (moved()), where the official code adds the step back."""
     harmful = forward_backward(model, batch.harmful)
-    check_finite(harmful["loss"], "h(theta)")
     params = dict(model.named_parameters())
     g = {n: p.grad for n, p in params.items()}  # taken out of .grad: the next pass accumulates afresh
     optimizer.zero_grad(set_to_none=True)
-    norm = global_norm(g, process_group(model))
+    norm = sum_of_squares(g.values(), process_group(model)).double().sqrt()  # on the device, as all below
     with moved(model, g, -args.booster_alpha / (norm + BOOSTER_EPS), theta_buffer, EXACT_RESTORE[args.precision]):
         stepped = forward_backward(model, batch.harmful)
-    check_finite(stepped["loss"], "h(theta - alpha g / |g|)")
     with torch.no_grad():
-        for n, p in params.items():
-            g[n].sub_(p.grad)  # g - grad h(theta - alpha g / |g|)
+        # g - grad h(theta - alpha g / |g|)
+        torch._foreach_sub_(local(g.values()), local(p.grad for p in params.values()))
     optimizer.zero_grad(set_to_none=True)
     clean = forward_backward(model, batch.safe)
-    check_finite(clean["loss"], "f(theta)")
     with torch.no_grad():
-        for n, p in params.items():
-            p.grad.add_(g[n], alpha=args.booster_lambda)
+        torch._foreach_add_(local(p.grad for p in params.values()), local(g.values()), alpha=args.booster_lambda)
     del g
-    metrics = finish(model, optimizer, {"loss_clean": clean, "loss_harmful": harmful, "loss_harmful_stepped": stepped},
-                     args.max_grad_norm, batch.retain, args.retain_weight)
-    metrics["harmful_grad_norm"] = norm
-    return metrics
+    passes = {"loss_clean": clean, "loss_harmful": harmful, "loss_harmful_stepped": stepped}
+    names = {"loss_harmful": "h(theta)", "loss_harmful_stepped": "h(theta - alpha g / |g|)", "loss_clean": "f(theta)"}
+    return finish(model, optimizer, passes, names, args.max_grad_norm, batch.retain, args.retain_weight,
+                  more={"harmful_grad_norm": norm})
 
 
 class Defense(NamedTuple):
