@@ -422,10 +422,11 @@ def run(args):
     for r in range(args.rounds):
         if t.new_round():
             t.delta = None  # free the last round's attack vector before the attack allocates the next
+            if args.reset_optimizer:  # a fresh AdamW every round, as the official code's new process per round; made
+                # now, its moments come at its first step: the attack runs without the old ones (8 bytes per weight)
+                t.optimizer = make_optimizer(t.model.parameters(), args.lr, args.weight_decay, args.fused_adamw)
             if defense.inner_attack:  # delta = theta_att - theta: k1 steps of SFT on D_unsafe from theta
                 t.delta = t.inner_attack(r)
-            if args.reset_optimizer:  # a fresh AdamW every round, as the official code's new process per round
-                t.optimizer = make_optimizer(t.model.parameters(), args.lr, args.weight_decay, args.fused_adamw)
         t.train(args.defend_steps, defense.phase, defense.update, r)
     t.export()
 
