@@ -1,7 +1,7 @@
 """The memory plan (patcher.py, "The memory plan"; --plan): its activations against what autograd saves, its per-rank
 peaks against peaks measured on the CPU (tests/memory_probe.py: every defense at one and two ranks, eval.py,
 parallel.py, SmolLM2), and what it refuses: a run that would not fit (before any weight is read), an 8B model on one
-80 GB GPU."""
+80 GB GPU, train.sh's paper preset at NPROC=1."""
 import json
 import os
 import subprocess
@@ -197,6 +197,64 @@ def test_an_8b_patcher_run_does_not_fit_one_80gb_gpu_but_fits_eight(tmp_path, ca
     text = capsys.readouterr().out
     assert "inference copy" in text and "KV cache" in text and "fits=1" in text.splitlines()[-1]
     assert not (tmp_path / "out").exists()  # a plan writes nothing
+
+
+@pytest.fixture(scope="module")
+def flag_lists(tmp_path_factory):
+    """The programs' --list-flags, asked once: train.sh takes them from TRAIN_SH_LISTS instead of asking again."""
+    lists = tmp_path_factory.mktemp("lists")
+    for program in ("patcher", "parallel", "eval"):
+        (lists / program).write_text(subprocess.run([sys.executable, f"{program}.py", "--list-flags"], cwd=ROOT,
+                                                    capture_output=True, text=True, check=True).stdout)
+    return lists
+
+
+def paper(tmp_path, flag_lists, **env):
+    """train.sh under PRESET=paper with a model directory holding only the 8B config.json, tiny data files, the
+    keyword judge and Patcher alone -> CompletedProcess."""
+    model = tmp_path / "llama-3-8b"
+    model.mkdir(exist_ok=True)
+    (model / "config.json").write_text((ROOT / "tests" / "configs" / "llama-3-8b.json").read_text())
+    records = tmp_path / "d.jsonl"
+    records.write_text("".join(json.dumps({"prompt": f"p{i}", "response": f"r{i}"}) + "\n" for i in range(10)))
+    base = {k: v for k, v in os.environ.items() if not k.isupper() or k in ("PATH", "HOME")}
+    env = {**base, "PRESET": "paper", "MODEL": str(model), "OUT": str(tmp_path / "out"), "SWEEP": "mode=patcher",
+           "JUDGE": "keyword", "ATTACKS": "none", "ATTACK_SAMPLES": "10", "TRAIN_SH_LISTS": str(flag_lists),
+           **{v: str(records) for v in ("SAFE_DATA", "UNSAFE_DATA", "ATTACK_DATA", "ATTACK_BENIGN_DATA", "EVAL_DATA")},
+           **env}
+    return subprocess.run(["bash", str(ROOT / "train.sh")], cwd=ROOT, env=env, capture_output=True, text=True)
+
+
+def test_train_sh_refuses_a_paper_run_that_does_not_fit_before_any_stage(tmp_path, flag_lists):
+    """PRESET=paper with NPROC=1 for an 8B model on 80 GiB GPUs (PLAN_MEMORY, as this CPU has none): one line naming
+    the estimate, the memory and the NPROC that would fit, before any alignment; nothing trained, nothing recorded
+    as this OUT's run."""
+    r = paper(tmp_path, flag_lists, NPROC="1", EVAL_NPROC="1", PLAN_MEMORY="80", PRECISION="bf16", MAX_LEN="1024",
+              ATTACK_MAX_LEN="1024")
+    err = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and len(err) == 1, r.stdout[-3000:] + r.stderr[-3000:]
+    assert err[0].startswith("train.sh: NPROC=1: patcher.py --mode patcher needs ~") and "GiB per rank, but 80.0 GiB are" \
+        " free per rank; NPROC=" in err[0] and " would fit; SKIP_MEMORY_CHECK=1 runs it anyway" in err[0], err
+    seed = tmp_path / "out" / "seed0"
+    assert not (seed / "patcher").exists() and not (tmp_path / "out" / "plan.txt").exists()
+
+
+def test_train_sh_takes_the_presets_nproc_from_the_plan_or_refuses_naming_it(tmp_path, flag_lists):
+    """Left unset under a paper preset, NPROC and EVAL_NPROC become the fewest processes whose plans fit (DRY_RUN=1
+    prints the commands with them); where none fits (this CPU's RAM, shared by its ranks) train.sh says so, naming the
+    variable, and runs nothing."""
+    r = paper(tmp_path, flag_lists, DRY_RUN="1", PLAN_MEMORY="80", PRECISION="bf16", MAX_LEN="1024", ATTACK_MAX_LEN="1024")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    chosen = dict(line.split(":")[1].strip().split("=") for line in r.stdout.splitlines() if line.startswith("train.sh: "))
+    launched = {w[5]: int(w[4].split("=")[1]) for w in map(str.split, r.stdout.splitlines())
+                if w[:3] == ["python", "-m", "torch.distributed.run"]}
+    assert set(chosen) == {"NPROC", "EVAL_NPROC"} and launched == {"patcher.py": int(chosen["NPROC"]),
+                                                                  "eval.py": int(chosen["EVAL_NPROC"])}, r.stdout
+    assert 1 < int(chosen["NPROC"]) <= 8 and not (tmp_path / "out").exists()
+    r = paper(tmp_path, flag_lists, DRY_RUN="1", EVAL_NPROC="1")  # (the alignment alone left to its plan)
+    assert r.returncode == 1 and "python " not in r.stdout and r.stderr.startswith("train.sh: NPROC: no number of processes fits"), \
+        r.stdout[-2000:] + r.stderr[-2000:]
+    assert "the ranks of a CPU host share its RAM" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
 def test_a_run_that_would_not_fit_is_refused_before_its_weights_are_read(demo_base, tmp_path, capsys, monkeypatch):
