@@ -952,6 +952,7 @@ def get_parser():
     g.add_argument("--collective-timeout", type=rate_, default=patcher.COLLECTIVE_TIMEOUT,
                    help="seconds a rank waits in a collective before it fails (as patcher.py's)")
     g.add_argument("--debug", action="store_true", help="show tracebacks for user errors too")
+    patcher.add_memory_flags(g)
     g.add_argument("--check", action="store_true", help="check every flag, data file and the attack suite, then exit "
                    "(train.sh runs it before it aligns anything; --model is not needed)")
     g.add_argument("--summarize", nargs="+", metavar="FILE", help="only print mean ± std over report.json files, or the "
@@ -1113,7 +1114,8 @@ def parse_args(argv=None, parser=None):
             args.suite = read_suite(args.attacks, argv)
         except SuiteError as e:
             p.error(str(e))
-    patcher.check_out_dir(p, args.out)
+    if not args.plan:  # a plan writes nothing
+        patcher.check_out_dir(p, args.out)
     return args
 
 
@@ -1219,7 +1221,8 @@ class JudgeCache:
 NOT_RESULT_SETTINGS = ("out", "debug", "collective_timeout", "log_every", "check",
                        "summarize", "sweep", "worst_case", "suite", "model",
                        "judge", "judge_template", "judge_url", "judge_model", "judge_max_tokens", "judge_tries",
-                       "judge_retry", "judge_timeout", "judge_deadline", "judge_model_path", "refusal_phrases", "export")
+                       "judge_retry", "judge_timeout", "judge_deadline", "judge_model_path", "refusal_phrases", "export",
+                       "plan", "plan_world", "plan_memory", "skip_memory_check")
 
 
 def data_fingerprint(path):
@@ -1297,6 +1300,113 @@ class Kept:
         return save
 
 
+def lora_shapes(cfg, args):
+    """{(in, out)} of every Linear the LoRA attack targets (model.add_lora), one per layer (lm_head once)."""
+    hd, heads, kv = cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
+    d, f = cfg.hidden_size, cfg.intermediate_size
+    per_layer = {"q_proj": (d, heads * hd), "k_proj": (d, kv * hd), "v_proj": (d, kv * hd), "o_proj": (heads * hd, d),
+                 "gate_proj": (d, f), "up_proj": (d, f), "down_proj": (f, d)}
+    targets = args.lora_targets.split(",")
+    return [per_layer[t] for t in targets if t in per_layer] * cfg.num_hidden_layers + \
+        ([(d, cfg.vocab_size)] if "lm_head" in targets else [])
+
+
+def attack_phases(a, cfg, shapes, attack, prompt, n_prompts, world, device_type):
+    """{phase: {part: bytes}} of one model under one attack `a` at `world` ranks (patcher.py's memory plan): the attack
+    step (weights, gradients and AdamW over the trainable ones: all, or the LoRA factors of frozen weights), then
+    generation, which adds the unsharded inference copy in --dtype on every rank, the KV cache and sampling buffers
+    of a batch of the longest prompts, while the attacked model and its AdamW are kept for the next --eval-at step."""
+    z = patcher.model_sizes(cfg, shapes, world, a.precision, device_type)
+    held, phases, ckpt = {"weights": z.params * z.w}, {}, a.activation_checkpointing
+    if a.eval_at[-1] > 0:
+        if a.attack_kind == "lora":  # fp32 factors on every rank: themselves, their gradients, two moments
+            factors = lora_shapes(cfg, a)
+            n = sum(a.lora_rank * (i + o) for i, o in factors)
+            held["LoRA factors"] = 4 * n * 4
+            s = attack.shape(world)  # in bf16 each targeted layer's input is cast to fp32 for its factors
+            inputs = {"LoRA inputs": s.rows * s.tokens * sum(4 * i + 4 * a.lora_rank for i, _ in factors) *
+                      (z.c == 2)}
+            temps = patcher.adamw_temporaries(z, device_type, None, (n, max(a.lora_rank * o for _, o in factors)))
+            phases["attack step"] = patcher.step_peak(z, held, [patcher.Pass(s, extra=inputs)], temps, ckpt,
+                                                      frozen=True)
+        else:
+            held["inner AdamW"] = 2 * z.params * z.w
+            phases["attack step"] = patcher.step_peak(z, held, [patcher.Pass(attack.shape(world))],
+                                                      patcher.adamw_temporaries(z, device_type, None), ckpt)
+    rows = min(a.gen_batch_size, -(-n_prompts // world))  # generate_split: every world-th prompt, longest together
+    dtype = DTYPES[a.dtype]
+    phases["generation"] = {**held, "inference copy": z.total * torch.empty((), dtype=dtype).element_size(),
+                            **patcher.generation_parts(cfg, rows, prompt, a.max_new_tokens, dtype, a.compile)}
+    if a.export:
+        phases["export"] = {**held, "export copy": patcher.export_copy(z, DTYPES[cfg.torch_dtype], device_type)}
+    return phases
+
+
+def memory_plan(args, models, device_type):
+    """(phases_of(world), the attack sets' Lengths, notes): eval.py's memory plan on `device_type`, the largest phase of
+    every model under every attack of this command; each model's config, its attack examples and prompts tokenized
+    where it has a tokenizer (else --attack-max-len stands for both)."""
+    sets = prompt_sets(args)
+    prompts = [p for _, pairs in sets.values() for p, _ in pairs]
+    passes = attack_passes(args)
+    records = {name: attack_set(a)[0] for name, a in passes.items()}
+    inputs, lengths, notes, tokenized = [], {}, [], {}
+    for name, path in models.items():
+        cfg = patcher.model_config(path)
+        shapes, context = patcher.param_shapes(cfg), cfg.max_position_embeddings
+        tok_files = tuple(patcher.sha256(f) for f in sorted(Path(path).iterdir()) if f.name in patcher.MODEL_FILES
+                          and f.name not in ("config.json", "model.safetensors.index.json", "generation_config.json"))
+        tok = data.load_tokenizer(path) if patcher.has_tokenizer(path) else None
+        if tok is None:
+            prompt, source = min(args.attack_max_len, context - args.max_new_tokens), "--attack-max-len: no tokenizer"
+            n_prompts = len(prompts)
+        else:
+            if (tok_files, "prompts") not in tokenized:
+                thinking = args.thinking == "on"
+                tokenized[tok_files, "prompts"] = [len(tok.encode_prompt(p, args.system_prompt, thinking=thinking))
+                                                   for p in prompts]
+            fitting = [n for n in tokenized[tok_files, "prompts"] if n + args.max_new_tokens <= context]
+            prompt, n_prompts, source = max(fitting, default=0), len(fitting), "the longest prompt, tokenized"
+        notes.append(f"{name}: prompts of up to {prompt} tokens ({source}), {n_prompts} of them, "
+                     f"+ {args.max_new_tokens} new, generation batch {args.gen_batch_size}")
+        for attack, a in passes.items():
+            limit = min(a.attack_max_len, context)
+            if records[attack] is None:
+                attack_lengths = patcher.Lengths(1, None, [1], [0], 1, "no attack")
+            elif tok is None:
+                attack_lengths = patcher.Lengths(a.attack_batch_size, a.attack_micro_batch_size, None, None, limit,
+                                                 f"--attack-max-len {limit}: no tokenizer in {path}")
+            else:
+                key = (tok_files, attack, limit)
+                if key not in tokenized:
+                    tokenized[key] = data.tokenize_records(tok, records[attack], limit, a.system_prompt,
+                                                           a.attack_loss_mask)[0]
+                attack_lengths = patcher.lengths_of(tokenized[key], a.attack_batch_size, a.attack_micro_batch_size,
+                                                    limit, "the longest attack example, tokenized")
+            if records[attack] is not None:
+                lengths[f"{name} attack{f' {attack}' if attack else ''}"] = attack_lengths
+            inputs.append((a, cfg, shapes, attack_lengths, prompt, n_prompts))
+
+    def phases_of(world):
+        plans = [attack_phases(*one, world, device_type) for one in inputs]
+        every = {phase for p in plans for phase in p}
+        return {phase: max((p[phase] for p in plans if phase in p), key=lambda parts: sum(parts.values()))
+                for phase in ("attack step", "generation", "export") if phase in every}
+    return phases_of, lengths, notes
+
+
+def plan(args):
+    """--plan for eval.py: its memory plan (see memory_plan), nothing loaded, nothing written."""
+    device = patcher.plan_device()
+    kind = "cuda" if args.plan_memory else device.type
+    args.dtype = args.dtype or ("bfloat16" if kind == "cuda" else "float32")  # as run() picks it
+    phases_of, lengths, notes = memory_plan(args, named(args.model, "--model"), kind)
+    patcher.show_plan("eval.py", phases_of, patcher.plan_world(args), lengths,
+                      patcher.memory_budget(device, args.plan_memory),
+                      header=f", attack {patcher.precision(args.precision)}, generation {args.dtype}, {kind}; "
+                             + "; ".join(notes))
+
+
 def run(args):
     if args.check:  # every file read and every attack set drawn, as the run will (no model is loaded)
         sets = prompt_sets(args)
@@ -1314,6 +1424,8 @@ def run(args):
     args.dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
     out = Path(args.out)
     models = named(args.model, "--model")
+    phases_of = memory_plan(args, models, device.type)[0]
+    patcher.check_memory(args, phases_of, "eval.py", world, device, rank)  # before any weight is loaded
     sets = prompt_sets(args)
     kept = Kept(out, args, models, rank)
     judge = make_judge(args) if rank == 0 else None
@@ -1429,7 +1541,7 @@ def main():
                   f"of patcher.py ({patcher.describe(e)})", file=sys.stderr, flush=True)
             sys.exit(1)
         return
-    patcher.main(run, parse_args, interrupted=interruption)
+    patcher.main(run, parse_args, interrupted=interruption, plan_fn=plan)
 
 
 if __name__ == "__main__":

@@ -381,6 +381,44 @@ def get_parser():
     return p
 
 
+def memory_plan(args, cfg, shapes, lengths, world, device_type):
+    """{phase: {part: bytes}} of one rank of this program at `world` ranks (patcher.py's memory plan): each half
+    FSDP2-shards the model over world / 2 ranks; a rank's peak is its role's, the larger of the defender's (weights,
+    AdamW, theta_buffer, delta, and with --delta-ref start the theta the attack started from; Patcher's two passes) and
+    the attacker's (weights, its AdamW, one pass on D_unsafe)."""
+    half = world // 2
+    z = patcher.model_sizes(cfg, shapes, half, args.precision, device_type, sharded=True)
+    theta, ckpt = z.params * z.w, args.activation_checkpointing
+    temps = patcher.adamw_temporaries(z, device_type, args.fused_adamw)
+    safe = lengths["safe"].shape(half)
+    retain = [patcher.Pass(lengths["retain"].shape(half), after_grads=True)] if "retain" in lengths else []
+    held = {"weights": theta, "optimizer": 2 * theta, "θ copy": theta}
+    phases = {}
+    if args.warmup_steps:  # plain SFT steps until the first delta arrives
+        phases["defender warmup"] = patcher.step_peak(z, held, [patcher.Pass(safe)] + retain, temps, ckpt)
+    held = {**held, "δ": theta, **({"θ at the attack's start": theta} if args.delta_ref == "start" else {})}
+    both = args.alpha < 1
+    passes = [patcher.Pass(safe, backward=both), patcher.Pass(safe, after_grads=both)] + retain
+    phases["defender step"] = patcher.step_peak(z, held, passes, temps, ckpt)
+    export = patcher.export_dtype(args) or patcher.DTYPES[cfg.torch_dtype]
+    phases["defender export"] = {**held, "export copy": patcher.export_copy(z, export, device_type)}
+    attacker = {"weights": theta, "inner AdamW": 2 * theta}
+    phases["attacker step"] = patcher.step_peak(z, attacker, [patcher.Pass(lengths["unsafe"].shape(half))], temps, ckpt)
+    return phases
+
+
+def plan(args):
+    """--plan for parallel.py: its memory plan (patcher.plan's, for this program's two halves)."""
+    world = patcher.plan_world(args, default=2)
+    if world < 2 or world % 2:
+        raise patcher.RunError(f"--plan-world {world}: parallel.py runs on an even number of ranks")
+    cfg, shapes, lengths, device, kind = patcher.plan_inputs(args)
+    patcher.show_plan("parallel.py", lambda w: memory_plan(args, cfg, shapes, lengths, w, kind), world, lengths,
+                      patcher.memory_budget(device, args.plan_memory), step=2,
+                      header=f", {patcher.precision(args.precision)}, {kind}, {world // 2} defender + {world // 2} "
+                             f"attacker ranks")
+
+
 def run(args):
     rank, world, device = patcher.init_distributed(args.precision, args.collective_timeout)
     if world < 2 or world % 2:
@@ -395,6 +433,12 @@ def run(args):
     if args.resume:
         patcher.check_finished(out, run_settings)  # every rank: a finished run has nothing to do
     half = world // 2
+    cfg, pair = patcher.model_config(args.model), rank % half  # the mesh below puts rank r at (r // half, r % half)
+    # each half draws its batches as a sequential run over `half` ranks would (sharded by pair)
+    streams, notes = patcher.load_data(args, pair, half, cfg.max_position_embeddings)
+    lengths, shapes = patcher.stream_lengths(args, streams, cfg.max_position_embeddings), patcher.param_shapes(cfg)
+    patcher.check_memory(args, lambda w: memory_plan(args, cfg, shapes, lengths, w, device.type), "parallel.py", world,
+                         device, rank, step=2)  # before any weight is loaded
     mesh = init_device_mesh(device.type, (2, half), mesh_dim_names=("role", "fsdp"))
     role, pair = mesh.get_coordinate()
     group = mesh["fsdp"].get_group()  # this half: the FSDP collectives and losses stay within it
@@ -404,8 +448,6 @@ def run(args):
     partner = Partner(rank, world, args.peer_timeout)
     try:
         model = patcher.build_model(args.model, device, args, mesh=mesh["fsdp"])
-        # each half draws its batches as a sequential run over `half` ranks would (sharded by pair)
-        streams, notes = patcher.load_data(args, pair, half, model.config.max_position_embeddings)
         total = args.warmup_steps + args.rounds * args.defend_steps
         if role == DEFENDER:  # fresh, or resumed from its checkpoint (the defender half's alone)
             optimizer = patcher.make_optimizer(model.parameters(), args.lr, args.weight_decay, args.fused_adamw)
@@ -445,7 +487,8 @@ HONOURED = {"model", "safe_data", "unsafe_data", "safe_format", "unsafe_format",
             "inner_steps", "defend_steps", "reset_optimizer", "retain_weight", "lr", "weight_decay", "max_grad_norm",
             "batch_size", "inner_lr", "inner_weight_decay", "inner_max_grad_norm", "inner_batch_size", "micro_batch_size",
             "group_by_length", "seed", "out", "export_dtype", "precision", "activation_checkpointing", "compile",
-            "fused_adamw", "debug", "list_flags", "save_every", "resume", "collective_timeout"}
+            "fused_adamw", "debug", "list_flags", "save_every", "resume", "collective_timeout", "plan", "plan_world",
+            "plan_memory", "skip_memory_check"}
 WHY_NOT = {}  # dest -> why parallel.py refuses it, where there is more to say than that it does not honour it
 
 
@@ -464,4 +507,4 @@ def parse_args(argv=None):
 
 
 if __name__ == "__main__":
-    patcher.main(run, parse_args)
+    patcher.main(run, parse_args, plan_fn=plan)

@@ -52,7 +52,8 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 
 import data
-from model import DTYPES, CheckpointError, ModelConfig, Transformer, all_finite, compile_blocks, load_model, save_model
+from model import (DTYPES, CheckpointError, ModelConfig, Transformer, all_finite, checkpoint_files, compile_blocks,
+                   load_model, read_config, save_model)
 
 # -----------------------------------------------------------------------------
 # 1. The loss and the pieces
@@ -469,10 +470,11 @@ def run(args):
     for r in range(args.rounds):
         if t.new_round():
             t.delta = None  # free the last round's attack vector before the attack allocates the next
+            if args.reset_optimizer:  # a fresh AdamW every round, as the official code's new process per round; made
+                # now, its moments come at its first step: the attack runs without the old ones (8 bytes per weight)
+                t.optimizer = make_optimizer(t.model.parameters(), args.lr, args.weight_decay, args.fused_adamw)
             if defense.inner_attack:  # delta = theta_att - theta: k1 steps of SFT on D_unsafe from theta
                 t.delta = t.inner_attack(r)
-            if args.reset_optimizer:  # a fresh AdamW every round, as the official code's new process per round
-                t.optimizer = make_optimizer(t.model.parameters(), args.lr, args.weight_decay, args.fused_adamw)
         t.train(args.defend_steps, defense.phase, defense.update, r)
     t.export()
 
@@ -643,6 +645,437 @@ def peak_flops(device):
 
 
 # -----------------------------------------------------------------------------
+# The memory plan: what one rank holds at its peak, from config.json alone (no weight is read)
+#
+# --plan prints it; every run compares it with the device's free memory before it loads a weight and refuses in one
+# line where it does not fit (--skip-memory-check runs anyway). A run's peak is the largest of its phases' (a warmup
+# step, an inner attack step, a defender step, the export), not the sum of all it ever holds; a phase's peak is its
+# largest moment (backward begins, the blocks' backward, the root's reduce-scatter, the AdamW step). Sizes are this
+# rank's: FSDP2 shards every tensor's rows, padded to ceil(rows / world). tests/test_memory_plan.py checks plans
+# against peaks measured on the CPU, and the activations against what autograd saves.
+
+GiB = 2**30
+PARTS = {  # every part of a plan, in the order printed, and why it is held
+    "weights": "theta, this rank's shard: fp32 master weights (bf16 in bf16-pure)",
+    "gradients": "one per weight, sharded, in the weights' dtype",
+    "optimizer": "the defender's AdamW: two moments per weight (--reset-optimizer frees them before the inner attack)",
+    "inner AdamW": "the attacker's AdamW: two moments per trainable weight, made for each attack",
+    "θ copy": "theta_buffer: the copy of theta a loss at moved weights is restored from",
+    "δ": "the attack vector, one per weight",
+    "θ at the attack's start": "parallel --delta-ref start: the theta the attack in flight started from",
+    "Booster's gradient": "g, the harmful gradient Booster holds through its other two passes",
+    "Vaccine's perturbation": "the recorded attention-output gradients of every block, and their scaled copy",
+    "unsharded blocks": "FSDP2: the block computing and the one prefetched, all-gathered in the compute dtype",
+    "unsharded root": "FSDP2: embedding, lm_head and final norm, all-gathered through forward and backward",
+    "unsharded gradients": "FSDP2: gradients before their reduce-scatter (a block's, lm_head's; the root's at the end)",
+    "activations": "what autograd keeps for backward, at the stream's longest micro-batch (activation_bytes)",
+    "logits and cross-entropy": "the scored positions' logits, their fp32 log-softmax and its gradient",
+    "AdamW/clip temporaries": "the optimizer step's scratch (none when fused)",
+    "LoRA factors": "eval.py --attack-kind lora: the factors, their gradients and AdamW moments, fp32, every rank",
+    "LoRA inputs": "eval.py --attack-kind lora in bf16: each targeted layer's input, cast to fp32 for its factors",
+    "export copy": "save_model: one shard file's tensors, gathered and converted to the export dtype",
+    "inference copy": "eval.py: the unsharded model generation runs on, in --dtype, on every rank",
+    "KV cache": "keys and values of a generation batch (and a copy of the keys when finished rows leave it)",
+    "prefill": "a prompt batch's forward without autograd: one block's temporaries",
+    "sampling buffers": "fp32 logits of a generation batch and their processed copies",
+}
+
+
+def param_shapes(cfg):
+    """{name: shape} of the model's parameters (a tied lm_head listed once), from the model's own definition."""
+    with torch.device("meta"):  # shapes only: nothing is allocated
+        return {n: tuple(p.shape) for n, p in Transformer(cfg).named_parameters()}
+
+
+class Sizes(NamedTuple):
+    """What the parts of a plan are made of: one model on one rank, sharded over `world` ranks, in one precision."""
+    cfg: ModelConfig
+    fsdp: bool  # FSDP2 (its unsharded copies count); False: a plain module (CPU, one process, fp32 or bf16-pure)
+    staged: bool  # gloo (the CPU) stages every collective through a full-size copy (measured); NCCL does not
+    w: int  # bytes of a weight, its gradient, an AdamW moment and a gradient in the reduce-scatter: 4 (bf16-pure: 2)
+    c: int  # bytes of what the forward computes: activations, all-gathered weights (4 in fp32, 2 in bf16)
+    params: int  # this rank's parameters (numel)
+    largest: int  # this rank's largest tensor
+    block: int  # one block's parameters, unsharded
+    root: int  # the parameters outside the blocks, unsharded: embedding, lm_head (once if tied), final norm
+    head: int  # lm_head's, unsharded
+    total: int  # the model's parameters
+    total_largest: int  # its largest tensor, unsharded
+
+
+def model_sizes(cfg, shapes, world, precision, device_type, sharded=None):
+    """Sizes at `world` ranks; sharded None: FSDP2 where init_distributed gives a process group (True: parallel.py's
+    halves, always sharded over their mesh)."""
+    local = [-(-s[0] // world) * math.prod(s[1:]) for s in shapes.values()]  # FSDP2 pads dim 0 to ceil(rows / world)
+    numel = {n: math.prod(s) for n, s in shapes.items()}
+    fsdp = sharded if sharded is not None else world > 1 or device_type == "cuda" or precision == "bf16"
+    return Sizes(cfg, fsdp=fsdp, staged=fsdp and device_type == "cpu",
+                 w=2 if precision == "bf16-pure" else 4, c=4 if precision == "fp32" else 2, params=sum(local),
+                 largest=max(local), block=sum(v for n, v in numel.items() if n.startswith("model.layers.0.")),
+                 root=sum(v for n, v in numel.items() if not n.startswith("model.layers.")),
+                 head=cfg.vocab_size * cfg.hidden_size, total=sum(numel.values()), total_largest=max(numel.values()))
+
+
+class Shape(NamedTuple):
+    """The largest micro-batch of a stream on one rank: rows x tokens (padded), the positions scored (through lm_head),
+    and the micro-batches of one update."""
+    rows: int
+    tokens: int
+    scored: int
+    accum: int = 1
+
+
+class Lengths(NamedTuple):
+    """What a stream's examples ask of memory: its global batch and --micro-batch-size, each example's tokens and scored
+    positions (longest first), or None where no tokenizer could tell: then every row is planned `limit` tokens long.
+    `source` says which, for the printout."""
+    batch: int
+    micro: int | None
+    tokens: list | None
+    scored: list | None
+    limit: int
+    source: str
+
+    def shape(self, world):
+        m = min(self.micro or self.batch, -(-self.batch // world))  # as load_data and BatchIterator deal a batch
+        accum = -(-self.batch // (world * m))
+        if self.tokens is None:
+            return Shape(m, self.limit, m * (self.limit - 1), accum)
+        return Shape(m, self.tokens[0], sum(self.scored[:m]), accum)  # the longest rows padded to the longest
+
+
+def lengths_of(examples, batch, micro, limit, source):
+    """Lengths of tokenized examples [(ids, mask)]: a position scores when the next token is supervised."""
+    return Lengths(batch, micro, sorted((len(ids) for ids, _ in examples), reverse=True),
+                   sorted((sum(mask[1:]) for _, mask in examples), reverse=True), limit, source)
+
+
+def has_tokenizer(path):
+    """Whether data.load_tokenizer finds a tokenizer in checkpoint directory `path`."""
+    return path is not None and any((Path(path) / f).exists() for f in
+                                    (data.ToyTokenizer.FILE, "tokenizer.json", *data.TIKTOKEN_FILES))
+
+
+def stream_lengths(args, streams, context):
+    """{stream: Lengths} of patcher.py's streams (load_data's), or of --max-len where the model has no tokenizer."""
+    limit = min(args.max_len, context)
+    if streams is None:
+        why = "no tokenizer in --model" if args.model else "the demo's data is not written yet"
+        sets = [("safe", args.batch_size)]
+        if DEFENSES[args.mode].inner_attack or DEFENSES[args.mode].harmful:
+            sets.append(("unsafe", args.inner_batch_size if DEFENSES[args.mode].inner_attack else args.batch_size))
+        if args.retain_data and args.retain_weight > 0:
+            sets.append(("retain", args.batch_size))
+        return {n: Lengths(b, args.micro_batch_size, None, None, limit, f"--max-len {limit}: {why}") for n, b in sets}
+    return {n: lengths_of(s.examples, s.batch_size, args.micro_batch_size, limit, "the longest example, tokenized")
+            for n, s in streams.items()}
+
+
+def activation_bytes(z, s, checkpointing=False):
+    """Bytes autograd keeps for the backward of micro-batch `s`, as our model saves them (tests/test_memory_plan.py
+    counts them with saved_tensors_hooks): per token of every block an RMSNorm twice (its input in fp32, the normalised
+    x, their scaled product), attention (q and k after RoPE, v, the output; SDPA's fused kernels keep no T x T scores,
+    only a logsumexp), qwen3's per-head norms, the MLP (gate, up, silu(gate), their product); then the token ids, the
+    scored mask, the final norm and lm_head's input at the scored positions. A checkpointed block keeps its input,
+    and one block at a time is recomputed."""
+    cfg, c = z.cfg, z.c
+    d, f, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    heads = cfg.num_attention_heads + cfg.num_key_value_heads
+    norm = (4 + 2 * c) * d + 4
+    attention = 2 * heads * cfg.head_dim * c + 4 * cfg.num_attention_heads
+    qk_norm = ((4 + c) * hd + 4) * heads if cfg.qk_norm else 0
+    block = 2 * norm + attention + qk_norm + 4 * f * c
+    final = 8 + 1 + (4 + c) * d + 4
+    per_token = cfg.num_hidden_layers * (c * d if checkpointing else block) + final + (block if checkpointing else 0)
+    return s.rows * s.tokens * per_token + s.scored * d * c
+
+
+class Pass(NamedTuple):
+    """One forward (and backward) of an update: its micro-batch, whether the update's gradients are held meanwhile (an
+    earlier pass of the same update, or an earlier micro-batch), and parts held during this pass only."""
+    shape: Shape
+    after_grads: bool = False
+    backward: bool = True
+    extra: dict | None = None
+
+
+def pass_moments(z, p, checkpointing, frozen=False):
+    """The moments of a pass where memory peaks: as backward begins (the activations whole, the loss's buffers), in
+    the blocks' backward (lm_head's gradient made, a block's gradients before their reduce-scatter), and as it ends
+    (every gradient; FSDP2 reduce-scatters the root's last). `logits` stays referenced through backward. frozen: the
+    weights take no gradient (eval.py's LoRA attack: its factors' are counted with them)."""
+    s, fsdp = p.shape, z.fsdp and not frozen
+    grads = 0 if frozen else z.params * z.w
+    before = grads if p.after_grads or s.accum > 1 else 0
+    logits = s.scored * z.cfg.vocab_size
+    # FSDP2 all-gathers into a flat buffer, then copies out into the unsharded parameters (two copies for a moment),
+    # and reduce-scatters a gradient from a copy in the reduce dtype; gloo stages each collective through one more
+    stage = 1 if z.staged else 0
+    gathered = {"unsharded blocks": (2 + stage) * z.block * z.c, "unsharded root": z.root * z.c} if z.fsdp else {}
+    moments = [{"unsharded root": (2 + stage) * z.root * z.c, "gradients": before}] if z.fsdp else []
+    if not p.backward:  # no_grad: logits, their fp32 copy and log-softmax
+        return moments + [{**gathered, "gradients": before, "logits and cross-entropy": logits * (z.c + 8)}]
+    acts = activation_bytes(z, s, checkpointing)
+    reduced = z.c + (1 + stage) * z.w  # a gradient unsharded, in its reduce-scatter (and gloo's stage)
+    return moments + [
+        {**gathered, "gradients": before, "activations": acts, "logits and cross-entropy": logits * (z.c + 12)},
+        {**gathered, "gradients": before + (0 if fsdp or frozen else z.head * z.w), "activations": acts,
+         "logits and cross-entropy": logits * z.c, **({"unsharded gradients": z.head * z.c + z.block * reduced}
+                                                      if fsdp else {})},
+        {"gradients": grads, "logits and cross-entropy": logits * z.c,
+         **({"unsharded gradients": z.root * reduced} if fsdp else {})}]
+
+
+def step_peak(z, held, passes, temporaries, checkpointing, step_extra=None, frozen=False):
+    """{part: bytes} at the peak of one update: `held` throughout, then each pass's moments, then the AdamW step
+    (every gradient, the optimizer's scratch, `step_extra`)."""
+    moments = [{**held, **(p.extra or {}), **m} for p in passes for m in pass_moments(z, p, checkpointing, frozen)]
+    moments.append({**held, **(step_extra or {}), "gradients": 0 if frozen else z.params * z.w,
+                    "AdamW/clip temporaries": temporaries})
+    return max(moments, key=lambda m: sum(m.values()))
+
+
+def adamw_temporaries(z, device_type, fused, trainable=None):
+    """Scratch of an AdamW step (make_optimizer's): none fused (CUDA's default); on CUDA unfused, torch's foreach
+    kernels take the square root of every second moment at once; on the CPU one tensor at a time (two of the largest).
+    `trainable`: (numel, largest) of the trainable parameters when not all are (LoRA)."""
+    params, largest = trainable or (z.params, z.largest)
+    if fused if fused is not None else device_type == "cuda":
+        return 0
+    return params * 4 if device_type == "cuda" else 2 * largest * 4
+
+
+def export_copy(z, dtype, device_type):
+    """save_model on the rank that writes: each tensor gathered whole (FSDP2) and converted to the export dtype,
+    a shard file's (5 GB) at a time kept in host memory; on a GPU only the tensor being gathered."""
+    e = torch.empty((), dtype=dtype).element_size()
+    if device_type == "cuda":
+        return z.total_largest * z.w
+    if not z.fsdp and e == z.w:  # a plain module exported in its own dtype: its tensors are written as they are
+        return 0
+    return min(z.total * e, 5 * 10**9 + z.total_largest * e) + (z.total_largest * z.w if e != z.w and z.fsdp else 0)
+
+
+def generation_parts(cfg, rows, prompt, new_tokens, dtype, compiled=False):
+    """What generation adds on every rank (eval.py; model.generate): the KV cache of `rows` prompts of up to `prompt`
+    tokens and `new_tokens` more, preallocated, and eagerly a copy of its keys when finished rows leave the batch
+    (KVCache.keep copies the keys, then the values); the prefill's temporaries (one block's: the residual, norms, the
+    MLP's three intermediates; the attention scores of SDPA's math kernel, which a masked grouped-query attention may
+    take: an upper bound); the fp32 logits of a batch and their processed copies (repetition penalty, top-k, top-p's
+    sort with its int64 indices: about ten)."""
+    e = torch.empty((), dtype=dtype).element_size()
+    slots = prompt + new_tokens
+    if compiled:
+        slots = -(-slots // 64) * 64
+    kv = 2 * cfg.num_hidden_layers * rows * cfg.num_key_value_heads * slots * cfg.head_dim * e
+    prefill = rows * prompt * (4 * cfg.hidden_size + 3 * cfg.intermediate_size + cfg.num_attention_heads * slots) * e
+    return {"KV cache": kv if compiled else kv * 3 // 2, "prefill": prefill,
+            "sampling buffers": rows * cfg.vocab_size * 40}
+
+
+def training_plan(args, cfg, shapes, lengths, world, device_type):
+    """{phase: {part: bytes}} of patcher.py's run at `world` ranks, each phase at its peak moment."""
+    z = model_sizes(cfg, shapes, world, args.precision, device_type)
+    defense, ckpt = DEFENSES[args.mode], args.activation_checkpointing
+    theta = z.params * z.w  # one sharded copy of theta
+    held = {"weights": theta, "optimizer": 2 * theta, **({"θ copy": theta} if defense.moves_theta else {})}
+    temps = adamw_temporaries(z, device_type, args.fused_adamw)
+    safe = lengths["safe"].shape(world)
+    retain = [Pass(lengths["retain"].shape(world), after_grads=True)] if "retain" in lengths else []
+    phases = {}
+    if args.warmup_steps or args.mode == "sft":
+        phases["warmup" if args.mode != "sft" else "sft step"] = step_peak(z, held, [Pass(safe)] + retain, temps, ckpt)
+    if defense.inner_attack:  # run() makes the fresh AdamW of --reset-optimizer before the attack: none is held
+        attacked = {**held, "optimizer": 0 if args.reset_optimizer else 2 * theta, "inner AdamW": 2 * theta}
+        phases["inner attack"] = step_peak(z, attacked, [Pass(lengths["unsafe"].shape(world))], temps, ckpt)
+        held["δ"] = theta
+    phases.update(update_plan(args, z, held, safe, lengths, world, retain, temps))
+    export = export_dtype(args) or DTYPES[cfg.torch_dtype]
+    phases["export"] = {**held, "export copy": export_copy(z, export, device_type)}
+    return phases
+
+
+def update_plan(args, z, held, safe, lengths, world, retain, temps):
+    """{phase: parts} of the defense's update, pass by pass as section 2 runs them. A defense without a case here is
+    planned as Patcher's two passes when it moves theta, else as SFT's one."""
+    ckpt, mode = args.activation_checkpointing, args.mode
+    if mode == "sft":
+        return {}
+    if mode == "vaccine":  # the second pass holds the recorded gradients (divided by the world) and their scaled copy
+        recorded = z.cfg.num_hidden_layers * safe.accum * safe.rows * safe.tokens * z.cfg.hidden_size * z.c
+        passes = [Pass(safe), Pass(safe, extra={"Vaccine's perturbation": 2 * recorded})] + retain
+        return {"vaccine step": step_peak(z, held, passes, temps, ckpt, step_extra={"Vaccine's perturbation": recorded})}
+    if mode == "booster":  # g, the harmful gradient, is held through the moved pass and the clean one
+        harmful, g = lengths["unsafe"].shape(world), {"Booster's gradient": z.params * z.w}
+        passes = [Pass(harmful), Pass(harmful, extra=g), Pass(safe, extra=g)] + retain
+        return {"booster step": step_peak(z, held, passes, temps, ckpt)}
+    both = args.alpha < 1 if mode == "patcher" else True  # alpha 1: the clean pass only evaluates
+    passes = [Pass(safe, backward=both), Pass(safe, after_grads=both)] if DEFENSES[mode].moves_theta else [Pass(safe)]
+    return {"defender step" if mode == "patcher" else f"{mode} step": step_peak(z, held, passes + retain, temps, ckpt)}
+
+
+class Budget(NamedTuple):
+    """The memory a run may use: `free` bytes of one device, or of a host's RAM `shared` by its ranks; `where` it was
+    read; the GPUs of this host (0: none)."""
+    free: float
+    shared: bool
+    where: str
+    gpus: int
+
+    def per_rank(self, ranks):
+        return self.free / ranks if self.shared else self.free
+
+
+def memory_budget(device, stated=None):
+    """This device's free memory: a GPU's (torch.cuda.mem_get_info), or the host's available RAM (MemAvailable), shared
+    by the ranks of the host; `stated`: --plan-memory GiB per device instead."""
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if stated:
+        return Budget(stated * GiB, False, f"per device (--plan-memory {stated:g})", gpus)
+    if device.type == "cuda":
+        return Budget(torch.cuda.mem_get_info(device)[0], False, f"on {device}", gpus)
+    try:
+        meminfo = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
+        available = int(meminfo["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):  # not Linux: no check
+        available = float("inf")
+    return Budget(available, True, "in this host's RAM, shared by its ranks", gpus)
+
+
+def plan_peak(phases):
+    """(phase, bytes): the phase whose peak is the run's."""
+    phase = max(phases, key=lambda p: sum(phases[p].values()))
+    return phase, sum(phases[phase].values())
+
+
+def smallest_world(plan_of, budget, step=1, limit=64):
+    """The smallest number of ranks (a multiple of `step`, at most `limit`) whose plan fits `budget`, or None."""
+    return next((w for w in range(step, limit + 1, step) if plan_peak(plan_of(w))[1] <= budget.per_rank(w)), None)
+
+
+def gib(n, unit=GiB):
+    return f"{n / unit:.2f}"
+
+
+def size(n):
+    """Bytes in words: GiB, or MiB below one."""
+    return f"{n / GiB:.2f} GiB" if n >= GiB else f"{n / 2**20:.1f} MiB"
+
+
+def refusal(program, world, phases, budget, ranks_here, plan_of, step=1):
+    """The one line that refuses a run its memory plan says will not fit: the estimate and its largest parts, what is
+    free, and the number of ranks that would fit."""
+    phase, peak = plan_peak(phases)
+    top = ", ".join(f"{k} {size(v)}" for k, v in sorted(phases[phase].items(), key=lambda kv: -kv[1])[:4] if v)
+    fit = smallest_world(plan_of, budget, step)
+    advice = (f"{fit} ranks would fit ({size(plan_peak(plan_of(fit))[1])} each: torchrun --nproc_per_node={fit})"
+              if fit else "no number of ranks fits: " + ("the ranks of a host share its RAM" if budget.shared else
+                                                          "not even 64"))
+    return (f"memory plan: {program} needs ~{size(peak)} per rank at world {world} ({phase}: {top}), but "
+            f"{size(budget.per_rank(ranks_here))} are free {budget.where}; {advice}; --plan prints the whole plan, "
+            f"--skip-memory-check runs it anyway")
+
+
+def check_memory(args, plan_of, program, world, device, rank, step=1):
+    """Before any weight is loaded: the plan's per-rank peak against this device's free memory, agreed by every rank
+    (one that ran out alone would leave the others waiting in a collective). Rank 0 says the plan in one line, or the
+    refusal; then every rank raises MemoryRefused (main exits 1 without saying it again)."""
+    phases = plan_of(world)
+    phase, peak = plan_peak(phases)
+    budget = memory_budget(device, args.plan_memory)
+    ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    ok = args.skip_memory_check or peak <= budget.per_rank(ranks_here)
+    if dist.is_initialized():
+        t = torch.tensor([float(ok)], device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        ok = t.item() > 0
+    if rank == 0:
+        print(f"memory plan: ~{size(peak)} per rank at its peak ({phase}), {size(budget.per_rank(ranks_here))} free "
+              f"{budget.where}" + (" (--skip-memory-check)" if args.skip_memory_check else ""), flush=True)
+        if not ok:
+            print(f"error: {refusal(program, world, phases, budget, ranks_here, plan_of, step)}", file=sys.stderr,
+                  flush=True)
+    if not ok:
+        barrier()  # rank 0 has said why before any rank exits (torchrun stops the others when one exits)
+        raise MemoryRefused()
+
+
+class MemoryRefused(Exception):
+    """The memory plan refused the run; rank 0 has said why."""
+
+
+def show_plan(program, phases_of, world, lengths, budget, step=1, header=""):
+    """--plan: the table of parts by phase at `world` ranks, the peak, whether it fits `budget` and the smallest number
+    of ranks that does; the last line is for scripts (train.sh): memory-plan world= peak_gib= free_gib= fits= smallest=
+    gpus=. A plan that does not fit ends with the refusal a run would give, and exit code 1."""
+    phases = phases_of(world)
+    phase, peak = plan_peak(phases)
+    names = list(phases)
+    parts = [p for p in PARTS if any(phases[n].get(p) for n in names)]
+    width = max(len(p) for p in parts + ["total"])
+    unit, unit_name = (GiB, "GiB") if peak >= GiB else (2**20, "MiB")
+    print(f"memory plan of {program} at world {world}, {unit_name} per rank{header}")
+    for name, ls in lengths.items():
+        s = ls.shape(world // step)  # parallel.py (step 2): each half deals its batches over world / 2 ranks
+        print(f"  {name}: micro-batches of {s.rows} x {s.tokens} tokens, {s.scored} scored, {s.accum} per update "
+              f"({ls.source})")
+    cols = [max(len(n), 7) for n in names]
+    print(f"{'':<{width}}  " + "  ".join(f"{n:>{c}}" for n, c in zip(names, cols)))
+    for p in parts:
+        print(f"{p:<{width}}  " + "  ".join(f"{gib(phases[n].get(p, 0), unit):>{c}}" for n, c in zip(names, cols))
+              + f"  {PARTS[p]}")
+    totals = [gib(sum(phases[n].values()), unit) for n in names]
+    print(f"{'total':<{width}}  " + "  ".join(f"{t:>{c}}" for t, c in zip(totals, cols)))
+    fit = smallest_world(phases_of, budget, step)
+    ok = peak <= budget.per_rank(world)
+    print(f"peak {size(peak)} per rank ({phase}); {size(budget.per_rank(world))} free {budget.where}: "
+          f"{'fits' if ok else 'does NOT fit'}; the smallest number of ranks that fits: {fit or 'none'}")
+    print(f"memory-plan world={world} peak_gib={peak / GiB:.3f} free_gib={budget.per_rank(world) / GiB:.3f} "
+          f"fits={int(ok)} smallest={fit or 'none'} gpus={budget.gpus}", flush=True)
+    if not ok:
+        raise RunError(refusal(program, world, phases, budget, world, phases_of, step))
+
+
+def plan_device():
+    """The device a --plan is for: a GPU where there is one (or --plan-memory states one), else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def plan_world(args, default=1):
+    return args.plan_world or int(os.environ.get("WORLD_SIZE", default))
+
+
+def model_config(path):
+    """The config a checkpoint directory loads with (load_model's): no lm_head.weight in its safetensors means tied."""
+    cfg = read_config(path)
+    try:
+        if "lm_head.weight" not in checkpoint_files(Path(path)) and not cfg.tie_word_embeddings:
+            cfg.tie_word_embeddings = True
+    except CheckpointError:  # no weights (a directory with config.json only): the config says
+        pass
+    return cfg
+
+
+def plan_inputs(args):
+    """What --plan reads (patcher.py, parallel.py): --model's config (the demo's without one) and parameter shapes, the
+    streams' lengths (the data tokenized where the model has a tokenizer, else --max-len), the device on this machine
+    and the kind planned for (cuda where --plan-memory states GPUs)."""
+    cfg = model_config(args.model) if args.model else ModelConfig.from_hf(DEMO_CONFIG)
+    streams = load_data(args, 0, 1, cfg.max_position_embeddings)[0] if has_tokenizer(args.model) else None
+    device = plan_device()
+    return (cfg, param_shapes(cfg), stream_lengths(args, streams, cfg.max_position_embeddings), device,
+            "cuda" if args.plan_memory else device.type)
+
+
+def plan(args):
+    """--plan for patcher.py: its memory plan, nothing loaded, nothing written."""
+    cfg, shapes, lengths, device, kind = plan_inputs(args)
+    show_plan(f"patcher.py --mode {args.mode}", lambda w: training_plan(args, cfg, shapes, lengths, w, kind),
+              plan_world(args), lengths, memory_budget(device, args.plan_memory),
+              header=f", {precision(args.precision)}, {kind}{' (the demo)' if args.model is None else ''}")
+
+
+# -----------------------------------------------------------------------------
 # 5. The run's bookkeeping: Training; out/ with config.json, metrics.jsonl, checkpoints/, final/
 
 
@@ -715,8 +1148,12 @@ class Training:
         if args.resume:
             check_finished(self.out, self.settings)  # a run that finished has nothing to do
         self.defense = DEFENSES[args.mode]
+        cfg = model_config(args.model)
+        self.streams, notes = load_data(args, self.rank, world, cfg.max_position_embeddings)
+        lengths, shapes = stream_lengths(args, self.streams, cfg.max_position_embeddings), param_shapes(cfg)
+        check_memory(args, lambda w: training_plan(args, cfg, shapes, lengths, w, device.type),
+                     f"patcher.py --mode {args.mode}", world, device, self.rank)  # before any weight is loaded
         self.model = build_model(args.model, device, args)
-        self.streams, notes = load_data(args, self.rank, world, self.model.config.max_position_embeddings)
         self.optimizer = make_optimizer(self.model.parameters(), args.lr, args.weight_decay, args.fused_adamw)
         self.total = args.warmup_steps + args.rounds * args.defend_steps
         self.step, self.delta, self.log, _ = start_run(args, self.out, self.model, self.optimizer, self.streams,
@@ -818,7 +1255,7 @@ def describe(e):
 
 # flags that do not change what a run computes: a resume may change them
 NOT_RUN_SETTINGS = ("resume", "save_every", "out", "compile", "activation_checkpointing", "fused_adamw", "debug",
-                    "peer_timeout", "collective_timeout")
+                    "peer_timeout", "collective_timeout", "plan", "plan_world", "plan_memory", "skip_memory_check")
 # Flags that name what a run reads. A resume compares what they hold (a fingerprint), not how the path is spelled:
 # `./base` and `base`, a relative and an absolute path, a copied run directory are the same run; the same
 # relative path from another working directory may name other data, and is refused.
@@ -1277,11 +1714,28 @@ def get_parser():
                    help="seconds a rank waits in a collective before it fails (NCCL's own default is 600: shorter than "
                         "a large checkpoint's write)")
     g.add_argument("--debug", action="store_true", help="show tracebacks for user errors too")
+    add_memory_flags(g)
     g.add_argument("--list-flags", action=ListFlags, modes=mode_of, same=lambda dest: dest in NOT_RUN_SETTINGS,
                    help="print every flag as 'NAME value|switch MODES same|changes' (MODES: the --mode values that take "
                         "it, or all; same: it does not change what the run computes), then exit: how train.sh learns "
                         "which flags this program takes")
     return p
+
+
+def add_memory_flags(g):
+    """The memory plan's flags (patcher.py, parallel.py and eval.py)."""
+    g.add_argument("--plan", action="store_true",
+                   help="print this run's memory plan per rank (weights, gradients, optimizer, activations, ... by "
+                        "phase, from config.json and the data: no weight is read), whether it fits, the smallest "
+                        "number of ranks that does, then exit (1 if it does not fit)")
+    g.add_argument("--plan-world", type=POSITIVE_COUNT,
+                   help="--plan: the number of ranks to plan for (default: this launch's, else 1; parallel.py: 2)")
+    g.add_argument("--plan-memory", type=RATE,
+                   help="GiB of memory per device to check the plan against, as GPUs of that size (default: the GPU's "
+                        "free memory, or the host's available RAM shared by its ranks); --plan keeps this machine's "
+                        "defaults (--precision): give them to plan for another machine")
+    g.add_argument("--skip-memory-check", action="store_true",
+                   help="run even where the memory plan says the run does not fit")
 
 
 def mode_of(dest):
@@ -1350,7 +1804,8 @@ def parse_args(argv=None, parser=None):
             p.error(f"--{flag.replace('_', '-')} {f}: no such file")
     if args.model is not None and args.retain_weight > 0 and args.retain_data is None:
         p.error("--retain-weight > 0 needs --retain-data")
-    check_out_dir(p, args.out)
+    if not args.plan:  # a plan writes nothing
+        check_out_dir(p, args.out)
     if args.system_prompt == "":
         args.system_prompt = None
     return args
@@ -1460,11 +1915,11 @@ def watch_parent():
         threading.Thread(target=watch, daemon=True).start()
 
 
-def main(run_fn=None, parse=parse_args, interrupted=interruption, program=None):
-    """Parse, run, and report a user error (bad data, a bad checkpoint, NaN, a refused resume, a full disk, an --out
-    in use) as one line and exit code 1, and Ctrl-C or SIGTERM as one line saying how to continue (interrupted()),
-    exit code 130 or 143 (as shells report SIGINT and SIGTERM); tracebacks are for bugs (or --debug / PATCHER_DEBUG=1).
-    One run per --out: the run holds out/.lock (take_lock) while it runs."""
+def main(run_fn=None, parse=parse_args, interrupted=interruption, program=None, plan_fn=None):
+    """Parse, run (or --plan: plan_fn), and report a user error (bad data, a bad checkpoint, NaN, a refused resume, a
+    full disk, an --out in use) as one line and exit code 1, and Ctrl-C or SIGTERM as one line saying how to continue
+    (interrupted()), exit code 130 or 143 (as shells report SIGINT and SIGTERM); tracebacks are for bugs (or --debug /
+    PATCHER_DEBUG=1). One run per --out: the run holds out/.lock (take_lock) while it runs."""
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     program = program or Path(sys.argv[0]).name
@@ -1472,9 +1927,14 @@ def main(run_fn=None, parse=parse_args, interrupted=interruption, program=None):
     debug = args.debug or os.environ.get("PATCHER_DEBUG")
     try:
         watch_parent()
+        if getattr(args, "plan", False):
+            (plan_fn or plan)(args)
+            exit_now(0)
         if os.environ.get("RANK", "0") == "0" and not getattr(args, "check", False):  # rank 0 speaks for the run
             take_lock(args.out, program)
         (run_fn or run)(args)
+    except MemoryRefused:  # rank 0 has said why
+        exit_now(1)
     except USER_ERRORS as e:
         if debug:
             raise

@@ -21,8 +21,12 @@
 #   SAFE_DATA    D_safe; several files are concatenated (to mix benign answers into it)
 #   SCHEME       sequential (patcher.py, default) | parallel (parallel.py; the SFT baseline stays patcher.py) | both
 #                (Patcher by each, "patcher" and "patcher-parallel"); every alignment's wall clock goes to OUT/timing.md
-#   NPROC        torchrun processes for alignment (1: plain python)       EVAL_NPROC  the same for eval.py
+#   NPROC        torchrun processes for alignment (1: plain python; plan: the smallest number whose memory plan fits
+#                this machine, the paper presets' default)                   EVAL_NPROC  the same for eval.py
 #   PARALLEL_NPROC  processes for parallel.py (default NPROC, at least 2: one defender and one attacker)
+#   PLAN_MEMORY  GiB per device the memory plans are checked against, as GPUs of that size (default: this machine's
+#                free GPU memory, or its RAM shared by the ranks); every stage is planned (--plan) before the first runs
+#   SKIP_MEMORY_CHECK=1  run stages whose memory plan says they do not fit
 #   ATTACKS      an attack suite (eval.py --attacks; none: only the command line's attack); its lines may use $TOY (the demo seed's toy world), $RUN (the
 #                seed's run directory), $OUT, $TASK (tests/data/word_problems), $SAFETY and the data variables
 #   SEEDS        e.g. "0 1 2"; each seed is a whole experiment              OUT  the run directory
@@ -66,8 +70,9 @@ interrupted() {  # SIGINT / SIGTERM: end the program running, say how to continu
   exit "$2"
 }
 # the flags this script sets itself, from its own variables (the data files, the run directories, the seeds)
-OWN_ALIGN="model safe-data out seed mode resume save-every list-flags"
+OWN_ALIGN="model safe-data out seed mode resume save-every list-flags plan plan-world plan-memory"
 OWN_EVAL="model out seed attack-data eval-data benign-data gsm8k summarize sweep worst-case check list-flags"
+OWN_EVAL+=" plan plan-world plan-memory"  # the memory plans: train.sh plans every stage itself (PLAN_MEMORY)
 
 SAFETY=${SAFETY:-tests/data/safety}  # the small SmolLM2 safety set, in the repository (we cd'ed to it above)
 TASK=${TASK:-tests/data/word_problems}  # a benign task to hide harmful answers in (GSM8K's layout)
@@ -106,17 +111,19 @@ case "$PRESET" in
     : "${WARMUP_STEPS:=1000}" "${ROUNDS:=14}" "${DEFEND_STEPS:=1000}" "${MAX_LEN:=32768}"  # the official truncates nothing
     # its loss mask (text, end of turn and the newline after it) and its export, fp32 (transformers 4.x loads and saves fp32)
     : "${LOSS_MASK:=answer-newline}" "${EXPORT_DTYPE:=float32}"
+    # the ranks: as few as the memory plans let fit this machine (README: Memory), whatever the model
+    : "${NPROC:=plan}" "${EVAL_NPROC:=plan}"
     if [[ $PRESET == paper ]]; then  # loop 1: 1,000 SFT steps; loops 2-15: k1 300 (batch 2), 1,000 defender steps, fresh AdamW
-      : "${SCHEME:=sequential}" "${NPROC:=1}" "${INNER_STEPS:=300}" "${INNER_BATCH_SIZE:=2}" "${RESET_OPTIMIZER:=1}"
+      : "${SCHEME:=sequential}" "${INNER_STEPS:=300}" "${INNER_BATCH_SIZE:=2}" "${RESET_OPTIMIZER:=1}"
     else  # 15,000 defender steps, one AdamW; every 1,000 steps a new delta (k1 500, batch 4) is installed and theta sent
-      : "${SCHEME:=parallel}" "${NPROC:=2}" "${INNER_STEPS:=500}" "${INNER_BATCH_SIZE:=4}" "${REFRESH_EVERY:=1000}"
+      : "${SCHEME:=parallel}" "${INNER_STEPS:=500}" "${INNER_BATCH_SIZE:=4}" "${REFRESH_EVERY:=1000}"
       : "${REFRESH_OFFSET:=1}" "${DELTA_REF:=current}"  # it looks at (step + 1) % 1000 == 0: 14 installs
     fi
     # the test-time attack: 1,000 samples (PKU-SafeRLHF harmful answers at 0.2 in GSM8K), 2,000 steps, batch 4, lr 1e-5,
     # the whole assistant turn in its loss; the first 250 prompts of each set, repeats kept, Qwen3 thinking (the official
     # evaluate.py never names the model to its prompt builder), the official sampling (T 0.6, top-p 0.9, repetition
     # 1.2, the checkpoint's top-k), 256 tokens, the official judge template
-    : "${EVAL_NPROC:=1}" "${ATTACK_SAMPLES:=1000}" "${POISON_RATIO:=0.2}" "${EVAL_AT:=0,100,500,1000,2000}"
+    : "${ATTACK_SAMPLES:=1000}" "${POISON_RATIO:=0.2}" "${EVAL_AT:=0,100,500,1000,2000}"
     : "${ATTACK_LR:=1e-5}" "${ATTACK_BATCH_SIZE:=4}" "${ATTACK_MAX_LEN:=4096}" "${LIMIT:=250}" "${TEMPERATURE:=0.6}"
     : "${TOP_P:=0.9}" "${REPETITION_PENALTY:=1.2}" "${MAX_NEW_TOKENS:=256}" "${GEN_BATCH_SIZE:=32}" "${JUDGE:=llm}"
     : "${JUDGE_TEMPLATE:=official}" "${ATTACK_LOSS_MASK:=turn}" "${KEEP_REPEATED_PROMPTS:=1}" "${THINKING:=on}"
@@ -140,7 +147,10 @@ SCHEME=${SCHEME:-sequential}
 SWEEP=${SWEEP:-mode=sft,patcher}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(nproc)}
 [[ $SCHEME == sequential || $SCHEME == parallel || $SCHEME == both ]] || { echo "SCHEME must be sequential, parallel or both" >&2; exit 2; }
-PARALLEL_NPROC=${PARALLEL_NPROC:-$(( NPROC < 2 ? 2 : NPROC ))}
+PARALLEL_NPROC=${PARALLEL_NPROC:-$([[ $NPROC == plan ]] && echo plan || echo $(( NPROC < 2 ? 2 : NPROC )))}
+for v in NPROC EVAL_NPROC PARALLEL_NPROC; do
+  [[ ${!v} =~ ^([1-9][0-9]*|plan)$ ]] || { echo "$v must be a number of processes or plan, not '${!v}'" >&2; exit 2; }
+done
 SAVE_EVERY=${SAVE_EVERY:-500}  # every alignment checkpoints (and at its last step): a rerun resumes it
 export OUT TOY RUN TASK SAFETY UNSAFE_DATA ATTACK_DATA ATTACK_BENIGN_DATA  # for the lines of an attack suite
 if [[ $DEMO == 0 ]]; then
@@ -219,6 +229,120 @@ eval_args_for() {  # eval_args_for VALUE: eval.py's flags, with the swept value 
   [[ $1 == - ]] || printf '%s\n%s\n' "--$sweep_flag" "$1"
 }
 eval_dir() { echo "eval$([[ $1 == - ]] || echo "-$sweep_flag=$1")"; }
+schemes_of() {  # schemes_of V: the schedules aligned model V is trained by (only Patcher has a parallel one)
+  if [[ $(mode_of "$1") != patcher ]]; then echo sequential; elif [[ $SCHEME == both ]]; then echo sequential parallel
+  else echo "$SCHEME"; fi
+}
+stage_of() {  # stage_of V SCHEME: the alignment of V by SCHEME: its name, mode, script, nvar (the variable of its number
+              # of processes), own (--mode, the swept flag, D_unsafe) and these (the variables' flags)
+  mode=$(mode_of "$1")
+  name=$(name_of "$1")$([[ $SCHEME != both || $2 != parallel ]] || echo -parallel)
+  script=patcher.py nvar=NPROC program=patcher
+  [[ $2 == parallel ]] && script=parallel.py nvar=PARALLEL_NPROC program=parallel
+  own=(--mode "$mode")
+  [[ $eval_sweep == 1 || $sweep_flag == mode || $mode == sft ]] || own+=("--$sweep_flag" "$1")
+  if [[ $DEMO == 0 && ,$(modes_of patcher unsafe-data), == *,$mode,* && $sweep_flag != unsafe-data ]]; then
+    own+=(--unsafe-data "$UNSAFE_DATA")  # the defenses that use D_unsafe
+  fi
+  # RESET_OPTIMIZER models the official's new process per Patcher round; the other defenses are one AdamW
+  mapfile -t these < <(flags "$program" "$mode" "$([[ $eval_sweep == 0 ]] && echo "$sweep_flag") unsafe-data \
+    $([[ $mode == patcher ]] || echo reset-optimizer)")
+  [[ $mode == sft && "${SFT_RESET_OPTIMIZER:-0}" == 1 ]] && these+=(--reset-optimizer)  # the other reading
+  return 0
+}
+eval_data_of() {  # eval_data_of RUN: eval.py's data flags for the seed whose run directory is RUN (the demo: its toy world)
+  local first=$1/demo attack_data=${ATTACK_DATA:-} eval_data=${EVAL_DATA:-} benign_data=${BENIGN_DATA:-} x
+  if [[ $DEMO == 1 ]]; then  # this seed's toy world, written by patcher.py
+    attack_data=${ATTACK_DATA:-$first/data/attack.jsonl}
+    eval_data=${EVAL_DATA:-harmful=$first/data/eval_harmful.jsonl}
+    benign_data=${BENIGN_DATA:-benign=$first/data/eval_benign.jsonl}
+  fi
+  printf '%s\n' --attack-data "$attack_data"
+  for x in $eval_data; do printf '%s\n' --eval-data "$x"; done
+  for x in $benign_data; do printf '%s\n' --benign-data "$x"; done
+  for x in ${GSM8K:-}; do printf '%s\n' --gsm8k "$x"; done
+}
+plan_one() {  # plan_one VAR WHAT SCRIPT ARGS...: the memory plan of one stage (--plan) at the processes VAR says (1 or 2
+              # where it says plan), into the next file of $plans, in the background
+  local world=${!1}
+  [[ $world == plan ]] && world=$([[ $3 == parallel.py ]] && echo 2 || echo 1)
+  files+=("$plans/${#files[@]}") vars+=("$1") what+=("$2")
+  python "${@:3}" --plan --plan-world "$world" ${PLAN_MEMORY:+--plan-memory "$PLAN_MEMORY"} > "${files[-1]}" 2>&1 &
+  pids+=($!)
+}
+plan_stages() {  # plan_stages VAR...: every stage whose number of processes one of these variables sets, planned by its
+  # program (--plan: from the model's config.json and the data, nothing loaded), side by side. A variable set to plan
+  # becomes the smallest number that fits every stage it launches (at most the GPUs here); a stage that does not fit
+  # its number stops this script in one line, naming the variable, unless SKIP_MEMORY_CHECK=1.
+  local plans=$LISTS/plans safe line v scheme ev i w
+  local -a files=() vars=() what=() pids=() safe_files evals eval_args
+  local -A need=() gpus_of=()
+  mkdir -p "$plans"
+  read -r -a safe_files <<< "$SAFE_DATA"
+  safe=${safe_files[0]}
+  if [[ ${#safe_files[@]} -gt 1 ]]; then safe=$plans/d_safe.jsonl; cat "${safe_files[@]}" > "$safe"; fi
+  for v in "${aligned[@]}"; do
+    for scheme in $(schemes_of "$v"); do
+      stage_of "$v" "$scheme"
+      [[ " $* " != *" $nvar "* ]] || plan_one "$nvar" "$script --mode $mode" "$script" --model "$MODEL" \
+        --safe-data "$safe" "${own[@]}" --seed "${SEEDS%% *}" --out "$plans/out" "${these[@]}"
+    done
+  done
+  if [[ " $* " == *" EVAL_NPROC "* ]]; then  # the aligned models have the base's shapes and tokenizer
+    mapfile -t evals < <(eval_data_of "$OUT/seed${SEEDS%% *}")
+    for ev in "${evaluations[@]}"; do
+      mapfile -t eval_args < <(eval_args_for "$ev")
+      plan_one EVAL_NPROC eval.py eval.py "${evals[@]}" "${eval_args[@]}" --model "base=$MODEL" --seed "${SEEDS%% *}" \
+        --out "$plans/out"
+    done
+  fi
+  for i in "${pids[@]}"; do wait "$i" || true; done
+  for i in "${!files[@]}"; do
+    v=${vars[$i]}
+    line=$(grep -m1 '^memory-plan ' "${files[$i]}") || {
+      echo "train.sh: the memory plan of ${what[$i]} failed: $(grep -m1 -E '^(error|.*: error)' "${files[$i]}" || tail -n 1 "${files[$i]}")" >&2
+      exit 1; }
+    [[ $line =~ peak_gib=([^ ]+)\ free_gib=([^ ]+)\ fits=([01])\ smallest=([^ ]+)\ gpus=([0-9]+) ]] || exit 1
+    local peak free fits=${BASH_REMATCH[3]} smallest=${BASH_REMATCH[4]}
+    printf -v peak '%.1f' "${BASH_REMATCH[1]}"
+    printf -v free '%.1f' "${BASH_REMATCH[2]}"
+    gpus_of[$v]=${BASH_REMATCH[5]}
+    local host=$([[ ${BASH_REMATCH[5]} == 0 && -z ${PLAN_MEMORY:-} ]] && echo " (the ranks of a CPU host share its RAM)")
+    if [[ ${!v} == plan ]]; then
+      [[ $smallest != none ]] || { echo "train.sh: $v: no number of processes fits ${what[$i]} (~$peak GiB per rank at" \
+        "the fewest, $free GiB free per rank)$host; run it on a machine with more memory, or set $v and SKIP_MEMORY_CHECK=1" >&2; exit 1; }
+      (( smallest > ${need[$v]:-0} )) && need[$v]=$smallest
+    elif [[ $fits == 0 ]]; then
+      w=$([[ $smallest == none ]] && echo "no $v fits$host" || echo "$v=$smallest would fit")
+      if [[ "${SKIP_MEMORY_CHECK:-0}" == 1 ]]; then
+        echo "train.sh: $v=${!v}: ${what[$i]} needs ~$peak GiB per rank, $free GiB free per rank; $w (SKIP_MEMORY_CHECK=1: run anyway)"
+      else
+        echo "train.sh: $v=${!v}: ${what[$i]} needs ~$peak GiB per rank, but $free GiB are free per rank; $w;" \
+          "SKIP_MEMORY_CHECK=1 runs it anyway (${what[$i]%% *} --plan prints the whole plan)" >&2
+        exit 1
+      fi
+    fi
+  done
+  for v in "${!need[@]}"; do
+    if (( ${gpus_of[$v]} > 0 && need[$v] > ${gpus_of[$v]} )) && [[ -z ${PLAN_MEMORY:-} ]]; then
+      echo "train.sh: $v: the stages it launches need ${need[$v]} processes to fit their memory plans, and this machine" \
+        "has ${gpus_of[$v]} GPUs; set $v (with SKIP_MEMORY_CHECK=1) or use a larger machine" >&2
+      exit 1
+    fi
+    printf -v "$v" '%s' "${need[$v]}"
+    export "${v?}"
+    echo "train.sh: $v=${need[$v]}: the fewest processes whose memory plans fit"
+  done
+}
+# Variables left to the memory plans (the paper presets' NPROC, EVAL_NPROC, PARALLEL_NPROC) are resolved first: the
+# commands this run is identified by name them (DRY_RUN=1 resolves them too, reading only the config and the data).
+resolve=$(for v in NPROC PARALLEL_NPROC EVAL_NPROC; do [[ ${!v} != plan ]] || echo "$v"; done)
+if [[ $DEMO == 0 && -n $resolve ]]; then
+  plan_stages $resolve
+elif [[ -n $resolve ]]; then  # the demo's tiny model fits anywhere (its data is written by its own first stage)
+  for v in $resolve; do printf -v "$v" '%s' 1; done
+  PARALLEL_NPROC=$([[ $PARALLEL_NPROC == 1 ]] && echo 2 || echo "$PARALLEL_NPROC")
+fi
 if [[ "${DRY_RUN:-0}" == 0 ]]; then
   mkdir -p "$OUT"
   take_lock
@@ -262,7 +386,6 @@ PY
   then
     exit 2
   fi
-  printf '%s\n' "$plan" > "$OUT/plan.txt"
 fi
 t0=$SECONDS
 reports=()
@@ -288,40 +411,24 @@ for seed in $SEEDS; do
   fi
   # what eval.py will get, checked now (its flags, data and attack suite), before hours of alignment
   first=$run/demo RUN=$run TOY=$run/demo/data
-  attack_data=${ATTACK_DATA:-} eval_data=${EVAL_DATA:-} benign_data=${BENIGN_DATA:-}
-  if [[ $DEMO == 1 ]]; then  # this seed's toy world, written by patcher.py
-    attack_data=${ATTACK_DATA:-$first/data/attack.jsonl}
-    eval_data=${EVAL_DATA:-harmful=$first/data/eval_harmful.jsonl}
-    benign_data=${BENIGN_DATA:-benign=$first/data/eval_benign.jsonl}
-  fi
-  evals=(--attack-data "$attack_data")
-  for x in $eval_data; do evals+=(--eval-data "$x"); done
-  for x in $benign_data; do evals+=(--benign-data "$x"); done
-  for x in ${GSM8K:-}; do evals+=(--gsm8k "$x"); done
+  mapfile -t evals < <(eval_data_of "$run")
   for ev in "${evaluations[@]}"; do
     mapfile -t eval_args < <(eval_args_for "$ev")
     [[ "${DRY_RUN:-0}" == 1 || $rerun == 1 ]] || run_logged "$run/check.log" 1 eval.py "${evals[@]}" "${eval_args[@]}" \
       --seed "$seed" --out "$run/$(eval_dir "$ev")" --check  # (a rerun of the same plan was checked by its first run)
   done
+  if [[ "${DRY_RUN:-0}" == 0 && $rerun == 0 && $seed == "${SEEDS%% *}" ]]; then
+    # and the memory plan of every stage at the processes it gets (those resolved above were planned then), before any
+    checked=$(for v in NPROC PARALLEL_NPROC EVAL_NPROC; do [[ " $resolve " == *" $v "* ]] || echo "$v"; done)
+    [[ $DEMO == 1 || -z $checked ]] || plan_stages $checked
+    printf '%s\n' "$plan" > "$OUT/plan.txt"  # this run's commands, once its first stage may start
+  fi
   # 1. align: the same base, data, seed and number of defender steps; only the swept value differs
   models=()
   for v in "${aligned[@]}"; do
-    mode=$(mode_of "$v")
-    own=(--mode "$mode")
-    [[ $eval_sweep == 1 || $sweep_flag == mode || $mode == sft ]] || own+=("--$sweep_flag" "$v")
-    if [[ $DEMO == 0 && ,$(modes_of patcher unsafe-data), == *,$mode,* && $sweep_flag != unsafe-data ]]; then
-      own+=(--unsafe-data "$UNSAFE_DATA")  # the defenses that use D_unsafe
-    fi
-    schemes=sequential  # only Patcher has a parallel schedule
-    [[ $mode == patcher ]] && schemes=$([[ $SCHEME == both ]] && echo "sequential parallel" || echo "$SCHEME")
-    for scheme in $schemes; do
-      name=$(name_of "$v")$([[ $SCHEME != both || $scheme != parallel ]] || echo -parallel); dir=$run/$name
-      script=patcher.py n=$NPROC program=patcher
-      [[ $scheme == parallel ]] && script=parallel.py n=$PARALLEL_NPROC program=parallel
-      # RESET_OPTIMIZER models the official's new process per Patcher round; the other defenses are one AdamW
-      mapfile -t these < <(flags "$program" "$mode" "$([[ $eval_sweep == 0 ]] && echo "$sweep_flag") unsafe-data \
-        $([[ $mode == patcher ]] || echo reset-optimizer)")
-      [[ $mode == sft && "${SFT_RESET_OPTIMIZER:-0}" == 1 ]] && these+=(--reset-optimizer)  # the other reading
+    for scheme in $(schemes_of "$v"); do
+      stage_of "$v" "$scheme"
+      dir=$run/$name n=${!nvar}
       if [[ $DEMO == 1 && ! -e $dir/base && "${DRY_RUN:-0}" == 0 ]]; then
         mkdir -p "$dir" && cp -r "$run/demo/base" "$dir/base"  # one tiny base model per seed
       fi

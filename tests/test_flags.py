@@ -16,6 +16,7 @@ import data
 import parallel
 import patcher
 import test_faults
+import test_memory_plan
 import test_parallel
 from test_gpu_paths import BF16_HEADER, BF16_TOL, FIRST_TOL
 from test_patcher import FAST, FAST_SCHEDULE, assert_rows_close, rows
@@ -255,12 +256,20 @@ CASES = {
     "precision": (["--precision", "bf16"], check_precision),  # a one-rank gloo group in this process: closed after
     "collective_timeout": (["--collective-timeout", "123", "--precision", "bf16"], check_collective_timeout),
     "list_flags": ("list_flags", check_list_flags),
+    "plan": "memory", "plan_world": "memory", "plan_memory": "memory", "skip_memory_check": "memory",
+}
+MEMORY = {  # the memory plan's flags -> the test of tests/test_memory_plan.py that shows each one's effect
+    "plan": test_memory_plan.test_an_8b_patcher_run_does_not_fit_one_80gb_gpu_but_fits_eight,
+    "plan_world": test_memory_plan.test_an_8b_patcher_run_does_not_fit_one_80gb_gpu_but_fits_eight,
+    "plan_memory": test_memory_plan.test_a_run_that_would_not_fit_is_refused_before_its_weights_are_read,
+    "skip_memory_check": test_memory_plan.test_a_run_that_would_not_fit_is_refused_before_its_weights_are_read,
 }
 
 
 def test_every_flag_of_patcher_has_a_case():
     missing, extra = flags_of(patcher.get_parser()) - set(CASES), set(CASES) - flags_of(patcher.get_parser())
     assert not missing and not extra, f"patcher.py flags without a case: {missing}; cases of no flag: {extra}"
+    assert {f for f, c in CASES.items() if c == "memory"} == set(MEMORY)
 
 
 @pytest.fixture
@@ -272,7 +281,7 @@ def process_group_closed():
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("flag", [f for f, c in CASES.items() if c != "text"])
+@pytest.mark.parametrize("flag", [f for f, c in CASES.items() if c not in ("text", "memory")])
 def test_flag_changes_exactly_what_it_should(flag, baseline, demo_base, tmp_path, capsys, monkeypatch, process_group_closed):
     argv, check = CASES[flag]
     base_rows = baseline[0]
@@ -395,6 +404,8 @@ INHERITED_ELSEWHERE = {  # flag -> why it is not in the combined run
     "compile": "patcher.build_model, which parallel.py calls", "fused_adamw": "patcher.make_optimizer, called with it",
     "debug": "patcher.main, which parallel.py runs under",
     "collective_timeout": "patcher.init_distributed, called with it",
+    "plan": "parallel.plan: test_memory_plan (a parallel.py run checks its plan there)", "plan_world": "as --plan",
+    "plan_memory": "patcher.check_memory, which parallel.py calls", "skip_memory_check": "as --plan-memory",
 }
 
 

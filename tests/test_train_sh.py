@@ -18,7 +18,8 @@ import patcher
 evaluate = __import__("eval")
 PAPER_DATA = {"MODEL": "/models/Qwen2.5-1.5B-Instruct", "SAFE_DATA": "d_safe.json", "UNSAFE_DATA": "d_unsafe.json",
               "ATTACK_DATA": "pku_unsafe.json", "ATTACK_BENIGN_DATA": "gsm8k.json", "EVAL_DATA": "advbench=a.json hexphi=h.json beavertails=b.json",
-              "JUDGE_MODEL": "qwen3-max"}
+              "JUDGE_MODEL": "qwen3-max", "EVAL_NPROC": "1"}  # the presets' default ranks come from memory plans of real files
+
 
 
 def dry_run(root=ROOT, **env):
@@ -107,9 +108,10 @@ def dest(parser, name):
 def test_every_flag_of_the_programs_reaches_them_from_its_variable(tmp_path):
     """Every flag of every program's parser (read from the parser, not from a list) set as its variable reaches the
     command of each defense that takes it, and no other; the flags train.sh sets itself excepted."""
-    own_align = {"model", "safe-data", "unsafe-data", "out", "seed", "mode", "resume", "save-every"}
+    own_align = {"model", "safe-data", "unsafe-data", "out", "seed", "mode", "resume", "save-every", "plan", "plan-world",
+                 "plan-memory"}  # the memory plans: train.sh plans every stage itself
     own_eval = {"model", "out", "seed", "attack-data", "eval-data", "benign-data", "gsm8k", "summarize", "sweep",
-                "worst-case", "check"}
+                "worst-case", "check", "plan", "plan-world", "plan-memory"}
     align, par, ev = parser_flags(patcher.get_parser()), parser_flags(parallel.get_parser()), parser_flags(evaluate.get_parser())
     env = {k.replace("-", "_").upper(): "1" if kind == "switch" else "7" for p in (align, par, ev) for k, kind in p.items()
            if k not in own_align | own_eval}
@@ -177,7 +179,7 @@ def test_suites_and_both_schemes_reach_their_programs():
     assert ev["--attacks"] == "tests/data/attacks/demo.txt" and ev["--model"][2] == "patcher-parallel=runs/demo/seed0/patcher-parallel/final"
     assert ev["--model"][3] == "base=runs/demo/seed0/demo/base"
     # every preset names a suite that exists
-    for preset, extra in (("demo", {}), ("smollm2-cpu", {"OUT": "/tmp/patcher-dry"}), ("paper", PAPER_DATA)):
+    for preset, extra in (("demo", {}), ("smollm2-cpu", {"OUT": "/tmp/patcher-dry"}), ("paper", {**PAPER_DATA, "NPROC": "1"})):
         suite = dry_run(PRESET=preset, **extra)[-1][2]["--attacks"]
         assert (ROOT / suite).is_file(), preset
 
