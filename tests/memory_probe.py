@@ -76,12 +76,12 @@ def check_memory(args, plan_of, program, world, device, rank, step=1):
     return real_check_memory(args, plan_of, program, world, device, rank, step)
 
 
-def init_distributed(precision="fp32"):
+def init_distributed(precision="fp32", timeout=patcher.COLLECTIVE_TIMEOUT):
     """The process group of the first case for all: one initialised again after its destruction waits forever on
     torchrun's store."""
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size(), torch.device("cpu")
-    return real_init_distributed(precision)
+    return real_init_distributed(precision, timeout)
 
 
 real_build_model, real_check_memory, real_init_distributed = patcher.build_model, patcher.check_memory, \
