@@ -1235,7 +1235,8 @@ def data_fingerprint(path):
 
 def result_settings(args, models):
     """What this command's answers depend on: the flags (but NOT_RESULT_SETTINGS) and the content of every model and
-    data file (their fingerprints; the paths are only shown)."""
+    data file (their fingerprints; the paths are only shown); "defaults", as in patcher.settings: a flag added since
+    an --out was made compares as its default."""
     files = ("attack_data", "attack_benign_data", "attacks", "eval_data", "benign_data", "gsm8k")
     flags = {k: v for k, v in vars(args).items() if k not in NOT_RESULT_SETTINGS + files}
     inputs = {f"model {name}": patcher.fingerprint(path) for name, path in models.items()}
@@ -1245,7 +1246,8 @@ def result_settings(args, models):
     for flag in files[3:]:
         for name, path in named(getattr(args, flag), f"--{flag.replace('_', '-')}", strip_ext=True).items():
             inputs[f"{flag} {name}"] = data_fingerprint(path)
-    return {**flags, "inputs": inputs}
+    defaults = {a.dest: a.default for a in get_parser()._actions if a.option_strings}
+    return {**flags, "inputs": inputs, "defaults": {k: defaults.get(k) for k in flags}}  # (patcher.settings)
 
 
 class Kept:

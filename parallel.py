@@ -429,7 +429,7 @@ def run(args):
     patcher.check_resume(args, out)  # before the demo writes anything
     if args.model is None:
         patcher.make_demo(args, out, rank)
-    run_settings = patcher.settings(args, world)
+    run_settings = patcher.settings(args, world, get_parser())
     if args.resume:
         patcher.check_finished(out, run_settings)  # every rank: a finished run has nothing to do
     half = world // 2

@@ -1290,20 +1290,28 @@ def fingerprint(path):
     return {"path": str(path), "sha256": {f.name: sha256(f, f.suffix == ".safetensors") for f in files}}
 
 
-def settings(args, world):
-    """What a resume must match: every flag that changes what the run computes, the world size, and the
-    fingerprint of each input (not its path)."""
-    flags = {k: v for k, v in vars(args).items() if k not in NOT_RUN_SETTINGS + INPUT_FLAGS}
+def settings(args, world, parser=None):
+    """What a resume must match: the flags this run reads that change what it computes (a defense's own flags only
+    under its --mode: mode_of), the world size and the fingerprint of each input (not its path). "defaults" holds
+    each of those flags' default in the program that runs (`parser`, patcher.py's by default): a flag added after a
+    run was made is missing from its settings, and compares as its default, which is how that run ran."""
+    defaults = {a.dest: a.default for a in (parser or get_parser())._actions if a.option_strings}
+    mode = getattr(args, "mode", None)
+    flags = {k: v for k, v in vars(args).items() if k not in NOT_RUN_SETTINGS + INPUT_FLAGS
+             and ("all" in mode_of(k) or mode in mode_of(k))}
     inputs = {k: fingerprint(getattr(args, k)) for k in INPUT_FLAGS if getattr(args, k) is not None}
-    return {**flags, "world_size": world, "inputs": inputs}
+    return {**flags, "world_size": world, "inputs": inputs, "defaults": {k: defaults.get(k) for k in flags}}
 
 
 def changed_settings(saved, now):
     """How this run differs from a checkpoint's settings: ([each changed flag, with both values], [each input
     whose content differs, named by its flag and its path now, or given to only one of the two runs])."""
     flag = lambda k: k.replace("_", " ") if k == "world_size" else "--" + k.replace("_", "-")
-    keys = sorted((set(saved) | set(now)) - {"inputs"})
-    flags = [f"{flag(k)} {saved.get(k)!r} (now {now.get(k)!r})" for k in keys if saved.get(k) != now.get(k)]
+    # what this run reads; a flag the saved run did not record (added since) ran as its default; a flag only the saved
+    # run recorded (another mode's, or one since removed) is not read now
+    default = now.get("defaults", {})
+    was = {k: saved[k] if k in saved else default.get(k) for k in now if k not in ("inputs", "defaults")}
+    flags = [f"{flag(k)} {was[k]!r} (now {now[k]!r})" for k in sorted(was) if was[k] != now[k]]
     inputs, then = [], saved.get("inputs", {})
     for k in sorted(set(then) | set(now["inputs"])):
         a, b = then.get(k), now["inputs"].get(k)

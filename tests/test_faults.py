@@ -133,6 +133,36 @@ def test_resume_refuses_changed_settings_and_keeps_config(tmp_path, finished_run
     assert (out / "done.json").exists()
 
 
+def test_a_run_made_before_a_new_flag_resumes_after_it(tmp_path, finished_run, monkeypatch):
+    """A fork adds a flag with a default (here --probe): a run made before it resumes, finished or not (its settings
+    miss the flag: it ran as the default does), and the flag set to another value is refused, naming it. A run's
+    identity is what its mode reads: --mode sft's settings hold no Patcher or Vaccine flag."""
+    out = shutil.copytree(finished_run, tmp_path / "run")
+    real = patcher.get_parser
+
+    def forked():
+        p = real()
+        p.add_argument("--probe", type=float, default=0.5, help="a flag a fork added")
+        return p
+    monkeypatch.setattr(patcher, "get_parser", forked)
+    args = ["--out", str(out), *map(str, FAST), "--save-every", "5", "--resume"]
+
+    def settings(argv):  # of the demo run in `out` (make_demo points the flags at its files)
+        a = patcher.parse_args(argv)
+        a.model, a.safe_data, a.unsafe_data = str(out / "base"), str(out / "data" / "safe.jsonl"), str(out / "data" / "unsafe.jsonl")
+        return patcher.settings(a, 1)
+    with pytest.raises(patcher.Finished):  # finished before the flag existed: nothing to do
+        patcher.check_finished(out, settings(args))
+    (out / "checkpoints" / "latest").write_text("step-0000010")  # resumed from its older checkpoint
+    (out / "done.json").unlink()
+    patcher.run(patcher.parse_args(args))
+    assert [r["step"] for r in rows(out) if r["phase"] != "inner_attack"] == list(range(1, 12))
+    with pytest.raises(patcher.RunError, match=r"--probe 0.5 \(now 0.7\)"):
+        patcher.check_finished(out, settings([*args, "--probe", "0.7"]))
+    sft = patcher.settings(patcher.parse_args(["--out", str(tmp_path / "sft"), "--mode", "sft"]), 1)
+    assert "alpha" not in sft and "inner_steps" not in sft and "vaccine_rho" not in sft and sft["lr"] == 5e-4
+
+
 # --- 4. resume after a kill between a checkpoint's rename and the switch of `latest` -------------
 
 def test_resume_passes_a_checkpoint_that_latest_never_named(tmp_path, demo_base):
