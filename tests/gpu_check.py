@@ -180,6 +180,13 @@ def qwen_checkpoint():
     return ckpt, cfg
 
 
+def distributed(precision):
+    """This process's one-rank process group, as patcher.py makes it, made once for every check that needs one."""
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        patcher.init_distributed(precision)
+
+
 @contextlib.contextmanager
 def counted_syncs():
     """A list that fills with one entry per host sync torch.cuda's sync debug mode sees inside (GPU only)."""
@@ -203,7 +210,7 @@ def _():
     on CUDA), fused AdamW; the defenses' updates against an SFT step."""
     ckpt, cfg = qwen_checkpoint()
     flags = patcher.get_parser().parse_args([])  # the defaults: --precision bf16 on a GPU that has it
-    patcher.init_distributed(flags.precision)
+    distributed(flags.precision)
     model = patcher.build_model(ckpt, dev, flags)
     opt = patcher.make_optimizer(model.parameters(), 1e-5)
     batch = [sft_batch(cfg["vocab_size"], 4, 1024 if GPU else 32)]
@@ -228,6 +235,58 @@ def _():
     if GPU:
         yield ("host syncs per update (torch.cuda sync debug mode; ours: 1)", ", ".join(syncs), True)
     del model, opt, buf, delta
+
+
+def planned_and_measured(ckpt, cfg, precision, seq, phases_run):
+    """{phase: (planned bytes, measured peak bytes or None)} of one rank's steps on a batch of one `seq`-token row,
+    half of it supervised: the memory plan (patcher.training_plan) against torch.cuda's peak of each phase."""
+    flags = patcher.get_parser().parse_args(["--precision", precision, "--max-len", str(seq), "--batch-size", "1",
+                                             "--inner-batch-size", "1", "--inner-steps", "1"])
+    scored = seq - 1 - int(seq * 0.5)
+    lengths = {s: patcher.Lengths(1, None, [seq], [scored], seq, "gpu_check") for s in ("safe", "unsafe")}
+    planned = patcher.training_plan(flags, ModelConfig.from_hf(cfg), patcher.param_shapes(ModelConfig.from_hf(cfg)),
+                                    lengths, 1, dev.type)
+    out = {phase: (sum(planned[phase].values()), None) for phase in phases_run}
+    if not GPU:  # the plan alone (tests/test_memory_plan.py measures the CPU's)
+        return out
+    distributed(precision)
+    model = patcher.build_model(ckpt, dev, flags)
+    opt = patcher.make_optimizer(model.parameters(), 1e-5)
+    batch = [sft_batch(cfg["vocab_size"], 1, seq)]
+    buf = patcher.snapshot(model) if "defender step" in phases_run else None
+    steps = {"warmup": lambda: patcher.sft_step(model, opt, batch),
+             "inner attack": lambda: patcher.inner_attack(model, iter(lambda: batch, None), flags, theta_buffer=buf)[0],
+             "defender step": lambda: patcher.defender_step(model, opt, batch, delta, 0.5, theta_buffer=buf)}
+    delta = None
+    for phase in phases_run:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        result = steps[phase]()
+        if phase == "inner attack":
+            delta = result
+        torch.cuda.synchronize()
+        out[phase] = (out[phase][0], torch.cuda.max_memory_allocated())
+    del model, opt, buf, delta
+    return out
+
+
+@check("memory against the plan", needs=60 if GPU else 0)
+def _():
+    """A 4k-token row through the 1.5B shape: the warmup step, an inner attack step and a defender step in bf16, an
+    SFT step in fp32 (whose grouped-query attention must not fall back to SDPA's math kernel: T x T scores per head,
+    which the plan does not hold). The plan may overestimate; measured above it by 20% is a run that dies."""
+    ckpt, cfg = qwen_checkpoint()
+    seq = 4096 if GPU else 64
+    for precision, phases_run in (("bf16", ("warmup", "inner attack", "defender step")), ("fp32", ("warmup",))):
+        if precision == "bf16" and not GPU:
+            continue
+        got = planned_and_measured(ckpt, cfg, precision, seq, phases_run)
+        cells = [f"{phase} {planned / 2**30:.1f}" + (f" / {peak / 2**30:.1f} ({peak / planned:.2f})" if peak else "")
+                 for phase, (planned, peak) in got.items()]
+        ok = all(peak is None or peak <= 1.2 * planned for planned, peak in got.values())
+        yield (f"peak GiB planned / measured (ratio), 1.5B shape, 1 x {seq} tokens, {precision}", ", ".join(cells), ok)
+        if GPU:
+            torch.cuda.empty_cache()
 
 
 # --- 3. decoding ------------------------------------------------------------------------------------------------------
