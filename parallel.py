@@ -445,7 +445,7 @@ HONOURED = {"model", "safe_data", "unsafe_data", "safe_format", "unsafe_format",
             "inner_steps", "defend_steps", "reset_optimizer", "retain_weight", "lr", "weight_decay", "max_grad_norm",
             "batch_size", "inner_lr", "inner_weight_decay", "inner_max_grad_norm", "inner_batch_size", "micro_batch_size",
             "group_by_length", "seed", "out", "export_dtype", "precision", "activation_checkpointing", "compile",
-            "fused_adamw", "debug", "list_flags", "save_every", "resume", "collective_timeout"}
+            "fused_adamw", "debug", "list_flags", "save_every", "resume", "collective_timeout", "log_every"}
 WHY_NOT = {}  # dest -> why parallel.py refuses it, where there is more to say than that it does not honour it
 
 

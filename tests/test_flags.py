@@ -201,6 +201,13 @@ def check_collective_timeout(base, rs, ctx):
     assert ctx["calls"]["timeouts"] == [123.0] and phases(rs) == phases(base)
 
 
+def check_log_every(base, rs, ctx):
+    """A step line every 5 steps, and always the first, the last and each inner attack's; metrics.jsonl keeps every step."""
+    printed = [int(line.split()[1].split("/")[0]) for line in ctx["stdout"].splitlines() if line.startswith("step ")]
+    assert printed == [1, 5, 10, 11] and ctx["stdout"].count("inner attack, round") == 2, ctx["stdout"]
+    unchanged()(base, rs, ctx)
+
+
 # flag -> (argv, check); argv may be a function of the baseline (for the cases that name its files) and of tmp_path
 CASES = {
     "model": (lambda b, t: explicit(b), unchanged()),
@@ -255,6 +262,7 @@ CASES = {
     "precision": (["--precision", "bf16"], check_precision),  # a one-rank gloo group in this process: closed after
     "collective_timeout": (["--collective-timeout", "123", "--precision", "bf16"], check_collective_timeout),
     "list_flags": ("list_flags", check_list_flags),
+    "log_every": (["--log-every", "5"], check_log_every),
 }
 
 
@@ -299,6 +307,7 @@ def test_flag_changes_exactly_what_it_should(flag, baseline, demo_base, tmp_path
     monkeypatch.setattr(patcher.torch.optim, "AdamW", adamw)
     monkeypatch.setattr(patcher.dist, "init_process_group", init_process_group)
     monkeypatch.setattr(patcher, "compile_blocks", compile_blocks)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # patcher.main (the debug case) leaves this process's threads as they are
     out = tmp_path / "run"
     capsys.readouterr()
     if argv == "list_flags":
@@ -395,6 +404,7 @@ INHERITED_ELSEWHERE = {  # flag -> why it is not in the combined run
     "compile": "patcher.build_model, which parallel.py calls", "fused_adamw": "patcher.make_optimizer, called with it",
     "debug": "patcher.main, which parallel.py runs under",
     "collective_timeout": "patcher.init_distributed, called with it",
+    "log_every": "patcher.Log, which parallel.py's defender logs with (patcher.start_run)",
 }
 
 
