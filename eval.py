@@ -668,8 +668,10 @@ class Panel(NamedTuple):
     span: int = 1  # the columns of the figure's grid it takes
 
 
-def wrap(panels, legend, cols=3):
-    """Panels in rows of `cols`, the legend (its title) beside the first row."""
+def wrap(panels, legend, cols=None):
+    """Panels in rows of `cols` (default: up to three in one row, four as two by two, more three to a row), the legend
+    (its title) beside the first row."""
+    cols = cols or (len(panels) if len(panels) <= 3 else 2 if len(panels) == 4 else 3)
     rows = [panels[i:i + cols] for i in range(0, len(panels), cols)]
     rows[0][-1] = rows[0][-1]._replace(legend=legend)
     return rows
@@ -768,21 +770,28 @@ def attack_axis(rows):
 
 
 def plot_curve(report, path):
-    """report.md's robustness.png: ASR against attack steps, a panel per harmful eval set, a line per model (colour)
-    and attack (marker and dash), shaded with its 95% Wilson interval."""
-    key = next(k for k in ("asr_llm", "asr_guard", "asr_keyword") if any(k in r for r in report["rows"]))
+    """report.md's robustness.png: ASR against attack steps, shaded with its 95% Wilson interval. With an attack suite
+    a panel per model (and harmful eval set) and a line per attack; without, a panel per set and a line per model."""
+    key = next(k for k in WORST_KEYS if any(r.get(k) is not None for r in report["rows"]))  # the tables' headline ASR
     pairs = subjects(report["rows"])
     models, attacks = list(dict.fromkeys(m for m, _ in pairs)), list(dict.fromkeys(a for _, a in pairs))
+    sets = list(dict.fromkeys(r["set"] for r in report["rows"] if r["kind"] == "harmful"))
     panels = []
-    for s in dict.fromkeys(r["set"] for r in report["rows"] if r["kind"] == "harmful"):
-        curves = {(f"{m} · {a}" if a else m): c._replace(colour=models.index(m), shape=attacks.index(a))
-                  for m, a in pairs for c in [series([report], key, m, a, s)] if c is not None}
-        panels.append(Panel(f"eval set: {s}", curves))
+    for s in sets:
+        if len(attacks) > 1:
+            panels += [Panel(f"{m}: each attack" + f", eval set {s}" * (len(sets) > 1), {
+                a: c._replace(colour=len(models) + j, shape=j) for j, a in enumerate(attacks)
+                for c in [series([report], key, m, a, s)] if c is not None}) for m in models]
+        else:
+            panels.append(Panel(f"eval set: {s}", {m: c._replace(colour=i, shape=i) for i, m in enumerate(models)
+                                                   for c in [series([report], key, m, attacks[0], s)] if c is not None}))
     if not panels:
         return None
     k1 = inner_steps([report])
-    return plot(wrap(panels, "model · attack" if any(attacks) else "model"), path, attack_axis(report["rows"]), HARMFUL_KEYS[key] + " (%)",
-                f"{HARMFUL_KEYS[key]} after k attack steps; {shading(1)}", steps=True, marks={k1: "k1"} if k1 else None)
+    return plot(wrap(panels, "attack" if len(attacks) > 1 else "model"), path, attack_axis(report["rows"]),
+                HARMFUL_KEYS[key] + " (%)", f"{HARMFUL_KEYS[key]}" + f" on eval set {sets[0]}" * (len(sets) == 1)
+                + f" after k attack steps; {shading(1)}", steps=True,
+                marks={k1: "k1"} if k1 else None)
 
 
 def read_json(path, text=None):
@@ -1124,11 +1133,11 @@ def plot_worst_case(reports, per, key, path):
         below.append(Panel(f"{m}: each attack", curves))
     if not below:
         return None
-    below = wrap(below, "attack")  # three to a row, the attacks' legend beside the first
+    below = wrap(below, "attack", 2 if len(below) <= 4 else 3)  # the attacks' legend beside the first row
     k1 = inner_steps(reports)
     rows = [r for rep in reports for r in rep["rows"]]
     top = Panel(f"worst case over {len(attacks)} attacks: the highest ASR any reached within k steps", worst, "model",
-                span=max(1, len(below[0]) - 1))
+                span=len(below[0]) - (len(below[0]) > 2))  # beside it, room for its legend
     return plot([[top], *below], path, attack_axis(rows), f"{HARMFUL_KEYS[key]} (%)",
                 f"{HARMFUL_KEYS[key]} on eval set {first}; {shading(len(reports))}. Top: each model's worst case. "
                 f"Below, a panel per model: each attack's own curve, over the model's worst case in grey (in each seed the "

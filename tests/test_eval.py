@@ -535,17 +535,23 @@ def caption(fig):
 
 
 def test_robustness_curve_png(tmp_path):
+    """robustness.png: with an attack suite a panel per model and a labelled line per attack; without, a line per
+    model; symlog steps, the legend beside the panels, the Wilson shading named."""
     rows = [{"model": m, "attack": a, "attack_step": k, "set": "adv", "kind": "harmful", "asr_keyword": v,
              "asr_keyword_ci": [v / 2, (1 + v) / 2]}
             for m, vals in (("sft", (0.0, 0.9)), ("patcher", (0.0, 0.1))) for a in ("pure", "lr-x4") for k, v in zip((0, 10), vals)]
     fig = evaluate.plot_curve({"models": {"sft": {}, "patcher": {}}, "rows": rows}, tmp_path / "r.png")
     assert (tmp_path / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [ax.get_title() for ax in fig.axes] == ["sft: each attack", "patcher: each attack"]
+    assert legend_of(fig.axes[-1]) == ("attack", ["pure", "lr-x4"]) and legend_outside(fig, fig.axes[-1])
+    assert all(ax.get_xscale() == "symlog" for ax in fig.axes) and "95% Wilson interval (one seed)" in caption(fig)
+    styles = {(line.get_color(), line.get_marker(), line.get_linestyle()) for line in fig.axes[0].get_lines()
+              if line.get_label()[0] != "_"}
+    assert len(styles) == 2  # a colour, marker and dash per attack
+    fig = evaluate.plot_curve({"models": {}, "rows": [{**r, "attack": ""} for r in rows if r["attack"] == "pure"]},
+                              tmp_path / "r.png")
     ax, = fig.axes
-    assert legend_of(ax) == ("model · attack", ["sft · pure", "sft · lr-x4", "patcher · pure", "patcher · lr-x4"])
-    assert legend_outside(fig, ax) and ax.get_xscale() == "symlog" and ax.get_title() == "eval set: adv"
-    assert "95% Wilson interval (one seed)" in caption(fig)
-    styles = {(line.get_color(), line.get_marker(), line.get_linestyle()) for line in ax.get_lines() if line.get_label()[0] != "_"}
-    assert len(styles) == 4  # a colour per model, a marker and dash per attack: no two curves alike
+    assert legend_of(ax) == ("model", ["sft", "patcher"]) and ax.get_title() == "eval set: adv"
 
 
 def sweep_reports(tmp_path, runs, settings=None):
@@ -672,7 +678,8 @@ def test_worst_case_figure_labels_each_attack_and_its_shading(tmp_path, monkeypa
     top, *below = fig.axes
     assert legend_of(top) == ("model", ["sft", "patcher", "base"]) and legend_outside(fig, top)
     assert [ax.get_title() for ax in below] == ["sft: each attack", "patcher: each attack", "base: each attack"]
-    assert legend_of(below[-1]) == ("attack", ["worst case", "harmful", "poisoned"]) and legend_outside(fig, below[-1])
+    legend, = [ax for ax in below if ax.get_legend()]  # one, beside the first row
+    assert legend_of(legend) == ("attack", ["worst case", "harmful", "poisoned"]) and legend_outside(fig, legend)
     assert all(ax.get_xscale() == "symlog" for ax in fig.axes) and "mean ± std over 2 seeds" in caption(fig)
     styles = [(line.get_marker(), str(line.get_linestyle())) for line in top.get_lines() if line.get_label()[0] != "_"]
     assert len(set(styles)) == 3  # base's line at 100% does not hide SFT's: another marker and dash
@@ -845,6 +852,8 @@ def test_worst_case_takes_the_maximum_names_its_attack_and_that_models_usefulnes
     text = evaluate.worst_case([report], tmp_path)
     assert (tmp_path / "worst_case.md").read_text() == text
     assert "| m | adv | 10.0 before any attack | 60.0 by b | 60.0 by b, a |" in text  # an attack's name after "by"
+    # over seeds: the attacks that reached it, and how many seeds had it before any attack
+    assert evaluate.reached([["no attack", "a@10"], ["b@20"]]) == "by b (1 of 2 seeds: before any attack)"
     # in harmful examples seen: b reached 60% with 10 x 0.8 = 8, a only with 20 x 4 = 80
     assert "| m | adv | 8 | 60.0 | b@10 |" in text and "| m | adv | 80 |" not in text
     # over two seeds: mean ± std of each seed's worst case, and each seed's attack
