@@ -873,14 +873,15 @@ def sweep(paths, flag, out):
             lines.append("")
     (Path(out) / "sweep.md").write_text("\n".join(lines))
     metric = next(k for k in WORST_KEYS if k in cells)
-    panels = []
+    panels, Ts = [], sorted({T for rows in cells[metric].values() for T in rows})  # a T keeps its style in every panel
     for s, rows in cells[metric].items():
         curves = {f"T={T}": Curve([i for i, v in enumerate(values) if v in row],
-                                  *zip(*(point(row[v], metric) for v in values if v in row)), colour=t, shape=t)
-                  for t, (T, row) in enumerate(sorted(rows.items()))}
+                                  *zip(*(point(row[v], metric) for v in values if v in row)), Ts.index(T), Ts.index(T))
+                  for T, row in sorted(rows.items())}
         panels.append(Panel(name(s), curves))
     png = plot(wrap(panels, "test-time attack\nsteps T"), Path(out) / "sweep.png", axis_name(flag), f"{HARMFUL_KEYS[metric]} (%)",
-               f"{HARMFUL_KEYS[metric]} after T test-time attack steps against {axis_name(flag)}; {shading(seeds)}",
+               f"{HARMFUL_KEYS[metric]} after T test-time attack steps against {axis_name(flag)}"
+               + " (0: the SFT baseline)" * (flag == "inner-steps") + f"; {shading(seeds)}",
                xticks=values)
     return "\n".join(lines) + ("" if png else "\n(no sweep.png: matplotlib is not installed)") + "\n"
 

@@ -588,13 +588,17 @@ def test_sweep_table_from_known_reports(tmp_path):
 
 def test_sweep_figure_names_the_flag_by_its_symbol_and_each_curve(tmp_path, monkeypatch):
     figures = captured_figures(monkeypatch)
-    runs = [{f"inner-steps:{k}": {"pure": {0: 0.0, 10: v, 40: 1.0}} for k, v in (("0", 1.0), ("5", 0.4), ("20", 0.0))}] * 2
+    runs = [{f"inner-steps:{k}": {"pure": {0: 0.0, 10: v, 40: 1.0}, "poisoned": {0: 0.0, 40: v}}
+             for k, v in (("0", 1.0), ("5", 0.4), ("20", 0.0))}] * 2
     evaluate.sweep(sweep_reports(tmp_path, runs), "inner-steps", tmp_path)
-    ax, = figures[-1].axes
-    assert (tmp_path / "sweep.png").exists() and ax.get_xlabel() == "k1 (--inner-steps)"
-    assert [t.get_text() for t in ax.get_xticklabels()] == ["0", "5", "20"]
-    assert legend_of(ax) == ("test-time attack\nsteps T", ["T=0", "T=10", "T=40"]) and legend_outside(figures[-1], ax)
-    assert "mean ± std over 2 seeds" in caption(figures[-1]) and ax.get_title() == "attack pure, eval set h"
+    pure, poisoned = figures[-1].axes
+    assert (tmp_path / "sweep.png").exists() and pure.get_xlabel() == "k1 (--inner-steps)"
+    assert [t.get_text() for t in pure.get_xticklabels()] == ["0", "5", "20"]
+    assert legend_of(poisoned) == ("test-time attack\nsteps T", ["T=0", "T=10", "T=40"])
+    assert legend_outside(figures[-1], poisoned)
+    assert "mean ± std over 2 seeds" in caption(figures[-1]) and pure.get_title() == "attack pure, eval set h"
+    style = lambda ax: {line.get_label(): (line.get_color(), line.get_marker()) for line in ax.get_lines()}
+    assert style(poisoned)["T=40"] == style(pure)["T=40"]  # poisoned has no T=10: its T=40 is drawn as the legend says
 
 
 def defense_reports(tmp_path, seeds=(0, 1)):
