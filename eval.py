@@ -585,10 +585,6 @@ def subjects(rows):
     return list(dict.fromkeys((r["model"], r.get("attack", "")) for r in rows))
 
 
-def label(model, attack):
-    return f"{model} / {attack}" if attack else model
-
-
 def steps_of(rows):
     return sorted({r["attack_step"] for r in rows})
 
