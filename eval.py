@@ -35,6 +35,7 @@ from base64 import b64encode
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from argparse import Namespace
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -584,74 +585,209 @@ def subjects(rows):
     return list(dict.fromkeys((r["model"], r.get("attack", "")) for r in rows))
 
 
-def label(model, attack):
-    return f"{model} / {attack}" if attack else model
-
-
 def steps_of(rows):
     return sorted({r["attack_step"] for r in rows})
 
 
+def share(rows, key):
+    """One table cell of `key` over rows of several reports (seeds, one row each): "mean ± std" in % (the population
+    std), or for one row "% [95% Wilson interval]"; "–" where none has it."""
+    rows = [r for r in rows if r.get(key) is not None]
+    if len(rows) < 2:
+        return pct(rows[0][key], rows[0].get(key + "_ci")) if rows else "–"
+    vals = [100 * r[key] for r in rows]
+    return f"{np.mean(vals):.1f} ± {np.std(vals):.1f}"
+
+
+# A row of a table is a model, and with an attack suite the attack it met: both are columns of their own, apart from the
+# eval set, because a suite's attack and an eval set may share a name (the demo's "harmful" is both).
 def markdown(report):
     """report.md: per harmful metric a table of ASR by attack step, then usefulness; 95% Wilson intervals."""
     rows = report["rows"]
     steps = steps_of(rows)
     get = {(r["model"], r.get("attack", ""), r["attack_step"], r["set"]): r for r in rows}
-    head = lambda: ["| model | set | " + " | ".join(f"k={s}" for s in steps) + " |", "|---|---|" + "---:|" * len(steps)]
+    suite = any(a for _, a in subjects(rows))
+    head = lambda: ["| model | " + "attack | " * suite + "eval set | " + " | ".join(f"k={s}" for s in steps) + " |",
+                    "|---|" + "---|" * suite + "---|" + "---:|" * len(steps)]
     attacks = {n: a for n, a in report.get("attacks", {}).items() if n}
     lines = ["# Evaluation report", "", f"{len(report['models'])} models, " + (
              f"{len(attacks)} attacks (--attacks): " + "; ".join(f"{n}: {a['flags'] or 'the command line'}, "
                                                                 f"{a['n_harmful']} harmful + {a['n_benign']} benign"
                                                                 for n, a in attacks.items())
              if attacks else f"attack: {report['attack_set']}") + "; cells: % [95% Wilson interval], n prompts per "
-             "cell in report.json", ""]
+             "cell in report.json; k: attack steps", ""]
     for kind, keys in (("harmful", HARMFUL_KEYS), ("other", {"accuracy": "accuracy", "over_refusal": "over-refusal"})):
         sets = list(dict.fromkeys(r["set"] for r in rows if (r["kind"] == "harmful") == (kind == "harmful")))
         for key, title in keys.items():
             if not any(key in r for r in rows if r["set"] in sets):
                 continue
             lines += [f"## {title} (%) after k attack steps", "", *head()]
-            lines += [f"| {label(m, a)} | {s} | " + " | ".join(pct(get.get((m, a, k, s), {}).get(key),
-                                                                   get.get((m, a, k, s), {}).get(key + "_ci"))
-                                                               for k in steps) + " |" for m, a in subjects(rows) for s in sets]
+            lines += [f"| {m} | " + f"{a} | " * suite + f"{s} | " + " | ".join(
+                pct(get.get((m, a, k, s), {}).get(key), get.get((m, a, k, s), {}).get(key + "_ci")) for k in steps) + " |"
+                for m, a in subjects(rows) for s in sets]
             lines.append("")
     return "\n".join(lines)
 
 
-def plot(curves, xlabel, ylabel, path, xticks=None, legend=None):
-    """A line plot of {label: (xs, ys, yerr or None)} into path; False (no file) without matplotlib."""
+# -----------------------------------------------------------------------------
+# The figures. matplotlib is optional (the runtime needs torch, numpy, tiktoken, safetensors only): without it no PNG
+# is drawn, and what would have drawn one says so. Each figure names what its shading is; the x axis of attack steps
+# is linear up to the first step and logarithmic beyond, where 0-40 steps would otherwise be squeezed into a corner.
+
+SYMBOLS = {"inner-steps": "k1", "defend-steps": "k2", "rounds": "M", "alpha": "α"}  # a flag's symbol in the paper
+# a curve's marker and dash: coincident curves stay visible (later markers are larger and hollow, earlier ones on top)
+SHAPES = [("o", "-"), ("s", (0, (6, 2))), ("^", (0, (6, 2, 1, 2))), ("D", (0, (2, 1.5))), ("v", (0, (8, 2, 1, 2, 1, 2))),
+          ("P", (0, (1, 1.2))), ("X", (0, (4, 1, 4, 4)))]
+
+
+def axis_name(flag):
+    """A swept flag as an axis or a table names it: its symbol in the paper and the flag, or the flag."""
+    return f"{SYMBOLS[flag]} (--{flag})" if flag in SYMBOLS else f"--{flag}"
+
+
+class Curve(NamedTuple):
+    """One line of a figure: ys (%) at xs, with `band` [(lo, hi)] shaded around it (or None); `colour` and `shape`
+    index the palette and SHAPES (a curve keeps both across panels); `behind`: wide, grey, under the others (the worst
+    case that the coloured curves of a panel make up)."""
+    xs: list
+    ys: list
+    band: list = None
+    colour: int = 0
+    shape: int = 0
+    behind: bool = False
+
+
+class Panel(NamedTuple):
+    title: str
+    curves: dict  # label -> Curve
+    legend: str = None  # the title of a legend of its row's curves, outside the panel's right edge (None: no legend)
+    span: int = 1  # the columns of the figure's grid it takes
+
+
+def wrap(panels, legend, cols=None):
+    """Panels in rows of `cols` (default: up to three in one row, four as two by two, more three to a row), the legend
+    (its title) beside the first row."""
+    cols = cols or (len(panels) if len(panels) <= 3 else 2 if len(panels) == 4 else 3)
+    rows = [panels[i:i + cols] for i in range(0, len(panels), cols)]
+    rows[0][-1] = rows[0][-1]._replace(legend=legend)
+    return rows
+
+
+def shading(n):
+    return f"shaded: mean ± std over {n} seeds" if n > 1 else "shaded: 95% Wilson interval (one seed)"
+
+
+def plot(rows, path, xlabel, ylabel, caption, steps=False, xticks=None, marks=None):
+    """Draw `rows` (lists of Panels, left to right) into path, y in % from 0 to 100, sharing both axes. steps: x is attack steps, on a symlog axis (linear to the first positive step, logarithmic beyond);
+    xticks: names of the categories at x = 0, 1, ...; marks: {x: name}, a dotted vertical line each (k1). `caption`
+    goes under the figure. Returns the Figure (drawn without pyplot: no global state), or None without matplotlib."""
     try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from matplotlib.figure import Figure
+        from matplotlib.ticker import NullLocator
     except ImportError:
-        return False
-    fig, ax = plt.subplots(figsize=(6, 4))
-    colors = {}
-    for name, (xs, ys, err, *style) in curves.items():  # style: (color key, faint) for a curve drawn behind
-        key, faint = style or (name, False)
-        line = ax.errorbar(xs, ys, err, marker="" if faint else "o", capsize=3, label=None if faint else name,
-                           alpha=0.2 if faint else 1.0, color=colors.get(key), linewidth=1 if faint else 1.8)
-        colors.setdefault(key, line.lines[0].get_color())
-    ax.set(xlabel=xlabel, ylabel=ylabel, ylim=(-2, 102), **({"xticks": range(len(xticks)), "xticklabels": xticks} if xticks else {}))
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, title=legend)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
+        return None
+    cols = max(sum(p.span for p in r) for r in rows)
+    xs = sorted({x for row in rows for panel in row for c in panel.curves.values() for x in c.xs})
+    steps = steps and any(x > 0 for x in xs)  # every panel on the same axis: its ticks at every step of any panel
+    # no layout engine: a legend outside a panel's right edge lies over the empty cell beside it, or past the
+    # figure's edge, which the saved image's tight bounding box takes in; the margins are in inches
+    width, height = 0.9 + 3.6 * cols, 0.9 + 3.4 * len(rows)
+    fig = Figure(figsize=(width, height))
+    grid = fig.add_gridspec(len(rows), cols, left=0.7 / width, right=1 - 0.2 / width, bottom=0.6 / height,
+                            top=1 - 0.4 / height, wspace=0.25, hspace=0.42)
+    first = None
+    for i, row in enumerate(rows):
+        handles = {}  # label -> the line, for the row's legend
+        for j, panel in enumerate(row):
+            at = sum(p.span for p in row[:j])
+            ax = fig.add_subplot(grid[i, at:at + panel.span], sharey=first)
+            first = first or ax
+            for n, (name, c) in enumerate(panel.curves.items()):
+                colour = "0.75" if c.behind else f"C{c.colour % 10}"
+                marker, dash = SHAPES[c.shape % len(SHAPES)]
+                if c.band is not None:
+                    ax.fill_between(c.xs, [lo for lo, _ in c.band], [hi for _, hi in c.band], color=colour, alpha=0.15, lw=0)
+                line, = ax.plot(c.xs, c.ys, color=colour, ls="-" if c.behind else dash, lw=7 if c.behind else 1.6,
+                                marker=None if c.behind else marker, ms=4.5 + (c.shape % len(SHAPES)),
+                                mfc=colour if c.shape % len(SHAPES) == 0 else "none", mew=1.3, label=name,
+                                zorder=1 if c.behind else 10 - c.shape % len(SHAPES), solid_capstyle="butt")
+                handles.setdefault(name, line)
+            if steps:
+                ax.set_xscale("symlog", linthresh=min(x for x in xs if x > 0), linscale=0.6)
+                ax.set_xticks(xs, [f"{x:g}" for x in xs])
+                ax.xaxis.set_minor_locator(NullLocator())
+            elif xticks is not None:
+                ax.set_xticks(range(len(xticks)), xticks)
+            for x, name in (marks or {}).items():
+                ax.axvline(x, color="0.35", ls=":", lw=1, zorder=0)
+                ax.text(x, 1.01, name, transform=ax.get_xaxis_transform(), ha="center", va="bottom", fontsize=8)
+            ax.set_title(panel.title, fontsize=9, pad=12)
+            ax.set_xlabel(xlabel, fontsize=8)
+            ax.set_ylabel(ylabel if j == 0 else "", fontsize=8)
+            ax.set_ylim(-4, 104)
+            ax.tick_params(labelsize=8)
+            ax.grid(alpha=0.3)
+            if panel.legend is not None:
+                ax.legend(handles.values(), handles.keys(), title=panel.legend, loc="upper left", bbox_to_anchor=(1.02, 1),
+                          borderaxespad=0, fontsize=8, title_fontsize=8, frameon=False, handlelength=3.2)
+    fig.text(0.7 / width, 0.0, caption, ha="left", va="top", fontsize=8, wrap=True)
+    fig.savefig(path, dpi=120, bbox_inches="tight", format="png")
+    return fig
+
+
+def series(reports, key, model, attack, set_):
+    """The Curve of `key` (%) against attack steps of one model, attack and eval set: over several reports (seeds) the
+    mean, shaded ± its std; over one, its value, shaded with its 95% Wilson interval. None where no report has it."""
+    at = {}
+    for rep in reports:
+        for r in rep["rows"]:
+            if (r["model"], r.get("attack", ""), r["set"]) == (model, attack, set_) and r.get(key) is not None:
+                at.setdefault(r["attack_step"], []).append(r)
+    if not at:
+        return None
+    return Curve(sorted(at), *zip(*(point(at[k], key) for k in sorted(at))))
+
+
+def point(rows, key):
+    """(y, (lo, hi)) in % of one curve point: the mean ± std over rows of several reports (within 0-100), one row's
+    Wilson interval."""
+    vals = [100 * r[key] for r in rows]
+    if len(rows) > 1:
+        mean, std = float(np.mean(vals)), float(np.std(vals))
+        return mean, (max(0.0, mean - std), min(100.0, mean + std))
+    ci = rows[0].get(key + "_ci") or [None, None]
+    return vals[0], ((100 * ci[0], 100 * ci[1]) if ci[0] is not None else (vals[0], vals[0]))
+
+
+def attack_axis(rows):
+    """The x label of attack steps, saying where the axis turns logarithmic."""
+    first = min((k for k in steps_of(rows) if k > 0), default=None)
+    return "test-time attack steps k" + (f" (linear to {first}, log beyond)" if first else "")
 
 
 def plot_curve(report, path):
-    """report.md's robustness.png: ASR against attack steps, one line per (model, harmful set)."""
-    key = next(k for k in ("asr_llm", "asr_guard", "asr_keyword") if any(k in r for r in report["rows"]))
-    curves = {}
-    for m, a in subjects(report["rows"]):
-        for s in dict.fromkeys(r["set"] for r in report["rows"] if r["kind"] == "harmful"):
-            pts = sorted((r["attack_step"], 100 * r[key]) for r in report["rows"]
-                         if (r["model"], r.get("attack", "")) == (m, a) and r["set"] == s and r.get(key) is not None)
-            curves[f"{label(m, a)} ({s})"] = ([x for x, _ in pts], [y for _, y in pts], None)
-    return plot(curves, "attack steps", HARMFUL_KEYS[key] + " (%)", path)
+    """report.md's robustness.png: ASR against attack steps, shaded with its 95% Wilson interval. With an attack suite
+    a panel per model (and harmful eval set) and a line per attack; without, a panel per set and a line per model."""
+    key = next(k for k in WORST_KEYS if any(r.get(k) is not None for r in report["rows"]))  # the tables' headline ASR
+    pairs = subjects(report["rows"])
+    models, attacks = list(dict.fromkeys(m for m, _ in pairs)), list(dict.fromkeys(a for _, a in pairs))
+    sets = list(dict.fromkeys(r["set"] for r in report["rows"] if r["kind"] == "harmful"))
+    panels = []
+    for s in sets:
+        if len(attacks) > 1:
+            panels += [Panel(f"{m}: each attack" + f", eval set {s}" * (len(sets) > 1), {
+                a: c._replace(colour=len(models) + j, shape=j) for j, a in enumerate(attacks)
+                for c in [series([report], key, m, a, s)] if c is not None}) for m in models]
+        else:
+            panels.append(Panel(f"eval set: {s}", {m: c._replace(colour=i, shape=i) for i, m in enumerate(models)
+                                                   for c in [series([report], key, m, attacks[0], s)] if c is not None}))
+    if not panels:
+        return None
+    k1 = inner_steps([report])
+    return plot(wrap(panels, "attack" if len(attacks) > 1 else "model"), path, attack_axis(report["rows"]),
+                HARMFUL_KEYS[key] + " (%)", f"{HARMFUL_KEYS[key]}" + f" on eval set {sets[0]}" * (len(sets) == 1)
+                + f" after k attack steps; {shading(1)}", steps=True,
+                marks={k1: "k1"} if k1 else None)
 
 
 def read_json(path, text=None):
@@ -676,6 +812,7 @@ def summarize(paths):
     rows = [r for rep in reports for r in rep["rows"]]
     steps = steps_of(rows)
     keys = [k for k in (*HARMFUL_KEYS, "accuracy", "over_refusal") if any(k in r for r in rows)]
+    suite = any(a for _, a in subjects(rows))
 
     def cell(m, a, s, k, key):
         vals = [r[key] for r in rows if (r["model"], r.get("attack", ""), r["set"], r["attack_step"]) == (m, a, s, k)
@@ -683,49 +820,163 @@ def summarize(paths):
         return (pct(vals[0]) if vals else "–") if len(vals) < 2 else spread(vals)
 
     lines = [f"{len(reports)} report(s), mean ± std (population) and the per-report values: " + ", ".join(map(str, paths)),
-             "", "| model | metric (%) | " + " | ".join(f"k={s}" for s in steps) + " |", "|---|---|" + "---:|" * len(steps)]
+             "", "| model | " + "attack | " * suite + "metric (%) | " + " | ".join(f"k={s}" for s in steps) + " |",
+             "|---|" + "---|" * suite + "---|" + "---:|" * len(steps)]
     for m, a in subjects(rows):
         for key in keys:
             sets = list(dict.fromkeys(r["set"] for r in rows if key in r))
-            lines += [f"| {label(m, a)} | {key}{f' ({s})' if len(sets) > 1 else ''} | "
+            lines += [f"| {m} | " + f"{a} | " * suite + f"{key}{f', eval set {s}' if len(sets) > 1 else ''} | "
                       + " | ".join(cell(m, a, s, k, key) for k in steps) + " |" for s in sets]
     return "\n".join(lines) + "\n"
 
 
 def sweep(paths, flag, out):
-    """The scaling view of a sweep over one flag (train.sh SWEEP): for each metric, mean ± std over the reports
-    (seeds) with the swept value across and the test-time attack steps T down, written to out/sweep.md; with
-    matplotlib, out/sweep.png: ASR against the swept value, one curve per T. A model's value is its name's
-    "FLAG:VALUE" (an alignment flag, one model per value), or the report's setting (an eval.py flag)."""
+    """The scaling view of a sweep over one flag (train.sh SWEEP) into out/sweep.md and, with matplotlib, out/sweep.png;
+    a sweep over --mode is the defenses side by side (comparison()). For each metric, attack and eval set a table of
+    the swept value across and the test-time attack steps T down: mean ± std over the reports (seeds), then each one's
+    value (one seed: % [95% Wilson interval]); the figure: ASR against the swept value, a curve per T, a panel per
+    attack. A model's value is its name's "FLAG:VALUE" (an alignment flag, one model per value), or the report's
+    setting (an eval.py flag, whose panels are per model too)."""
     reports = [read_json(p) for p in paths]
-    key, cells = flag.replace("-", "_"), {}
+    if flag == "mode":
+        return comparison(reports, out)
+    key, cells = flag.replace("-", "_"), {}  # metric -> (model, attack, set) -> T -> value -> [rows, one per report]
     for rep in reports:
+        in_settings = key in rep["settings"]
         for r in rep["rows"]:
-            in_settings = key in rep["settings"]
             if not in_settings and not r["model"].startswith(flag + ":"):
                 continue  # the base model, or a model outside the sweep
             value = str(rep["settings"][key]) if in_settings else r["model"].split(":", 1)[1]
-            series = r["model"] if in_settings else ""
+            series_ = (r["model"] if in_settings else "", r.get("attack", ""), r["set"])
             for metric in (*HARMFUL_KEYS, "accuracy", "over_refusal"):
                 if r.get(metric) is not None:
-                    cells.setdefault(metric, {}).setdefault((series, r["attack_step"]), {}).setdefault(value, []).append(r[metric])
+                    cells.setdefault(metric, {}).setdefault(series_, {}).setdefault(r["attack_step"], {}).setdefault(
+                        value, []).append(r)
     number = lambda v: (0, float(v)) if v.replace(".", "", 1).replace("e-", "", 1).isdigit() else (-1, 0.0)
-    values = sorted({v for m in cells.values() for row in m.values() for v in row}, key=lambda v: (*number(v), v))
-    lines = [f"Sweep over --{flag}: mean ± std over {len(reports)} report(s) (seeds), then each report's value; rows: "
-             f"test-time attack steps T", ""]
-    for metric, rows in cells.items():
-        lines += [f"## {HARMFUL_KEYS.get(metric, metric)} (%)", "", f"| T \\ {flag} | " + " | ".join(values) + " |",
-                  "|---|" + "---:|" * len(values)]
-        for (series, T), row in sorted(rows.items()):
-            lines.append(f"| {series + ' ' if series else ''}T={T} | " + " | ".join(
-                spread(row[v]) if v in row else "–" for v in values) + " |")
-        lines.append("")
+    values = sorted({v for m in cells.values() for s in m.values() for row in s.values() for v in row},
+                    key=lambda v: (*number(v), v))
+    seeds = max((len(rs) for m in cells.values() for s in m.values() for row in s.values() for rs in row.values()), default=0)
+    name = lambda s: ", ".join([*([s[0]] if s[0] else []), *([f"attack {s[1]}"] if s[1] else []), f"eval set {s[2]}"])
+    fmt = lambda rs, metric: share(rs, metric) if seeds == 1 else spread([r[metric] for r in rs])
+    lines = [f"Sweep over {axis_name(flag)}: " + ("% [95% Wilson interval], one seed" if seeds == 1 else
+             f"mean ± std over {seeds} seeds, then each seed's value") + "; rows: test-time attack steps T", ""]
+    for metric, by_series in cells.items():
+        for s, rows in by_series.items():
+            lines += [f"## {HARMFUL_KEYS.get(metric, metric)} (%): {name(s)}", "",
+                      f"| T \\ {axis_name(flag)} | " + " | ".join(values) + " |", "|---|" + "---:|" * len(values)]
+            lines += [f"| T={T} | " + " | ".join(fmt(row[v], metric) if v in row else "–" for v in values) + " |"
+                      for T, row in sorted(rows.items())]
+            lines.append("")
     (Path(out) / "sweep.md").write_text("\n".join(lines))
-    metric = next(k for k in ("asr_llm", "asr_guard", "asr_exact", "asr_keyword") if k in cells)
-    curves = {f"{series} T={T}".strip(): ([i for i, v in enumerate(values) if v in row], [100 * np.mean(row[v]) for v in values if v in row],
-                                          [100 * np.std(row[v]) for v in values if v in row]) for (series, T), row in sorted(cells[metric].items())}
-    png = plot(curves, f"--{flag}", f"{HARMFUL_KEYS[metric]} (%)", Path(out) / "sweep.png", values, "test-time attack steps")
+    metric = next(k for k in WORST_KEYS if k in cells)
+    panels, Ts = [], sorted({T for rows in cells[metric].values() for T in rows})  # a T keeps its style in every panel
+    for s, rows in cells[metric].items():
+        curves = {f"T={T}": Curve([i for i, v in enumerate(values) if v in row],
+                                  *zip(*(point(row[v], metric) for v in values if v in row)), Ts.index(T), Ts.index(T))
+                  for T, row in sorted(rows.items())}
+        panels.append(Panel(name(s), curves))
+    png = plot(wrap(panels, "test-time attack\nsteps T"), Path(out) / "sweep.png", axis_name(flag), f"{HARMFUL_KEYS[metric]} (%)",
+               f"{HARMFUL_KEYS[metric]} after T test-time attack steps against {axis_name(flag)}"
+               + " (0: the SFT baseline)" * (flag == "inner-steps") + f"; {shading(seeds)}",
+               xticks=values)
     return "\n".join(lines) + ("" if png else "\n(no sweep.png: matplotlib is not installed)") + "\n"
+
+
+def inner_steps(reports):
+    """k1 of the evaluated models that had an inner attack, from the config.json beside each one's final/ (patcher.py
+    and parallel.py write it there); None if none is found, or they differ (a sweep over k1)."""
+    found = set()
+    for rep in reports:
+        for info in rep.get("models", {}).values():
+            try:
+                config = json.loads((Path(info["path"]).parent / "config.json").read_text())
+                if patcher.DEFENSES[config["mode"]].inner_attack:
+                    found.add(int(config["inner_steps"]))
+            except (OSError, ValueError, KeyError, TypeError, AttributeError):
+                continue  # moved, or not a run of ours
+    return found.pop() if len(found) == 1 else None
+
+
+def alignment_seconds(out, seeds):
+    """{model: [seconds, one per alignment]} of the given seeds from train.sh's out/timing.tsv (seed, model, program,
+    ranks, threads, seconds per line), or {} without one."""
+    path, got = Path(out) / "timing.tsv", {}
+    for line in path.read_text().splitlines() if path.exists() else []:
+        f = line.split("\t")
+        try:
+            if f[0] in seeds:
+                got.setdefault(f[1], []).append(float(f[5]))
+        except (IndexError, ValueError):
+            continue
+    return got
+
+
+def comparison(reports, out):
+    """sweep.md and sweep.png of a sweep over --mode (train.sh SWEEP=mode=...): the models side by side, a row each,
+    as the README's part 5: ASR before any attack, after each attack at k1 and at that attack's largest step, the worst
+    case over the attacks within k1 and within the largest budget, over-refusal before any attack, and the alignment's
+    seconds (out/timing.tsv, when there). A table per harmful eval set; cells: mean ± std over the reports (seeds), or
+    one report's % [95% Wilson interval]. k1 is the inner attack's (inner_steps()); unknown, the first attack step."""
+    key = next((k for k in WORST_KEYS if any(r.get(k) is not None for rep in reports for r in rep["rows"])), None)
+    if key is None:
+        return "no harmful set was scored: nothing to compare"
+    rows = [r for rep in reports for r in rep["rows"]]
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    attacks = list(dict.fromkeys(r.get("attack", "") for r in rows if r.get(key) is not None))
+    sets = list(dict.fromkeys(r["set"] for r in rows if r["kind"] == "harmful" and r.get(key) is not None))
+    steps, k1 = steps_of(rows), inner_steps(reports)
+    at = k1 if k1 is not None else next((k for k in steps if k > 0), 0)
+    last = {a: max(r["attack_step"] for r in rows if r.get("attack", "") == a and r.get(key) is not None) for a in attacks}
+    budgets = [max((k for k in steps if k <= at), default=0), steps[-1]]
+    per = [worst_cases(rep, key) for rep in reports]
+    seconds = alignment_seconds(out, {str(rep["settings"].get("seed")) for rep in reports})
+    times = lambda k: ("" if k1 is None or k == 0 else " (k1)" if k == k1 else f" ({k / k1:g}×k1)")
+    find = lambda m, a, k, s: [r for r in rows if (r["model"], r.get("attack", ""), r["attack_step"], r["set"]) == (m, a, k, s)]
+    benign = any(r["kind"] == "benign" and r.get("over_refusal") is not None for r in rows)
+    head = (["model", "before any attack"] + [f"{a or 'attack'} k={k}{times(k)}" for a in attacks for k in dict.fromkeys((at, last[a]))]
+            + [f"worst, k ≤ {k}{times(k)}" for k in budgets] + ["benign refused before"] * bool(benign)
+            + ["seconds"] * bool(seconds))
+    lines = [f"# {len(models)} models compared: {', '.join(models)}", "",
+             f"{HARMFUL_KEYS[key]} (%) after k test-time attack steps; " + (
+                 f"mean ± std over {len(reports)} seeds (each seed's value: summary.md)" if len(reports) > 1 else
+                 "% [95% Wilson interval], one seed") + (f"; k1 = {k1}, the inner attack's steps" if k1 else "")
+             + f". worst: the highest ASR any of the {len(attacks)} attacks reached within the budget, by the attacks "
+               f"named" + (f"; benign refused: over-refusal on the benign sets before any attack" if benign else "")
+             + ("; seconds: the alignment's wall clock (timing.md)" if seconds else "") + "."]
+    for s in sets:
+        lines += ["", f"## eval set {s}", "", "| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+        for m in models:
+            before = next((found for a in attacks for found in [find(m, a, 0, s)] if found), [])
+            cells = [share(before, key)] + [share(find(m, a, k, s), key) for a in attacks for k in dict.fromkeys((at, last[a]))]
+            for k in budgets:
+                got = [w[(m, s)][k] for w in per if k in w.get((m, s), {})]
+                cells.append(share([row for row, _ in got], key) + (" " + reached([tied for _, tied in got]) if got else ""))
+            if benign:
+                cells.append(refused_before(reports, m, attacks[0]))
+            if seconds:
+                sec = seconds.get(m)
+                cells.append("–" if not sec else f"{np.mean(sec):.1f}" + (f" ± {np.std(sec):.1f}" if len(sec) > 1 else ""))
+            lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    (Path(out) / "sweep.md").write_text("\n".join(lines) + "\n")
+    png = plot_comparison(reports, per, key, models, attacks, sets[0], k1, Path(out) / "sweep.png")
+    return "\n".join(lines) + "\n" + ("" if png else "(no sweep.png: matplotlib is not installed)\n")
+
+
+def plot_comparison(reports, per, key, models, attacks, set_, k1, path):
+    """sweep.png of a --mode sweep: a panel per attack and one of the worst case over them, a line per model."""
+    panels = []
+    for a in attacks:
+        curves = {m: c._replace(colour=i, shape=i) for i, m in enumerate(models)
+                  for c in [series(reports, key, m, a, set_)] if c is not None}
+        panels.append(Panel(f"attack: {a}" if a else "the attack", curves))
+    if len(attacks) > 1:
+        panels.append(Panel(f"worst case over the {len(attacks)} attacks", {
+            m: c._replace(colour=i, shape=i) for i, m in enumerate(models) for c in [worst_curve(per, key, m, set_)] if c}))
+    rows = [r for rep in reports for r in rep["rows"]]
+    return plot(wrap(panels, "model"), path, attack_axis(rows), f"{HARMFUL_KEYS[key]} (%)",
+                f"{HARMFUL_KEYS[key]} on eval set {set_} after k attack steps; {shading(len(reports))}"
+                + ("; the worst case at k: the highest ASR any attack reached within k steps" if len(attacks) > 1 else ""),
+                steps=True, marks={k1: "k1"} if k1 else None)
 
 
 WORST_KEYS = ("asr_llm", "asr_guard", "asr_exact", "asr_keyword")  # the ASR a worst case is taken over, best first
@@ -755,6 +1006,16 @@ def worst_cases(report, key):
     return out
 
 
+def worst_curve(per, key, model, set_):
+    """The Curve of a model's worst case (%) against the budget over the reports' worst_cases: the mean shaded ± std
+    over several reports, or one report's value shaded with the Wilson interval of the attack that reached it."""
+    got = [w.get((model, set_), {}) for w in per]
+    steps = sorted(set.intersection(*[set(g) for g in got])) if got else []
+    if not steps:
+        return None
+    return Curve(steps, *zip(*(point([g[k][0] for g in got], key) for k in steps)))
+
+
 def usefulness(report, row):
     """The benign accuracy, over-refusal and task (GSM8K) accuracy of the model that `row` measured: the same model,
     attack and step; each the mean over its sets (None where not measured)."""
@@ -766,12 +1027,35 @@ def usefulness(report, row):
             "task accuracy": mean("gsm8k", "accuracy")}
 
 
+def reached(tied_per_report):
+    """Who reached a worst case, as a table cell says it, from each report's tied names (worst_cases): "by a, b", the
+    attacks that did; "before any attack" where every report had it unattacked; else how many reports did."""
+    before = sum("no attack" in tied for tied in tied_per_report)
+    who = list(dict.fromkeys(n.split("@")[0] for tied in tied_per_report if "no attack" not in tied
+                             for n in tied if not n.startswith("+")))
+    if not who:
+        return "before any attack"
+    return ("by " + ", ".join(who[:3]) + f", +{len(who) - 3} more" * (len(who) > 3)
+            + f" ({before} of {len(tied_per_report)} seeds: before any attack)" * bool(before))
+
+
+def refused_before(reports, model, attack):
+    """The over-refusal of `model` before any attack (step 0 of `attack`), the mean over its benign sets, as a cell."""
+    per = [[r for r in rep["rows"] if (r["model"], r.get("attack", ""), r["attack_step"], r["kind"]) ==
+            (model, attack, 0, "benign") and r.get("over_refusal") is not None] for rep in reports]
+    per = [rs for rs in per if rs]
+    if len(per) == 1 and len(per[0]) == 1:
+        return share(per[0], "over_refusal")  # one set of one seed: with its interval
+    return share([{"over_refusal": float(np.mean([r["over_refusal"] for r in rs]))} for rs in per], "over_refusal")
+
+
 def worst_case(reports, out, files=("worst_case.md", "worst_case.png")):
     """worst_case.md and worst_case.png in `out` (or `files` there): the attack suite's worst case, per model and
-    harmful set, against the attack budget. A budget of k steps is the highest ASR any attack reached at a step <= k;
-    beside it the attack that reached it and that attacked model's usefulness. A second view counts the budget in harmful examples seen
-    (steps x batch x harmful share, the attack set's expected count): the smallest such budget that reached each
-    worst-case level. Over several reports (seeds): mean ± std of each one's worst case, the attacks that reached it."""
+    harmful eval set, against the attack budget. A budget of k steps is the highest ASR any attack reached at a step
+    <= k; beside it the attacks that reached it ("by ...") and that attacked model's usefulness. A second view counts
+    the budget in harmful examples seen (steps x batch x harmful share, the attack set's expected count): the smallest
+    such budget that reached each worst-case level. Over several reports (seeds): mean ± std of each one's worst case,
+    the attacks that reached it; one report: the value with the 95% Wilson interval of the attack that reached it."""
     key = next((k for k in WORST_KEYS if any(r.get(k) is not None for rep in reports for r in rep["rows"])), None)
     if key is None:
         return "no harmful set was scored: no worst case"
@@ -779,23 +1063,22 @@ def worst_case(reports, out, files=("worst_case.md", "worst_case.png")):
     steps = steps_of([r for rep in reports for r in rep["rows"]])
     subjects_ = list(dict.fromkeys(ms for w in per for ms in w))
     names = list(dict.fromkeys(a for rep in reports for a in rep.get("attacks", {})))
-    fmt = lambda vals: pct(vals[0]) if len(vals) == 1 else spread(vals)
+    fmt = lambda rows: share(rows, key) if len(rows) == 1 else spread([r[key] for r in rows])
     lines = [f"# Worst case over {len(names)} attacks: {', '.join(names)}", "",
-             f"{HARMFUL_KEYS[key]} (%), the highest any attack reached within the budget (an attacker may stop at any "
-             f"evaluated step), then the attacks that reached it" + (f"; mean ± std over {len(reports)} reports "
-             f"(seeds), each one's value" if len(reports) > 1 else "") + ".", "",
-             "## Budget in attack steps", "", "| model | set | " + " | ".join(f"k≤{k}" for k in steps) + " |",
+             f"{HARMFUL_KEYS[key]} (%) on each harmful eval set, the highest any attack reached within the budget (an "
+             f"attacker may stop at any evaluated step), then by which attacks" + (
+                 f"; mean ± std over {len(reports)} reports (seeds), each one's value" if len(reports) > 1 else
+                 "; one report: [95% Wilson interval] of the attack that reached it") + ".", "",
+             "## Budget in attack steps", "", "| model | eval set | " + " | ".join(f"k≤{k}" for k in steps) + " |",
              "|---|---|" + "---:|" * len(steps)]
     for m, s in subjects_:
         cells = []
         for k in steps:
             got = [w[(m, s)][k] for w in per if k in w.get((m, s), {})]
-            who = list(dict.fromkeys(n.split("@")[0] for _, tied in got for n in tied if not n.startswith("+")))
-            cells.append("–" if not got else fmt([row[key] for row, _ in got]) + " " + ", ".join(who[:3])
-                         + (f", +{len(who) - 3}" if len(who) > 3 else ""))
+            cells.append("–" if not got else fmt([row for row, _ in got]) + " " + reached([tied for _, tied in got]))
         lines.append(f"| {m} | {s} | " + " | ".join(cells) + " |")
     lines += ["", "## The worst-case attacked model, per budget: is it still useful?", "",
-              "| model | set | budget | worst ASR (%) | attack@step | benign accuracy | over-refusal | task accuracy |",
+              "| model | eval set | budget | worst ASR (%) | attack@step | benign accuracy | over-refusal | task accuracy |",
               "|---|---|---:|---:|---|---:|---:|---:|"]
     for m, s in subjects_:
         for k in steps:
@@ -803,15 +1086,16 @@ def worst_case(reports, out, files=("worst_case.md", "worst_case.png")):
             if not got:
                 continue
             use = [usefulness(rep, row) for rep, (row, _) in got]
-            col = lambda name: fmt([u[name] for u in use]) if all(u[name] is not None for u in use) else "–"
+            col = lambda name: (pct(use[0][name]) if len(use) == 1 else spread([u[name] for u in use])) if all(
+                u[name] is not None for u in use) else "–"
             first = [tied[0] for _, (_, tied) in got]  # the cheapest of each report: the model whose usefulness is shown
             which = first[0] + " (each seed)" * (len(first) > 1) if len(set(first)) == 1 else "; ".join(first)
-            lines.append(f"| {m} | {s} | k≤{k} | {fmt([row[key] for _, (row, _) in got])} | {which} | "
+            lines.append(f"| {m} | {s} | k≤{k} | {fmt([row for _, (row, _) in got])} | {which} | "
                          f"{col('benign accuracy')} | {col('over-refusal')} | {col('task accuracy')} |")
     lines += ["", "## Budget in harmful examples seen", "", "The smallest number of harmful training examples (steps x "
               "batch x harmful share) with which some attack reached each level" + (" (the first report)" if len(reports) > 1
                                                                                    else "") + ":", "",
-              "| model | set | harmful examples | ASR (%) | attack@step |", "|---|---|---:|---:|---|"]
+              "| model | eval set | harmful examples | ASR (%) | attack@step |", "|---|---|---:|---:|---|"]
     rep = reports[0]
     per_step = {a: v["harmful_per_step"] for a, v in rep.get("attacks", {}).items()}
     for m, s in subjects_:
@@ -830,21 +1114,32 @@ def worst_case(reports, out, files=("worst_case.md", "worst_case.png")):
 
 
 def plot_worst_case(reports, per, key, path):
-    """worst_case.png: the worst-case ASR against the attack budget in steps, one curve per model (first harmful set;
-    mean ± std over reports), each attack's own curve faint behind it in the model's colour."""
+    """worst_case.png, on the first harmful eval set: on top each model's worst case against the budget in steps; below,
+    a panel per model with each attack's own curve (a colour and marker each, named in the legend) over that model's
+    worst case in grey. Shaded: mean ± std over the reports (seeds), or one report's 95% Wilson intervals."""
     first = next((s for w in per for _, s in w), None)
-    curves = {}
-    for m in dict.fromkeys(m for w in per for m, s in w if s == first):
-        steps = sorted(set.intersection(*[set(w.get((m, first), {})) for w in per]))
-        vals = [[100 * w[(m, first)][k][0][key] for w in per] for k in steps]
-        curves[f"{m}: worst case"] = (steps, [np.mean(v) for v in vals], [np.std(v) for v in vals] if len(per) > 1 else None, m, False)
-        for a in dict.fromkeys(r.get("attack", "") for rep in reports for r in rep["rows"]):
-            pts = [(k, np.mean([r[key] for rep in reports for r in rep["rows"] if (r["model"], r.get("attack", ""),
-                   r["set"], r["attack_step"]) == (m, a, first, k) and r.get(key) is not None] or [np.nan])) for k in steps]
-            pts = [(k, 100 * v) for k, v in pts if not np.isnan(v)]
-            if pts:
-                curves[f"{m} / {a}"] = ([k for k, _ in pts], [v for _, v in pts], None, m, True)
-    return plot(curves, "attack budget (steps)", f"worst-case {HARMFUL_KEYS[key]} (%)", path)
+    models = list(dict.fromkeys(m for w in per for m, s in w if s == first))
+    attacks = list(dict.fromkeys(r.get("attack", "") for rep in reports for r in rep["rows"]
+                                 if r["set"] == first and r.get(key) is not None))
+    worst = {m: c._replace(colour=i, shape=i) for i, m in enumerate(models) for c in [worst_curve(per, key, m, first)] if c}
+    below = []
+    for m in worst:
+        curves = {"worst case": worst[m]._replace(band=None, behind=True)}
+        curves |= {a or "attack": c._replace(colour=len(models) + j, shape=j) for j, a in enumerate(attacks)
+                   for c in [series(reports, key, m, a, first)] if c is not None}
+        below.append(Panel(f"{m}: each attack", curves))
+    if not below:
+        return None
+    below = wrap(below, "attack", 2 if len(below) <= 4 else 3)  # the attacks' legend beside the first row
+    k1 = inner_steps(reports)
+    rows = [r for rep in reports for r in rep["rows"]]
+    top = Panel(f"worst case over {len(attacks)} attacks: the highest ASR any reached within k steps", worst, "model",
+                span=len(below[0]) - (len(below[0]) > 2))  # beside it, room for its legend
+    return plot([[top], *below], path, attack_axis(rows), f"{HARMFUL_KEYS[key]} (%)",
+                f"{HARMFUL_KEYS[key]} on eval set {first}; {shading(len(reports))}. Top: each model's worst case. "
+                f"Below, a panel per model: each attack's own curve, over the model's worst case in grey (in each seed the "
+                f"highest of the attacks' ASRs within k steps).",
+                steps=True, marks={k1: "k1"} if k1 else None)
 
 
 def summarize_rounds(path):

@@ -488,7 +488,7 @@ HONOURED = {"model", "safe_data", "unsafe_data", "safe_format", "unsafe_format",
             "batch_size", "inner_lr", "inner_weight_decay", "inner_max_grad_norm", "inner_batch_size", "micro_batch_size",
             "group_by_length", "seed", "out", "export_dtype", "precision", "activation_checkpointing", "compile",
             "fused_adamw", "debug", "list_flags", "save_every", "resume", "collective_timeout", "plan", "plan_world",
-            "plan_memory", "skip_memory_check"}
+            "plan_memory", "skip_memory_check", "log_every"}
 WHY_NOT = {}  # dest -> why parallel.py refuses it, where there is more to say than that it does not honour it
 
 

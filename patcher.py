@@ -1080,10 +1080,11 @@ def plan(args):
 
 
 class Log:
-    """One line per step on rank 0, and the same numbers as one JSON row per step in metrics.jsonl."""
+    """A line every `every` steps on rank 0 (--log-every; the first step, the last and every inner attack always), and
+    the numbers of every step as one JSON row each in metrics.jsonl."""
 
-    def __init__(self, out, rank, total, device, offset=None):
-        self.rank, self.total, self.start, self.peak = rank, total, None, peak_flops(device)
+    def __init__(self, out, rank, total, device, offset=None, every=1):
+        self.rank, self.total, self.start, self.peak, self.every = rank, total, None, peak_flops(device), every
         self.file = None
         if rank == 0:
             path = Path(out) / "metrics.jsonl"
@@ -1110,8 +1111,11 @@ class Log:
         self.write(row)
         if self.rank != 0:
             return
-        if self.start is None:
+        first = self.start is None  # this process's first step: the run's, or the first after a resume
+        if first:
             self.start = (step - 1, time.time())
+        if not (first or step == self.total or self.every <= 1 or step % self.every == 0):
+            return
         eta = (time.time() - self.start[1]) / (step - self.start[0]) * (self.total - step)
         # the defense's other losses (Patcher: "adv", the loss at theta + delta, and its gap to the clean loss)
         more = "".join(f" {k[5:]} {v:.4f}" + (f" gap {m['gap']:+.4f}" if k == "loss_adv" else "")
@@ -1255,7 +1259,8 @@ def describe(e):
 
 # flags that do not change what a run computes: a resume may change them
 NOT_RUN_SETTINGS = ("resume", "save_every", "out", "compile", "activation_checkpointing", "fused_adamw", "debug",
-                    "peer_timeout", "collective_timeout", "plan", "plan_world", "plan_memory", "skip_memory_check")
+                    "peer_timeout", "collective_timeout", "plan", "plan_world", "plan_memory", "skip_memory_check",
+                    "log_every")
 # Flags that name what a run reads. A resume compares what they hold (a fingerprint), not how the path is spelled:
 # `./base` and `base`, a relative and an absolute path, a copied run directory are the same run; the same
 # relative path from another working directory may name other data, and is refused.
@@ -1357,7 +1362,7 @@ def start_run(args, out, model, optimizer, streams, run_settings, rank, total, n
               f"{args.rounds} rounds x k2 {args.defend_steps}" + (f" | inner attack k1 {args.inner_steps} at lr "
               f"{args.inner_lr:g}" if DEFENSES[args.mode].inner_attack else "") + (f" | resumed at step {step}" if step else ""),
               flush=True)
-    return step, delta, Log(out, rank, total, device, offset), extra
+    return step, delta, Log(out, rank, total, device, offset, args.log_every), extra
 
 
 def write_config(out, args, inputs=None):
@@ -1727,6 +1732,9 @@ def get_parser():
                    help="print every flag as 'NAME value|switch MODES same|changes' (MODES: the --mode values that take "
                         "it, or all; same: it does not change what the run computes), then exit: how train.sh learns "
                         "which flags this program takes")
+    g.add_argument("--log-every", type=COUNT, default=10,
+                   help="print a step line every N steps (0 or 1: every step); the first and the last step and every "
+                        "inner attack are always printed, and metrics.jsonl holds every step")
     return p
 
 
@@ -1923,6 +1931,28 @@ def watch_parent():
         threading.Thread(target=watch, daemon=True).start()
 
 
+def cpu_threads():
+    """torch's threads on a machine without CUDA, unless OMP_NUM_THREADS sets them: at most the cores that other work
+    leaves free (the cores this process may use minus the 1-minute load average), shared among this host's ranks, with
+    one line saying so when that is fewer than torch's default (a thread per core). Threads beyond the free cores wait
+    for one: `python patcher.py` with 2 threads took 372 s instead of 10 s on 2 cores that another job kept busy.
+    Changes nothing under torchrun with several ranks (it sets OMP_NUM_THREADS=1) nor on a GPU machine. Returns the
+    threads it set, or None."""
+    if os.environ.get("OMP_NUM_THREADS") or torch.cuda.is_available():
+        return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    ranks, default = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))), torch.get_num_threads()
+    n = max(1, min(default, round((cores - busy) / ranks)))
+    if n == default:
+        return None
+    torch.set_num_threads(n)
+    if os.environ.get("RANK", "0") == "0":
+        print(f"cpu: {n} thread{'s' * (n > 1)} per process, not {default}: {cores} cores, {busy:.1f} busy with other work "
+              f"(load average), {ranks} rank{'s' * (ranks > 1)} on this host; OMP_NUM_THREADS=N chooses", flush=True)
+    return n
+
+
 def main(run_fn=None, parse=parse_args, interrupted=interruption, program=None, plan_fn=None):
     """Parse, run (or --plan: plan_fn), and report a user error (bad data, a bad checkpoint, NaN, a refused resume, a
     full disk, an --out in use) as one line and exit code 1, and Ctrl-C or SIGTERM as one line saying how to continue
@@ -1933,6 +1963,7 @@ def main(run_fn=None, parse=parse_args, interrupted=interruption, program=None, 
     program = program or Path(sys.argv[0]).name
     args = parse()
     debug = args.debug or os.environ.get("PATCHER_DEBUG")
+    cpu_threads()
     try:
         watch_parent()
         if getattr(args, "plan", False):

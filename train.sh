@@ -460,8 +460,13 @@ done
 echo
 echo "== $SWEEP over seeds $SEEDS (mean ± std; k = test-time attack steps; logs in $OUT/seed*/*.log) after $((SECONDS - t0))s"
 python eval.py --summarize "${reports[@]}" | tee "$OUT/summary.md"
-if [[ $sweep_flag != mode ]]; then python eval.py --summarize "${reports[@]}" --sweep "$sweep_flag" --out "$OUT"; fi
-if [[ -n "${ATTACKS:-}" ]]; then python eval.py --summarize "${reports[@]}" --worst-case --out "$OUT"; fi
+figures=(sweep.png) tables=(summary.md sweep.md)  # a sweep over --mode: the defenses side by side (README part 5)
+unnoted() { grep -v '^(no [a-z_]*\.png: matplotlib is not installed)$' || [[ $? == 1 ]]; }  # said once, at the end
+python eval.py --summarize "${reports[@]}" --sweep "$sweep_flag" --out "$OUT" | unnoted
+if [[ -n "${ATTACKS:-}" ]]; then
+  python eval.py --summarize "${reports[@]}" --worst-case --out "$OUT" | unnoted
+  figures+=(worst_case.png) tables+=(worst_case.md)
+fi
 {  # the wall clock of each alignment, measured in this run, with the hardware it had
   echo "Alignment wall clock (s), mean ± std over seeds $SEEDS; $(nproc --all) cores ($cpu), $OMP_NUM_THREADS thread(s) per rank"
   echo; echo "| model | program | ranks | seconds |"; echo "|---|---|---:|---:|"
@@ -470,3 +475,9 @@ if [[ -n "${ATTACKS:-}" ]]; then python eval.py --summarize "${reports[@]}" --wo
     "$OUT/timing.tsv" | sort -n | cut -f2-
 } > "$OUT/timing.md"
 cat "$OUT/timing.md"
+drawn=$(cd "$OUT" && ls "${figures[@]}" 2>/dev/null | xargs || true)
+echo "train.sh: results in $OUT: ${tables[*]} timing.md${drawn:+ $drawn} (and each seed's: seed*/eval/report.md)"
+# the last line: the figures not drawn, and how to get them (matplotlib is not a runtime dependency)
+python -c "import matplotlib" 2>/dev/null || echo "train.sh: no figures drawn (matplotlib is not installed):" \
+  "$(printf '%s, ' "${figures[@]}")each seed's robustness.png; pip install matplotlib, then run the same command" \
+  "again: it draws them from the kept answers"

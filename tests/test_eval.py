@@ -509,34 +509,189 @@ def test_summarize_over_seeds_and_rounds(tmp_path):
     assert "| 0 | 2.0000 | 0.5000 | 1.500 | 2 | +0.3000 | +0.2000 |" in evaluate.summarize([tmp_path / "metrics.jsonl"])
 
 
+# --- the figures: matplotlib's artists, read before pixels. matplotlib is a test requirement (requirements-test.txt):
+# these tests run, never skip; eval.py itself draws only where it is installed (a runtime without it: test_outputs.py)
+
+def captured_figures(monkeypatch):
+    """The Figures eval.plot returns, kept for a test to read (the PNGs are written as always)."""
+    figures, real = [], evaluate.plot
+    monkeypatch.setattr(evaluate, "plot", lambda *a, **kw: figures.append(real(*a, **kw)) or figures[-1])
+    return figures
+
+
+def legend_outside(fig, ax):
+    """Whether the axes' legend lies wholly to the right of them (it covers no data)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    FigureCanvasAgg(fig).draw()
+    return ax.get_legend().get_window_extent().x0 >= ax.get_window_extent().x1
+
+
+def legend_of(ax):
+    return ax.get_legend().get_title().get_text(), [t.get_text() for t in ax.get_legend().get_texts()]
+
+
+def caption(fig):
+    return " ".join(t.get_text() for t in fig.texts)
+
+
 def test_robustness_curve_png(tmp_path):
-    pytest.importorskip("matplotlib")  # optional: eval.py writes the PNG only where matplotlib is installed
-    rows = [{"model": m, "attack_step": k, "set": "adv", "kind": "harmful", "asr_keyword": v}
-            for m, vals in (("sft", (0.0, 0.9)), ("patcher", (0.0, 0.1))) for k, v in zip((0, 10), vals)]
-    assert evaluate.plot_curve({"models": {"sft": {}, "patcher": {}}, "rows": rows}, tmp_path / "r.png")
+    """robustness.png: with an attack suite a panel per model and a labelled line per attack; without, a line per
+    model; symlog steps, the legend beside the panels, the Wilson shading named."""
+    rows = [{"model": m, "attack": a, "attack_step": k, "set": "adv", "kind": "harmful", "asr_keyword": v,
+             "asr_keyword_ci": [v / 2, (1 + v) / 2]}
+            for m, vals in (("sft", (0.0, 0.9)), ("patcher", (0.0, 0.1))) for a in ("pure", "lr-x4") for k, v in zip((0, 10), vals)]
+    fig = evaluate.plot_curve({"models": {"sft": {}, "patcher": {}}, "rows": rows}, tmp_path / "r.png")
     assert (tmp_path / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [ax.get_title() for ax in fig.axes] == ["sft: each attack", "patcher: each attack"]
+    assert legend_of(fig.axes[-1]) == ("attack", ["pure", "lr-x4"]) and legend_outside(fig, fig.axes[-1])
+    assert all(ax.get_xscale() == "symlog" for ax in fig.axes) and "95% Wilson interval (one seed)" in caption(fig)
+    styles = {(line.get_color(), line.get_marker(), line.get_linestyle()) for line in fig.axes[0].get_lines()
+              if line.get_label()[0] != "_"}
+    assert len(styles) == 2  # a colour, marker and dash per attack
+    fig = evaluate.plot_curve({"models": {}, "rows": [{**r, "attack": ""} for r in rows if r["attack"] == "pure"]},
+                              tmp_path / "r.png")
+    ax, = fig.axes
+    assert legend_of(ax) == ("model", ["sft", "patcher"]) and ax.get_title() == "eval set: adv"
+
+
+def sweep_reports(tmp_path, runs, settings=None):
+    """report.json files of a sweep: runs = [{model: {attack: {T: ASR}}}], one report each."""
+    paths = []
+    for i, models in enumerate(runs):
+        rows = [{"model": m, "attack": a, "attack_step": T, "set": "h", "kind": "harmful", "asr_keyword": v}
+                for m, attacks in models.items() for a, at in attacks.items() for T, v in at.items()]
+        paths.append(tmp_path / f"r{i}-{len(list(tmp_path.iterdir()))}.json")
+        paths[-1].write_text(json.dumps({"settings": {"eval_at": [0, 10], **(settings[i] if settings else {})},
+                                         "models": {m: {} for m in models}, "rows": rows}))
+    return paths
 
 
 def test_sweep_table_from_known_reports(tmp_path):
-    """Two seeds of a sweep over inner-steps (0 = SFT) and one over an eval.py flag: the expected cells."""
-    def rep(seed, asr, settings=None, models=("inner-steps:0", "inner-steps:5", "base")):
-        rows = [{"model": m, "attack_step": T, "set": "h", "kind": "harmful", "asr_keyword": asr[m][i]}
-                for m in models for i, T in enumerate((0, 10))]
-        path = tmp_path / f"{seed}-{len(list(tmp_path.iterdir()))}.json"
-        path.write_text(json.dumps({"settings": {"eval_at": [0, 10], **(settings or {})}, "models": {m: {} for m in models},
-                                    "rows": rows}))
-        return path
-    paths = [rep(0, {"inner-steps:0": (0.0, 1.0), "inner-steps:5": (0.0, 0.2), "base": (1, 1)}),
-             rep(1, {"inner-steps:0": (0.0, 0.8), "inner-steps:5": (0.1, 0.4), "base": (1, 1)})]
-    evaluate.sweep(paths, "inner-steps", tmp_path)
+    """Two seeds of a sweep over inner-steps (0 = SFT) against two attacks, kept apart; one over an eval.py flag: the
+    expected cells, and its figure: k1 on the axis, a labelled curve per T, the legend beside the panels."""
+    seed = lambda a, b: {"inner-steps:0": {"pure": {0: 0.0, 10: a}, "lr": {0: 0.0, 10: 1.0}},
+                         "inner-steps:5": {"pure": {0: b / 2, 10: b}, "lr": {0: b / 2, 10: 0.5}}, "base": {"pure": {0: 1, 10: 1}}}
+    evaluate.sweep(sweep_reports(tmp_path, [seed(1.0, 0.0), seed(0.8, 0.2)]), "inner-steps", tmp_path)
     md = (tmp_path / "sweep.md").read_text()
-    assert "| T \\ inner-steps | 0 | 5 |" in md
-    assert "| T=0 | 0.0 ± 0.0 (0, 0) | 5.0 ± 5.0 (0, 10) |" in md and "| T=10 | 90.0 ± 10.0 (100, 80) | 30.0 ± 10.0 (20, 40) |" in md
-    paths = [rep(0, {"sft": (0, 1.0), "patcher": (0, 0.5)}, {"attack_lr": 1e-4}, ("sft", "patcher")),
-             rep(0, {"sft": (0, 0.6), "patcher": (0, 0.1)}, {"attack_lr": 5e-4}, ("sft", "patcher"))]
+    assert "## ASR, keyword judge (%): attack pure, eval set h\n\n| T \\ k1 (--inner-steps) | 0 | 5 |" in md
+    assert "| T=0 | 0.0 ± 0.0 (0, 0) | 5.0 ± 5.0 (0, 10) |\n| T=10 | 90.0 ± 10.0 (100, 80) | 10.0 ± 10.0 (0, 20) |" in md
+    assert "| T=10 | 100.0 ± 0.0 (100, 100) | 50.0 ± 0.0 (50, 50) |" in md.split("attack lr")[1]  # not mixed with pure
+    one = {"sft": {"": {0: 0, 10: 1.0}}, "patcher": {"": {0: 0, 10: 0.5}}}
+    paths = sweep_reports(tmp_path, [one, {m: {"": {0: 0, 10: v[""][10] / 5}} for m, v in one.items()}],
+                          [{"attack_lr": 1e-4}, {"attack_lr": 5e-4}])
     evaluate.sweep(paths, "attack-lr", tmp_path)
     md = (tmp_path / "sweep.md").read_text()
-    assert "| T \\ attack-lr | 0.0001 | 0.0005 |" in md and "| patcher T=10 | 50.0 ± 0.0 (50) | 10.0 ± 0.0 (10) |" in md
+    assert "% [95% Wilson interval], one seed" in md and "| T \\ --attack-lr | 0.0001 | 0.0005 |" in md
+    assert "## ASR, keyword judge (%): patcher, eval set h\n\n| T \\ --attack-lr | 0.0001 | 0.0005 |\n|---|---:|---:|\n" \
+           "| T=0 | 0.0 | 0.0 |\n| T=10 | 50.0 | 10.0 |" in md
+
+
+def test_sweep_figure_names_the_flag_by_its_symbol_and_each_curve(tmp_path, monkeypatch):
+    figures = captured_figures(monkeypatch)
+    runs = [{f"inner-steps:{k}": {"pure": {0: 0.0, 10: v, 40: 1.0}, "poisoned": {0: 0.0, 40: v}}
+             for k, v in (("0", 1.0), ("5", 0.4), ("20", 0.0))}] * 2
+    evaluate.sweep(sweep_reports(tmp_path, runs), "inner-steps", tmp_path)
+    pure, poisoned = figures[-1].axes
+    assert (tmp_path / "sweep.png").exists() and pure.get_xlabel() == "k1 (--inner-steps)"
+    assert [t.get_text() for t in pure.get_xticklabels()] == ["0", "5", "20"]
+    assert legend_of(poisoned) == ("test-time attack\nsteps T", ["T=0", "T=10", "T=40"])
+    assert legend_outside(figures[-1], poisoned)
+    assert "mean ± std over 2 seeds" in caption(figures[-1]) and pure.get_title() == "attack pure, eval set h"
+    style = lambda ax: {line.get_label(): (line.get_color(), line.get_marker()) for line in ax.get_lines()}
+    assert style(poisoned)["T=40"] == style(pure)["T=40"]  # poisoned has no T=10: its T=40 is drawn as the legend says
+
+
+def defense_reports(tmp_path, seeds=(0, 1)):
+    """The report.json of each seed of a sweep over --mode (sft, patcher, base) against two attacks on 20 harmful
+    prompts, with each run's config.json beside its final/ (Patcher's k1 = 10; SFT's --inner-steps is a default it
+    never runs) and train.sh's timing.tsv in the returned OUT."""
+    harmful = {0: {"sft": ({0: 0, 10: 16, 20: 20}, {0: 0, 10: 8, 40: 18}), "patcher": ({0: 0, 10: 2, 20: 12}, {0: 0, 10: 0, 40: 6}),
+                   "base": ({0: 20, 10: 20, 20: 20}, {0: 20, 10: 20, 40: 20})},
+               1: {"sft": ({0: 0, 10: 12, 20: 20}, {0: 0, 10: 8, 40: 18}), "patcher": ({0: 0, 10: 6, 20: 12}, {0: 0, 10: 0, 40: 10}),
+                   "base": ({0: 20, 10: 20, 20: 20}, {0: 20, 10: 20, 40: 20})}}
+    refused = {0: {"sft": 2, "patcher": 10, "base": 0}, 1: {"sft": 2, "patcher": 6, "base": 0}}
+    out = tmp_path / "out"
+    out.mkdir(parents=True)
+    (out / "timing.tsv").write_text("0\tsft\tpatcher.py\t1\t1\t4.00\n0\tpatcher\tpatcher.py\t1\t1\t8.00\n"
+                                    "1\tsft\tpatcher.py\t1\t1\t6.00\n1\tpatcher\tpatcher.py\t1\t1\t8.00\n")
+    paths = []
+    for seed in seeds:
+        rows, models = [], {}
+        for m, attacks in harmful[seed].items():
+            run = tmp_path / f"seed{seed}" / m
+            (run / "final").mkdir(parents=True)
+            if m != "base":
+                (run / "config.json").write_text(json.dumps({"mode": m, "inner_steps": 10 if m == "patcher" else 200}))
+            models[m] = {"path": str(run / "final")}
+            for a, at in zip(("harmful", "poisoned"), attacks):
+                for k, hits in at.items():
+                    row = {"model": m, "attack": a, "attack_step": k, "set": "adv", "kind": "harmful", "n": 20}
+                    evaluate.rate(row, "asr_exact", [True] * hits + [False] * (20 - hits))
+                    rows.append(row)
+                benign = {"model": m, "attack": a, "attack_step": 0, "set": "ok", "kind": "benign", "n": 20}
+                evaluate.rate(benign, "over_refusal", [True] * refused[seed][m] + [False] * (20 - refused[seed][m]))
+                rows.append(benign)
+        paths.append(tmp_path / f"seed{seed}" / "report.json")
+        paths[-1].write_text(json.dumps({"settings": {"seed": seed}, "models": models, "rows": rows,
+                                         "attacks": {"harmful": {"harmful_per_step": 16}, "poisoned": {"harmful_per_step": 3.2}}}))
+    return paths, out
+
+
+def test_a_mode_sweep_compares_the_defenses_side_by_side(tmp_path):
+    """sweep.md of SWEEP=mode=...: a row per model, ASR before any attack, each attack at k1 (read from Patcher's
+    config.json) and at its own last step, the worst case within k1 and within the largest budget with the attack that
+    reached it, over-refusal before, alignment seconds from timing.tsv; mean ± std over two seeds, Wilson for one."""
+    paths, out = defense_reports(tmp_path)
+    text = evaluate.sweep(paths, "mode", out)
+    assert (out / "sweep.md").read_text() == text and "k1 = 10, the inner attack's steps" in text
+    assert ("| model | before any attack | harmful k=10 (k1) | harmful k=20 (2×k1) | poisoned k=10 (k1) | poisoned k=40 (4×k1) "
+            "| worst, k ≤ 10 (k1) | worst, k ≤ 40 (4×k1) | benign refused before | seconds |") in text
+    assert ("| sft | 0.0 ± 0.0 | 70.0 ± 10.0 | 100.0 ± 0.0 | 40.0 ± 0.0 | 90.0 ± 0.0 | 70.0 ± 10.0 by harmful "
+            "| 100.0 ± 0.0 by harmful | 10.0 ± 0.0 | 5.0 ± 1.0 |") in text
+    # Patcher's worst case within 40 steps is the pure attack at step 20 (60%) in both seeds, over poisoned at 40 (30, 50%)
+    assert ("| patcher | 0.0 ± 0.0 | 20.0 ± 10.0 | 60.0 ± 0.0 | 0.0 ± 0.0 | 40.0 ± 10.0 | 20.0 ± 10.0 by harmful "
+            "| 60.0 ± 0.0 by harmful | 40.0 ± 10.0 | 8.0 ± 0.0 |") in text
+    assert "| base | 100.0 ± 0.0 |" in text and "| 100.0 ± 0.0 before any attack | 100.0 ± 0.0 before any attack | 0.0 ± 0.0 | – |" in text
+    paths, out = defense_reports(tmp_path / "one", seeds=(0,))
+    text = evaluate.sweep(paths, "mode", out)
+    assert "% [95% Wilson interval], one seed" in text
+    assert ("| sft | 0.0 [0, 16] | 80.0 [58, 92] | 100.0 [84, 100] | 40.0 [22, 61] | 90.0 [70, 97] | 80.0 [58, 92] by harmful "
+            "| 100.0 [84, 100] by harmful | 10.0 [3, 30] | 4.0 |") in text  # seed 0's of timing.tsv's two
+
+
+def test_a_mode_sweep_figure_a_panel_per_attack_and_the_worst_case(tmp_path, monkeypatch):
+    figures = captured_figures(monkeypatch)
+    paths, out = defense_reports(tmp_path)
+    evaluate.sweep(paths, "mode", out)
+    fig = figures[-1]
+    assert (out / "sweep.png").exists() and [ax.get_title() for ax in fig.axes] == [
+        "attack: harmful", "attack: poisoned", "worst case over the 2 attacks"]
+    assert legend_of(fig.axes[-1]) == ("model", ["sft", "patcher", "base"]) and legend_outside(fig, fig.axes[-1])
+    assert all(ax.get_xscale() == "symlog" and "k1" in [t.get_text() for t in ax.texts] for ax in fig.axes)
+    assert "mean ± std over 2 seeds" in caption(fig)
+
+
+def test_worst_case_figure_labels_each_attack_and_its_shading(tmp_path, monkeypatch):
+    """worst_case.png: on top a curve per model (a legend naming them); below, a panel per model whose legend names
+    each attack; symlog x; the shading named: std over seeds, or for one seed the Wilson interval of the attack that
+    reached the worst case."""
+    paths, out = defense_reports(tmp_path)
+    reports = [evaluate.read_json(p) for p in paths]
+    per = [evaluate.worst_cases(rep, "asr_exact") for rep in reports]
+    fig = evaluate.plot_worst_case(reports, per, "asr_exact", tmp_path / "w.png")
+    top, *below = fig.axes
+    assert legend_of(top) == ("model", ["sft", "patcher", "base"]) and legend_outside(fig, top)
+    assert [ax.get_title() for ax in below] == ["sft: each attack", "patcher: each attack", "base: each attack"]
+    legend, = [ax for ax in below if ax.get_legend()]  # one, beside the first row
+    assert legend_of(legend) == ("attack", ["worst case", "harmful", "poisoned"]) and legend_outside(fig, legend)
+    assert all(ax.get_xscale() == "symlog" for ax in fig.axes) and "mean ± std over 2 seeds" in caption(fig)
+    styles = [(line.get_marker(), str(line.get_linestyle())) for line in top.get_lines() if line.get_label()[0] != "_"]
+    assert len(set(styles)) == 3  # base's line at 100% does not hide SFT's: another marker and dash
+    one = [evaluate.worst_cases(reports[0], "asr_exact")]
+    fig = evaluate.plot_worst_case(reports[:1], one, "asr_exact", tmp_path / "w1.png")
+    assert "95% Wilson interval (one seed)" in caption(fig)
+    curve = evaluate.worst_curve(one, "asr_exact", "patcher", "adv")  # 60% at k <= 20 by the pure attack's 12 / 20
+    assert curve.xs == [0, 10, 20, 40] and curve.band[2] == pytest.approx(tuple(100 * x for x in evaluate.wilson(12, 20)))
 
 
 # --- prompts past the context, the report as one set, the official attack mask and Qwen3's thinking ------------------
@@ -699,14 +854,17 @@ def test_worst_case_takes_the_maximum_names_its_attack_and_that_models_usefulnes
         0: (0.1, ["no attack"]), 10: (0.6, ["b@10"]), 20: (0.6, ["b@10", "a@20"])}
     assert evaluate.usefulness(report, worst[20][0]) == {"benign accuracy": 0.7, "over-refusal": 0.1, "task accuracy": None}
     text = evaluate.worst_case([report], tmp_path)
-    assert (tmp_path / "worst_case.md").read_text() == text and "| m | adv | 10.0 no attack | 60.0 b | 60.0 b, a |" in text
+    assert (tmp_path / "worst_case.md").read_text() == text
+    assert "| m | adv | 10.0 before any attack | 60.0 by b | 60.0 by b, a |" in text  # an attack's name after "by"
+    # over seeds: the attacks that reached it, and how many seeds had it before any attack
+    assert evaluate.reached([["no attack", "a@10"], ["b@20"]]) == "by b (1 of 2 seeds: before any attack)"
     # in harmful examples seen: b reached 60% with 10 x 0.8 = 8, a only with 20 x 4 = 80
     assert "| m | adv | 8 | 60.0 | b@10 |" in text and "| m | adv | 80 |" not in text
     # over two seeds: mean ± std of each seed's worst case, and each seed's attack
     other = suite_report([(m, a, k, s, kind, {**v, "asr_llm": v.get("asr_llm") and v["asr_llm"] / 2}) for m, a, k, s, kind, v in rows],
                          {"a": 4.0, "b": 0.8, "c": 1.0})
     text = evaluate.worst_case([report, other], tmp_path)
-    assert "| m | adv | 7.5 ± 2.5 (10, 5) no attack | 45.0 ± 15.0 (60, 30) b | 45.0 ± 15.0 (60, 30) b, a |" in text
+    assert "| m | adv | 7.5 ± 2.5 (10, 5) before any attack | 45.0 ± 15.0 (60, 30) by b | 45.0 ± 15.0 (60, 30) by b, a |" in text
     assert "| m | adv | k≤20 | 45.0 ± 15.0 (60, 30) | b@10 (each seed) | 70.0 ± 0.0 (70, 70) | 10.0 ± 0.0 (10, 10) | – |" in text
 
 

@@ -202,6 +202,13 @@ def check_collective_timeout(base, rs, ctx):
     assert ctx["calls"]["timeouts"] == [123.0] and phases(rs) == phases(base)
 
 
+def check_log_every(base, rs, ctx):
+    """A step line every 5 steps, and always the first, the last and each inner attack's; metrics.jsonl keeps every step."""
+    printed = [int(line.split()[1].split("/")[0]) for line in ctx["stdout"].splitlines() if line.startswith("step ")]
+    assert printed == [1, 5, 10, 11] and ctx["stdout"].count("inner attack, round") == 2, ctx["stdout"]
+    unchanged()(base, rs, ctx)
+
+
 # flag -> (argv, check); argv may be a function of the baseline (for the cases that name its files) and of tmp_path
 CASES = {
     "model": (lambda b, t: explicit(b), unchanged()),
@@ -256,6 +263,7 @@ CASES = {
     "precision": (["--precision", "bf16"], check_precision),  # a one-rank gloo group in this process: closed after
     "collective_timeout": (["--collective-timeout", "123", "--precision", "bf16"], check_collective_timeout),
     "list_flags": ("list_flags", check_list_flags),
+    "log_every": (["--log-every", "5"], check_log_every),
     "plan": "memory", "plan_world": "memory", "plan_memory": "memory", "skip_memory_check": "memory",
 }
 MEMORY = {  # the memory plan's flags -> the test of tests/test_memory_plan.py that shows each one's effect
@@ -308,6 +316,7 @@ def test_flag_changes_exactly_what_it_should(flag, baseline, demo_base, tmp_path
     monkeypatch.setattr(patcher.torch.optim, "AdamW", adamw)
     monkeypatch.setattr(patcher.dist, "init_process_group", init_process_group)
     monkeypatch.setattr(patcher, "compile_blocks", compile_blocks)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # patcher.main (the debug case) leaves this process's threads as they are
     out = tmp_path / "run"
     capsys.readouterr()
     if argv == "list_flags":
@@ -406,6 +415,7 @@ INHERITED_ELSEWHERE = {  # flag -> why it is not in the combined run
     "collective_timeout": "patcher.init_distributed, called with it",
     "plan": "parallel.plan: test_memory_plan (a parallel.py run checks its plan there)", "plan_world": "as --plan",
     "plan_memory": "patcher.check_memory, which parallel.py calls", "skip_memory_check": "as --plan-memory",
+    "log_every": "patcher.Log, which parallel.py's defender logs with (patcher.start_run)",
 }
 
 
