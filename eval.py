@@ -15,12 +15,24 @@ sampling seeds, so the rows of the report compare fairly. The file reads top to 
   3. scoring and the report: report.json, report.md, generations.jsonl, robustness.png
   4. what a run keeps (parts/, judge_cache.jsonl: the same command run again continues), and the program
 """
+if __name__ == "__main__":  # a program: a Ctrl-C or SIGTERM while the imports below load (torch takes seconds) is
+    import os, signal       # reported as well, before main() installs its own handlers
+
+    def starting(signum, frame):
+        if os.environ.get("RANK", "0") == "0":
+            os.write(2, f"interrupted{' by SIGTERM' if signum == signal.SIGTERM else ''} while starting; nothing was "
+                        f"written: run the same command again\n".encode())
+        os._exit(128 + signum)  # as a shell reports it: 130 for Ctrl-C, 143 for SIGTERM
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, starting)
+
 import argparse
 import hashlib
 import http.client
 import json
 import math
 import os
+import queue
 import random
 import re
 import shlex
@@ -32,7 +44,6 @@ import time
 import urllib.parse
 import urllib.request
 from base64 import b64encode
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from argparse import Namespace
 from pathlib import Path
 from typing import NamedTuple
@@ -109,6 +120,7 @@ class LLMJudge:
         self.max_tokens, self.retry, self.progress_every, self.deadline = max_tokens, retry, progress_every, deadline
         self._rng = random.Random()  # jitter only; its own generator leaves the global one alone
         self._stop, self._stopped = threading.Event(), None  # judge_all's early stop, and what the rest are told
+        self._cuts = set()  # the watchdog of each request in flight: called, it cuts its connection
         k, quote = self._key or "", urllib.parse.quote  # the key as error texts may spell it: escaped, JSON, URL-quoted
         self._spellings = {s for s in (k, repr(k)[1:-1], ascii(k)[1:-1], json.dumps(k)[1:-1], k.encode("unicode_escape").decode(),
                                        quote(k), quote(k, safe=""), urllib.parse.quote_plus(k, safe="")) if s}
@@ -165,6 +177,7 @@ class LLMJudge:
                     pass
         timer = threading.Timer(left, watchdog)
         timer.start()
+        self._cuts.add(watchdog)  # judge_all cuts the requests in flight on Ctrl-C
         try:
             conn.connect()
             conn.sock.settimeout(max(deadline - time.monotonic(), 0.001))  # a connect that ended late: no full timeout more
@@ -176,6 +189,7 @@ class LLMJudge:
                 raise TimeoutError(f"no complete reply within {self.timeout:g} s (--judge-timeout)") from None
             raise
         finally:
+            self._cuts.discard(watchdog)
             timer.cancel()
             conn.close()
 
@@ -256,43 +270,70 @@ class LLMJudge:
         """judge() over every pair, `concurrency` at a time: the results in order; on_result(i, result) is called
         as each arrives. A progress line every `progress_every` s. When the first EARLY_STOP answers to finish all
         failed the same way (their text before its first ": ", such as "HTTP 401 Unauthorized" or "TimeoutError"),
-        the rest are not tried: each is marked with that error, and stderr says so."""
+        the rest are not tried: each is marked with that error, and stderr says so. The requests run in daemon
+        threads, and a Ctrl-C or SIGTERM cuts those in flight: it ends the program at once whatever the judge does (a
+        pool's threads would hold the exit until their requests timed out, --judge-timeout later)."""
         pairs = list(pairs)
         n, results, errors, alike = len(pairs), [None] * len(pairs), 0, None  # alike: the one way all failed so far
         probe, t0 = min(n, self.EARLY_STOP), time.monotonic()
         next_line = t0 + self.progress_every
         self._stop.clear()
-        with ThreadPoolExecutor(self.concurrency) as pool:
-            running = {pool.submit(self.judge, *pair): i for i, pair in enumerate(pairs)}
-            try:
-                while running:
-                    done, _ = wait(running, max(0.0, next_line - time.monotonic()), FIRST_COMPLETED)
-                    for f in done:
-                        i = running.pop(f)
-                        score, error = results[i] = f.result()
-                        if on_result is not None:
-                            on_result(i, results[i])
-                        errors += error is not None
-                        kind = None if error is None else error.split(": ", 1)[0]
-                        alike = kind if kind and alike in (None, kind) else False
-                    k = n - len(running)
-                    if alike and k >= probe and running and not self._stop.is_set():
-                        example = next(e for _, e in filter(None, results) if e)
-                        self._stopped = f"not judged (stopped early: the first {k} answers all failed): {example}"
-                        self._stop.set()
-                        for f in [f for f in running if f.cancel()]:
-                            results[running.pop(f)] = (None, self._stopped)
-                        print(f"WARNING: the LLM judge failed on each of the first {k} of {n} answers the same way, so it "
-                              f"stops: {example}. The other {n - k} are marked as judge errors.", file=sys.stderr, flush=True)
-                    if time.monotonic() >= next_line:
-                        print(f"judging | {n - len(running)}/{n} answers | {errors} errors | {time.monotonic() - t0:.0f}s",
-                              flush=True)
-                        next_line = time.monotonic() + self.progress_every
-            except BaseException:  # Ctrl-C: no new tries, no waiting for the queue
-                self._stop.set()
-                for f in running:
-                    f.cancel()
-                raise
+        todo, arrived = queue.SimpleQueue(), queue.SimpleQueue()
+        for i in range(n):
+            todo.put(i)
+
+        def worker():
+            while not self._stop.is_set():
+                try:
+                    i = todo.get_nowait()
+                except queue.Empty:
+                    return
+                try:
+                    arrived.put((i, self.judge(*pairs[i]), None))
+                except BaseException as e:  # noqa: BLE001 (raised again in the calling thread)
+                    arrived.put((i, None, e))
+        for _ in range(min(self.concurrency, n)):
+            threading.Thread(target=worker, daemon=True).start()
+        left = n  # answers with no result yet
+        try:
+            while left:
+                try:
+                    i, result, failure = arrived.get(timeout=max(0.0, next_line - time.monotonic()))
+                except queue.Empty:
+                    i = None
+                if i is not None:
+                    if failure is not None:
+                        raise failure
+                    score, error = results[i] = result
+                    left -= 1
+                    if on_result is not None:
+                        on_result(i, result)
+                    errors += error is not None
+                    kind = None if error is None else error.split(": ", 1)[0]
+                    alike = kind if kind and alike in (None, kind) else False
+                k = n - left
+                if alike and k >= probe and left and not self._stop.is_set():
+                    example = next(e for _, e in filter(None, results) if e)
+                    self._stopped = f"not judged (stopped early: the first {k} answers all failed): {example}"
+                    self._stop.set()
+                    while True:  # the answers no request was started for (those in flight finish, saying so)
+                        try:
+                            results[todo.get_nowait()] = (None, self._stopped)
+                        except queue.Empty:
+                            break
+                        left -= 1
+                    print(f"WARNING: the LLM judge failed on each of the first {k} of {n} answers the same way, so "
+                          f"it stops: {example}. The other {n - k} are marked as judge errors.", file=sys.stderr,
+                          flush=True)
+                if time.monotonic() >= next_line:
+                    print(f"judging | {n - left}/{n} answers | {errors} errors | {time.monotonic() - t0:.0f}s",
+                          flush=True)
+                    next_line = time.monotonic() + self.progress_every
+        except BaseException:  # Ctrl-C: no new tries, the requests in flight cut
+            self._stop.set()
+            for cut in list(self._cuts):
+                cut()
+            raise
         return results
 
 
@@ -798,6 +839,19 @@ def read_json(path, text=None):
         raise data.DataError(f"{path}: not a readable report ({e})") from None
 
 
+def read_report(path):
+    """A report.json of eval.py: what it lacks to be summarized is one error naming the file and the field."""
+    report = read_json(path)
+    rows = report.get("rows") if isinstance(report, dict) else None
+    if not isinstance(rows, list):
+        raise data.DataError(f"{path}: not a report.json of eval.py (it has no list of \"rows\")")
+    for i, row in enumerate(rows):
+        missing = [k for k in ("model", "set", "kind", "attack_step") if not isinstance(row, dict) or k not in row]
+        if missing:
+            raise data.DataError(f"{path}: row {i} of its \"rows\" has no {', '.join(missing)}")
+    return report
+
+
 def spread(vals):
     """Shares over seeds as "mean ± std (each seed's value)", in %: the std is the population one."""
     return f"{100 * np.mean(vals):.1f} ± {100 * np.std(vals):.1f} ({', '.join(f'{100 * v:.0f}' for v in vals)})"
@@ -808,7 +862,7 @@ def summarize(paths):
     per-seed values; or, for a metrics.jsonl of a Patcher run, its inner game round by round."""
     if len(paths) == 1 and str(paths[0]).endswith(".jsonl"):
         return summarize_rounds(paths[0])
-    reports = [read_json(p) for p in paths]
+    reports = [read_report(p) for p in paths]
     rows = [r for rep in reports for r in rep["rows"]]
     steps = steps_of(rows)
     keys = [k for k in (*HARMFUL_KEYS, "accuracy", "over_refusal") if any(k in r for r in rows)]
@@ -837,12 +891,12 @@ def sweep(paths, flag, out):
     value (one seed: % [95% Wilson interval]); the figure: ASR against the swept value, a curve per T, a panel per
     attack. A model's value is its name's "FLAG:VALUE" (an alignment flag, one model per value), or the report's
     setting (an eval.py flag, whose panels are per model too)."""
-    reports = [read_json(p) for p in paths]
+    reports = [read_report(p) for p in paths]
     if flag == "mode":
         return comparison(reports, out)
     key, cells = flag.replace("-", "_"), {}  # metric -> (model, attack, set) -> T -> value -> [rows, one per report]
     for rep in reports:
-        in_settings = key in rep["settings"]
+        in_settings = key in rep.get("settings", {})
         for r in rep["rows"]:
             if not in_settings and not r["model"].startswith(flag + ":"):
                 continue  # the base model, or a model outside the sweep
@@ -852,6 +906,10 @@ def sweep(paths, flag, out):
                 if r.get(metric) is not None:
                     cells.setdefault(metric, {}).setdefault(series_, {}).setdefault(r["attack_step"], {}).setdefault(
                         value, []).append(r)
+    if not cells:
+        raise data.DataError(f"--sweep {flag}: nothing in {', '.join(map(str, paths))} was swept over it (no model "
+                             f"named {flag}:VALUE, as train.sh names an alignment's, and no --{flag} in a report's "
+                             f"settings)")
     number = lambda v: (0, float(v)) if v.replace(".", "", 1).replace("e-", "", 1).isdigit() else (-1, 0.0)
     values = sorted({v for m in cells.values() for s in m.values() for row in s.values() for v in row},
                     key=lambda v: (*number(v), v))
@@ -868,7 +926,9 @@ def sweep(paths, flag, out):
                       for T, row in sorted(rows.items())]
             lines.append("")
     (Path(out) / "sweep.md").write_text("\n".join(lines))
-    metric = next(k for k in WORST_KEYS if k in cells)
+    metric = next((k for k in WORST_KEYS if k in cells), None)
+    if metric is None:  # no harmful set was scored: the table only
+        return "\n".join(lines) + "\n(no sweep.png: no harmful set was scored)\n"
     panels, Ts = [], sorted({T for rows in cells[metric].values() for T in rows})  # a T keeps its style in every panel
     for s, rows in cells[metric].items():
         curves = {f"T={T}": Curve([i for i, v in enumerate(values) if v in row],
@@ -898,17 +958,19 @@ def inner_steps(reports):
 
 
 def alignment_seconds(out, seeds):
-    """{model: [seconds, one per alignment]} of the given seeds from train.sh's out/timing.tsv (seed, model, program,
-    ranks, threads, seconds per line), or {} without one."""
+    """{model: [seconds, one per seed]} of the given seeds from train.sh's out/timing.tsv (seed, model, program, ranks,
+    threads, seconds per line; one line per attempt: an alignment interrupted and resumed is the sum of its attempts),
+    or {} without one."""
     path, got = Path(out) / "timing.tsv", {}
     for line in path.read_text().splitlines() if path.exists() else []:
         f = line.split("\t")
         try:
             if f[0] in seeds:
-                got.setdefault(f[1], []).append(float(f[5]))
+                got.setdefault(f[1], {}).setdefault(f[0], 0.0)
+                got[f[1]][f[0]] += float(f[5])
         except (IndexError, ValueError):
             continue
-    return got
+    return {model: list(per_seed.values()) for model, per_seed in got.items()}
 
 
 def comparison(reports, out):
@@ -1146,6 +1208,9 @@ def summarize_rounds(path):
     """Whether the defender is winning the inner game: per round, the inner attack's loss on D_unsafe at its
     start and end, and the mean loss gap L(theta + delta) - L(theta) over the round's defender steps."""
     rows = [read_json(path, line) for line in Path(path).read_text().splitlines() if line.strip()]
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict) or "phase" not in row:
+            raise data.DataError(f"{path}: not a metrics.jsonl of patcher.py (its row {i + 1} has no \"phase\")")
     lines = ["| round | attack loss start | attack loss end | |delta| | defender steps | mean L(theta) | mean gap |",
              "|---:|---:|---:|---:|---:|---:|---:|"]
     for a in (r for r in rows if r["phase"] == "inner_attack"):
@@ -1478,20 +1543,39 @@ def make_judge(args):
 # 4. What a run keeps: each step's answers as soon as they exist, each verdict as it arrives
 
 
+def read_appended(path, repair=True):
+    """The rows of an append-only JSONL file (judge_cache.jsonl, parts/*.jsonl). A kill or a full disk may have torn
+    its last line: that line is left out and, with `repair`, cut from the file, so that the next row appended starts
+    a line of its own (appended to the torn line, it would be unreadable with it, on every rerun). Any other line
+    that is not JSON is left out too."""
+    if not path.exists():
+        return []
+    blob = path.read_bytes()
+    whole = blob.rfind(b"\n") + 1  # the end of the last complete line
+    if repair and whole < len(blob):
+        with patcher.naming(path), open(path, "r+b") as f:
+            f.truncate(whole)
+    rows = []
+    for line in blob[:whole].splitlines():
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            continue
+    return rows
+
+
 class JudgeCache:
     """The verdicts of one judge, by (judge, template, prompt, answer), in out/judge_cache.jsonl (None: in memory
     only): each verdict is appended as it arrives, so no answer is sent to a paid judge twice, across reruns too.
-    Failed calls are not kept: a rerun asks again."""
+    Failed calls are not kept: a rerun asks again (and a verdict whose line a kill tore: read_appended)."""
 
     def __init__(self, path, judge):
         self.path, self.identity, self.verdicts = path, json.dumps(judge.identity()), {}
-        if path is not None and path.exists():
-            for line in path.read_text().splitlines():
-                try:
-                    row = json.loads(line)
-                    self.verdicts[row["key"]] = tuple(row["verdict"])
-                except (ValueError, KeyError, TypeError):
-                    continue  # a line cut by a kill: that verdict is asked again
+        for row in read_appended(path) if path is not None else []:
+            try:
+                self.verdicts[row["key"]] = tuple(row["verdict"])
+            except (KeyError, TypeError):
+                continue
         self.file = open(path, "a") if path is not None else None
 
     def key(self, prompt, answer):
@@ -1574,16 +1658,10 @@ class Kept:
         return self.parts / (attack or "-") / (urllib.parse.quote(model, safe="") + ".jsonl")
 
     def load(self, attack, model):
-        """{step: (records, stats)} kept for this attack and model (a line cut by a kill is left out)."""
-        kept, path = {}, self.file(attack, model)
-        if path.exists():
-            for line in path.read_text().splitlines():
-                try:
-                    row = json.loads(line)
-                except ValueError:
-                    continue
-                kept[row["stats"]["attack_step"]] = (row["records"], row["stats"])
-        return kept
+        """{step: (records, stats)} kept for this attack and model (a line cut by a kill is left out, and rank 0 cuts
+        it from the file: read_appended)."""
+        rows = read_appended(self.file(attack, model), repair=self.rank == 0)
+        return {row["stats"]["attack_step"]: (row["records"], row["stats"]) for row in rows}
 
     def saver(self, attack, model):
         path = self.file(attack, model)
@@ -1829,13 +1907,15 @@ def main():
         args = parse_args()
         try:
             print(sweep(args.summarize, args.sweep, args.out) if args.sweep else
-                  worst_case([read_json(f) for f in args.summarize], args.out) if args.worst_case else summarize(args.summarize))
+                  worst_case([read_report(f) for f in args.summarize], args.out) if args.worst_case else
+                  summarize(args.summarize))
         except data.DataError as e:
             print(f"error: {e}", file=sys.stderr, flush=True)
             sys.exit(1)
         except (KeyError, IndexError, StopIteration, TypeError, ValueError, AttributeError) as e:
-            print(f"error: --summarize {' '.join(args.summarize)}: not report.json files of eval.py, nor a metrics.jsonl "
-                  f"of patcher.py ({patcher.describe(e)})", file=sys.stderr, flush=True)
+            print(f"error: --summarize {' '.join(args.summarize)}: could not summarize them ({patcher.describe(e)}): "
+                  f"are they report.json files of eval.py, or one metrics.jsonl of patcher.py?", file=sys.stderr,
+                  flush=True)
             sys.exit(1)
         return
     patcher.main(run, parse_args, interrupted=interruption, plan_fn=plan)

@@ -39,6 +39,17 @@ unmatched, also when the run stops with an attack in flight. The keys (i: the pa
 Every wait on the partner, the last one included, watches its heartbeat: a partner silent for --peer-timeout
 seconds ends the wait with an error naming it and a non-zero exit (an export that was complete stays).
 """
+if __name__ == "__main__":  # a program: a Ctrl-C or SIGTERM while the imports below load (torch takes seconds) is
+    import os, signal       # reported as well, before main() installs its own handlers
+
+    def starting(signum, frame):
+        if os.environ.get("RANK", "0") == "0":
+            os.write(2, f"interrupted{' by SIGTERM' if signum == signal.SIGTERM else ''} while starting; nothing was "
+                        f"written: run the same command again\n".encode())
+        os._exit(128 + signum)  # as a shell reports it: 130 for Ctrl-C, 143 for SIGTERM
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, starting)
+
 import os
 import sys
 import threading

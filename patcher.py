@@ -26,6 +26,17 @@ the alignment-stage defenses of Huang et al. 2024, with no inner attack. The fil
   5. the run's bookkeeping: Training (the log, resumable checkpoints, resume), kept out of run()
   6. the command line: flags, the built-in demo, main()
 """
+if __name__ == "__main__":  # a program: a Ctrl-C or SIGTERM while the imports below load (torch takes seconds) is
+    import os, signal       # reported as well, before main() installs its own handlers
+
+    def starting(signum, frame):
+        if os.environ.get("RANK", "0") == "0":
+            os.write(2, f"interrupted{' by SIGTERM' if signum == signal.SIGTERM else ''} while starting; nothing was "
+                        f"written: run the same command again\n".encode())
+        os._exit(128 + signum)  # as a shell reports it: 130 for Ctrl-C, 143 for SIGTERM
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, starting)
+
 import argparse
 import copy
 import errno
@@ -1568,7 +1579,9 @@ class Finished(Exception):
 
 def check_finished(out, run_settings):
     """Raise Finished if out/done.json says a run with these settings and inputs finished and exported final/ (and
-    `latest` still names its last checkpoint); a finished run of other settings is refused, naming the changes."""
+    `latest` still names its last checkpoint, and final/ is still that export: its fingerprint); a finished run of other
+    settings is refused, naming the changes. An export removed or changed since is made again from the last checkpoint
+    (a line says so): "finished already" would send eval.py to a model that is not there."""
     done, latest = out / "done.json", out / "checkpoints" / "latest"
     if not done.exists():
         return
@@ -1584,14 +1597,24 @@ def check_finished(out, run_settings):
         said = (["the finished run had " + ", ".join(flags)] if flags else []) + inputs
         raise RunError(f"--resume: {'; '.join(said)}; resume with its settings and inputs, or start a new run in "
                        f"another --out")
+    final = out / "final"
+    now = fingerprint(final)["sha256"] if final.is_dir() else None
+    if now is None or now != saved.get("final", now):  # (a done.json written before it recorded the export's)
+        what = "is missing" if now is None else "has changed since its export"
+        if saved.get("checkpoint") is None:
+            raise RunError(f"--resume: {final} {what}, and the run kept no checkpoint to export it again from "
+                           f"(--save-every 0): start it again in a new --out")
+        if os.environ.get("RANK", "0") == "0":
+            print(f"{final} {what}: resuming from checkpoint {saved['checkpoint']} to export it again", flush=True)
+        return
     raise Finished(f"finished already: {out / 'final'} is this run's export (step {saved['step']}); nothing to do")
 
 
 def export_final(model, out, args, step, rank, run_settings=None):
-    """out/final, then out/done.json (the step and the run's settings: a later --resume of the same run has nothing to
-    do). An export that fails (a full disk; safetensors' own error names no file) is one line that says where the
-    trained weights are: with --save-every, in the checkpoint of this last step, taken just before, from which
-    --resume goes straight to the export."""
+    """out/final, then out/done.json (the step, the run's settings and the export's fingerprint: a later --resume of the
+    same run has nothing to do). An export that fails (a full disk; safetensors' own error names no file) is one line
+    that says where the trained weights are: with --save-every, in the checkpoint of this last step, taken just before,
+    from which --resume goes straight to the export."""
     try:
         save_model(model, out / "final", like=args.model, dtype=export_dtype(args))
     except (OSError, SafetensorError) as e:
@@ -1605,7 +1628,8 @@ def export_final(model, out, args, step, rank, run_settings=None):
             with naming(out / "done.json"):
                 latest = out / "checkpoints" / "latest"
                 (out / ".done.json.tmp").write_text(json.dumps({"step": step, "settings": run_settings, "checkpoint":
-                                                                latest.read_text().strip() if latest.exists() else None}) + "\n")
+                                                                latest.read_text().strip() if latest.exists() else None,
+                                                                "final": fingerprint(out / "final")["sha256"]}) + "\n")
                 os.replace(out / ".done.json.tmp", out / "done.json")
         print(f"exported {out / 'final'}", flush=True)
 
@@ -1909,13 +1933,22 @@ def interruption(args, step):
     return f"{f' at step {step}' if step is not None else ''}; {how}"
 
 
-SIGNALLED = []  # the signal that interrupted the run: SIGINT (Ctrl-C) or SIGTERM (a scheduler's preemption)
+SIGNALLED = []  # the signals main() received, in order; the first interrupted the run: SIGINT (Ctrl-C) or SIGTERM
 
 
 def on_signal(signum, frame):
-    """SIGTERM is handled as Ctrl-C: a KeyboardInterrupt wherever the run is, which main() reports."""
+    """SIGTERM is handled as Ctrl-C: a KeyboardInterrupt wherever the run is, which main() reports. Only the first
+    one raises: a second (Ctrl-C reaches train.sh's whole process group, and train.sh then sends SIGTERM too) must not
+    cut short what the first started, the way out that gives the lock back and says how to continue."""
     SIGNALLED.append(signum)
-    raise KeyboardInterrupt
+    if len(SIGNALLED) == 1:
+        raise KeyboardInterrupt
+
+
+def hold_signals():
+    """From here on a Ctrl-C or SIGTERM is only recorded: main() is saying how the run ended."""
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, lambda signum, frame: SIGNALLED.append(signum))
 
 
 def watch_parent():
@@ -1957,14 +1990,17 @@ def main(run_fn=None, parse=parse_args, interrupted=interruption, program=None, 
     """Parse, run (or --plan: plan_fn), and report a user error (bad data, a bad checkpoint, NaN, a refused resume, a
     full disk, an --out in use) as one line and exit code 1, and Ctrl-C or SIGTERM as one line saying how to continue
     (interrupted()), exit code 130 or 143 (as shells report SIGINT and SIGTERM); tracebacks are for bugs (or --debug /
-    PATCHER_DEBUG=1). One run per --out: the run holds out/.lock (take_lock) while it runs."""
+    PATCHER_DEBUG=1). One run per --out: the run holds out/.lock (take_lock) while it runs, and gives it back however
+    it ends."""
+    SIGNALLED.clear()
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     program = program or Path(sys.argv[0]).name
-    args = parse()
-    debug = args.debug or os.environ.get("PATCHER_DEBUG")
-    cpu_threads()
+    args, debug = None, os.environ.get("PATCHER_DEBUG")
     try:
+        args = parse()
+        debug = debug or args.debug
+        cpu_threads()
         watch_parent()
         if getattr(args, "plan", False):
             (plan_fn or plan)(args)
@@ -1975,6 +2011,7 @@ def main(run_fn=None, parse=parse_args, interrupted=interruption, program=None, 
     except MemoryRefused:  # rank 0 has said why
         exit_now(1)
     except USER_ERRORS as e:
+        hold_signals()
         if debug:
             raise
         stop = " (stopped before the update; the last checkpoint and export are intact)" if isinstance(e, FloatingPointError) else ""
@@ -1985,12 +2022,16 @@ def main(run_fn=None, parse=parse_args, interrupted=interruption, program=None, 
         if os.environ.get("RANK", "0") == "0":
             print(e, flush=True)
     except KeyboardInterrupt as e:
+        hold_signals()
         if debug:
             raise
-        term = bool(SIGNALLED) and SIGNALLED[-1] == signal.SIGTERM
-        print(f"interrupted{' by SIGTERM' if term else ''}{interrupted(args, getattr(e, 'step', None))}",
-              file=sys.stderr, flush=True)
+        term = SIGNALLED[:1] == [signal.SIGTERM]
+        how = (interrupted(args, getattr(e, "step", None)) if args is not None else
+               " before the run started; nothing was written: run the same command again")
+        print(f"interrupted{' by SIGTERM' if term else ''}{how}", file=sys.stderr, flush=True)
         exit_now(143 if term else 130)
+    finally:
+        release_lock()  # whatever ended the run (a traceback too)
     exit_now(0)
 
 
@@ -2005,18 +2046,76 @@ def alive(pid):
     return True
 
 
-def take_lock(out, program):
-    """Hold out/.lock (host, pid, program, start) for this run: a second run into the same directory is refused at
-    once, naming the holder. A lock whose holder is dead (this host, no such process) is taken over, with a line
-    saying so. The lock is created by a hard link of a complete file: it is never seen half written."""
-    path, host = Path(out) / ".lock", socket.gethostname()
-    me = {"host": host, "pid": os.getpid(), "program": program, "started": time.strftime("%Y-%m-%d %H:%M:%S")}
-    tmp = Path(out) / f".lock.{os.getpid()}"
-    Path(out).mkdir(parents=True, exist_ok=True)
-    with naming(tmp):
-        tmp.write_text(json.dumps(me) + "\n")
+def process_start(pid):
+    """When process `pid` started, in clock ticks after boot (/proc/PID/stat, its 22nd field), or None where that is
+    not known (no /proc: not Linux; no such process). With the pid it names one process: pids are reused, not this."""
     try:
-        for _ in range(3):
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return int(stat[stat.rindex(")") + 2:].split()[19])  # the fields after the name (which may hold spaces)
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def lock_holder(text):
+    """The run a lock's bytes name ({"host", "pid", "program", "started", "pid_start"}), or None if they are not a
+    run's lock (empty, not JSON, no host or pid)."""
+    try:
+        holder = json.loads(text)
+    except ValueError:
+        return None
+    ok = isinstance(holder, dict) and isinstance(holder.get("host"), str) and isinstance(holder.get("pid"), int)
+    return holder if ok and holder["pid"] > 0 else None
+
+
+def still_running(holder):
+    """Whether the run that wrote a lock of this host still runs: its pid is alive and is still that run's process (the
+    start time the lock recorded; a lock without one: the run's program in the pid's command line)."""
+    pid = holder["pid"]
+    if not alive(pid):
+        return False
+    recorded, now = holder.get("pid_start"), process_start(pid)
+    if recorded is not None and now is not None:
+        return recorded == now
+    try:
+        return str(holder.get("program")) in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+    except OSError:
+        return True  # no /proc (not Linux): a live pid is all there is to go by
+
+
+def take_over(path, seen):
+    """Remove the stale lock `path`, whose bytes were `seen`, unless another run got there first (True: this one did).
+    Two runs that find the same stale lock must not both remove "it": the second would remove the lock the first has
+    just taken. So the stale lock is first linked to a claim named after its bytes, which only one run can create; that
+    one removes the lock if the claim holds those bytes (the lock was not replaced meanwhile)."""
+    claim = path.with_name(f"{path.name}.stale-{hashlib.sha256(seen).hexdigest()[:16]}")
+    try:
+        os.link(path, claim)
+    except (FileExistsError, FileNotFoundError):  # another run is taking it over, or has
+        return False
+    try:
+        if claim.read_bytes() != seen:
+            return False
+        path.unlink()
+        return True
+    finally:
+        claim.unlink()
+
+
+def take_lock(out, program):
+    """Hold out/.lock (host, pid and its start time, program, start) for this run: a second run into the same directory
+    is refused at once, naming the holder. A lock whose holder is gone (this host: no such process, or its pid is now
+    another process's) is taken over (take_over), with a line saying so; a lock that is not a run's (empty, not JSON)
+    is refused, naming the fix. The lock is created by a hard link of a complete file: it is never seen half written,
+    and nothing is left behind on any failure."""
+    out, host = Path(out), socket.gethostname()
+    path, tmp = out / ".lock", out / f".lock.{os.getpid()}"
+    me = {"host": host, "pid": os.getpid(), "pid_start": process_start(os.getpid()), "program": program,
+          "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        with naming(tmp):
+            tmp.write_text(json.dumps(me) + "\n")
+        for _ in range(10):
             try:
                 os.link(tmp, path)
                 HELD_LOCK.append(path)
@@ -2024,19 +2123,25 @@ def take_lock(out, program):
             except FileExistsError:
                 pass
             try:
-                holder = json.loads(path.read_text())
-            except (OSError, ValueError):
-                continue  # removed meanwhile (or being replaced): try again
-            said = (f"{holder.get('program', '?')} (host {holder.get('host')}, pid {holder.get('pid')}, started "
+                seen = path.read_bytes()
+            except FileNotFoundError:
+                continue  # given back meanwhile: try again
+            holder = lock_holder(seen)
+            if holder is None:
+                raise RunError(f"--out {out}: its lock {path} is not a run's lock ({seen[:60]!r}): remove it if no run "
+                               f"is using {out}")
+            said = (f"{holder.get('program', '?')} (host {holder['host']}, pid {holder['pid']}, started "
                     f"{holder.get('started')})")
-            if holder.get("host") == host and not alive(int(holder.get("pid", 0))):
+            if holder["host"] != host or still_running(holder):
+                raise RunError(f"--out {out} is in use by {said}: one run per directory; wait for it, or use another "
+                               f"--out" + (f" (if it is gone, remove {path})" if holder["host"] != host else ""))
+            if take_over(path, seen):
                 print(f"{program}: --out {out} was locked by {said}, which is no longer running: taking it over",
                       flush=True)
-                path.unlink(missing_ok=True)
-                continue
-            raise RunError(f"--out {out} is in use by {said}: one run per directory; wait for it, or use another "
-                           f"--out" + (f" (if it is gone, remove {path})" if holder.get("host") != host else ""))
-        raise RunError(f"--out {out}: could not take its lock {path}")
+            else:
+                time.sleep(0.05)  # another run is taking it over: look at what it leaves
+        raise RunError(f"--out {out}: could not take its lock {path} (other runs kept taking it); if no run is using "
+                       f"{out}, remove {path}")
     finally:
         tmp.unlink(missing_ok=True)
 

@@ -49,6 +49,21 @@ if [[ $# -gt 0 ]]; then
   exit 2
 fi
 
+lock= child= LISTS=
+finish() {  # on exit: the lock given back, the lists removed
+  [[ -n $lock && $(sed -nE 's/.*"pid": ([0-9]+).*/\1/p' "$lock" 2>/dev/null) == "$$" ]] && rm -f "$lock"
+  [[ -n ${TRAIN_SH_LISTS:-} || -z $LISTS ]] || rm -rf "$LISTS"
+}
+trap finish EXIT
+interrupted() {  # SIGINT / SIGTERM: end the program running, say how to continue, exit 130 / 143
+  trap '' INT TERM  # a second one (Ctrl-C reaches the whole process group) must not cut this short
+  if [[ -n $child ]]; then kill -TERM "$child" 2>/dev/null || true; wait "$child" 2>/dev/null || true; fi
+  echo "train.sh: interrupted by $1; run the same command again to continue${OUT:+ (OUT=$OUT)}" >&2
+  exit "$2"
+}
+trap 'interrupted SIGINT 130' INT  # from the first second on: the programs' --list-flags below take seconds
+trap 'interrupted SIGTERM 143' TERM
+
 # The flags each program takes come from its own parser (--list-flags: "NAME value|switch MODES same|changes"), never from
 # lists kept here: a flag added to a program reaches it from its variable with no edit of this file.
 if [[ -n ${TRAIN_SH_LISTS:-} ]]; then LISTS=$TRAIN_SH_LISTS; else
@@ -57,18 +72,6 @@ if [[ -n ${TRAIN_SH_LISTS:-} ]]; then LISTS=$TRAIN_SH_LISTS; else
   for program in patcher parallel eval; do python "$program.py" --list-flags > "$LISTS/$program" & pids+=($!); done
   for pid in "${pids[@]}"; do wait "$pid" || { echo "train.sh: a program could not list its flags (python ... --list-flags)" >&2; exit 1; }; done
 fi
-lock= child=
-finish() {  # on exit: the lock given back, the lists removed
-  [[ -n $lock && $(sed -nE 's/.*"pid": ([0-9]+).*/\1/p' "$lock" 2>/dev/null) == "$$" ]] && rm -f "$lock"
-  [[ -n ${TRAIN_SH_LISTS:-} ]] || rm -rf "$LISTS"
-}
-trap finish EXIT
-interrupted() {  # SIGINT / SIGTERM: end the program running, say how to continue, exit 130 / 143
-  trap - INT TERM
-  if [[ -n $child ]]; then kill -TERM "$child" 2>/dev/null || true; wait "$child" 2>/dev/null || true; fi
-  echo "train.sh: interrupted by $1; run the same command again to continue (OUT=$OUT)" >&2
-  exit "$2"
-}
 # the flags this script sets itself, from its own variables (the data files, the run directories, the seeds)
 OWN_ALIGN="model safe-data out seed mode resume save-every list-flags plan plan-world plan-memory"
 OWN_EVAL="model out seed attack-data eval-data benign-data gsm8k summarize sweep worst-case check list-flags"
@@ -186,23 +189,72 @@ run_logged() {  # run_logged LOG NPROC SCRIPT ARGS...: in the background, so tha
   child=
   [[ $rc == 0 ]] || { tail -n 30 "$log"; echo "failed: see $log" >&2; exit 1; }
 }
-take_lock() {  # OUT/.lock: one train.sh per OUT; a lock whose holder is dead (this host) is taken over, saying so
-  local tmp="$OUT/.lock.$$" holder pid host
+pid_start() {  # pid_start PID: when process PID started (/proc/PID/stat, field 22, after the name), or null
+  local s
+  s=$(cat "/proc/$1/stat" 2>/dev/null) || { echo null; return; }
+  s=${s##*) }; set -- $s; echo "${20:-null}"
+}
+running() {  # running PID START: process PID is alive (another user's too) and still the one that started at START (a
+             # lock without START: a train.sh); without /proc, a live PID is all there is to go by
+  kill -0 "$1" 2>/dev/null || [[ -e /proc/$1 ]] || return 1
+  local now
+  now=$(pid_start "$1")
+  [[ $now != null ]] || return 0
+  if [[ -n $2 ]]; then [[ $now == "$2" ]]; else tr '\0' ' ' < "/proc/$1/cmdline" | grep -q train.sh; fi
+}
+take_lock() {  # OUT/.lock: one train.sh per OUT, as patcher.py's take_lock: a lock whose holder is gone (this host: no
+  # such process, or its pid is another process's now) is taken over, saying so; a lock that is not a run's names its fix
+  local tmp="$OUT/.lock.$$" holder pid host start claim
   lock=$OUT/.lock
-  printf '{"host": "%s", "pid": %d, "program": "train.sh", "started": "%s"}\n' "$(uname -n)" $$ "$(date '+%F %T')" > "$tmp"
-  for _ in 1 2 3; do
+  if ! printf '{"host": "%s", "pid": %d, "pid_start": %s, "program": "train.sh", "started": "%s"}\n' "$(uname -n)" $$ \
+       "$(pid_start $$)" "$(date '+%F %T')" > "$tmp"; then
+    rm -f "$tmp"; lock=; echo "train.sh: cannot write $tmp" >&2; exit 1
+  fi
+  for _ in 1 2 3 4 5 6 7 8 9 10; do
     if ln "$tmp" "$lock" 2>/dev/null; then rm -f "$tmp"; return; fi
-    holder=$(cat "$lock" 2>/dev/null) || continue
+    holder=$(cat "$lock" 2>/dev/null) || continue  # given back meanwhile: try again
     pid=$(sed -nE 's/.*"pid": ([0-9]+).*/\1/p' <<< "$holder") host=$(sed -nE 's/.*"host": "([^"]*)".*/\1/p' <<< "$holder")
-    if [[ $host == "$(uname -n)" ]] && ! kill -0 "$pid" 2>/dev/null; then
-      echo "train.sh: OUT $OUT was locked by $holder, which is no longer running: taking it over"
-      rm -f "$lock"
+    start=$(sed -nE 's/.*"pid_start": ([0-9]+).*/\1/p' <<< "$holder")
+    if [[ -z $pid || -z $host ]]; then
+      rm -f "$tmp"; lock=
+      echo "train.sh: OUT $OUT: its lock $OUT/.lock is not a run's lock ('${holder:0:60}'): remove it if no run" \
+        "is using $OUT" >&2
+      exit 1
+    elif [[ $host == "$(uname -n)" ]] && ! running "$pid" "$start"; then
+      # Never remove "the" stale lock outright: another run that found it too may have replaced it with its own
+      # already. Only the one run that links it to a claim named after its content removes it, if it is still it.
+      claim=$lock.stale-$(sha256sum <<< "$holder" | cut -c1-16)
+      if ln "$lock" "$claim" 2>/dev/null; then
+        if [[ $(cat "$claim") == "$holder" ]]; then
+          rm -f "$lock"
+          echo "train.sh: OUT $OUT was locked by $holder, which is no longer running: taking it over"
+        fi
+        rm -f "$claim"
+      else
+        sleep 0.05  # another run is taking it over: look at what it leaves
+      fi
     else
       rm -f "$tmp"; lock=
-      echo "train.sh: OUT $OUT is in use by $holder: one run per directory; wait for it, or use another OUT" >&2; exit 1
+      echo "train.sh: OUT $OUT is in use by $holder: one run per directory; wait for it, or use another" \
+        "OUT$([[ $host == "$(uname -n)" ]] || echo " (if it is gone, remove $OUT/.lock)")" >&2; exit 1
     fi
   done
-  rm -f "$tmp"; lock=; echo "train.sh: could not take $OUT/.lock" >&2; exit 1
+  rm -f "$tmp"; lock=
+  echo "train.sh: could not take $OUT/.lock (other runs kept taking it); if no run is using $OUT, remove it" >&2; exit 1
+}
+# OUT/timing.tsv: one line per attempt of an alignment (seed, model, program, ranks, threads, seconds), so that one
+# interrupted and resumed is timed over all its attempts. An attempt in progress is a file holding that line's start;
+# train.sh times it when the attempt ends, or, when train.sh was killed with it (kill -9), the next train.sh does, up
+# to the last line its program logged.
+elapsed() {  # elapsed START [FILE]: seconds from START (time.time()) to now, or to FILE's last change
+  python -c "import os, sys, time; f = sys.argv[2:] and sys.argv[2]
+print(f'{max(0.0, (os.path.getmtime(f) if f and os.path.exists(f) else time.time()) - float(sys.argv[1])):.2f}')" "$@"
+}
+timed() {  # timed ATTEMPT [LOG]: ATTEMPT's line in OUT/timing.tsv (to now, or to LOG's last change); ATTEMPT removed
+  local f
+  IFS=$'\t' read -r -a f < "$1"
+  printf '%s\t%s\t%s\t%s\t%s\t%s\n' "${f[@]:0:5}" "$(elapsed "${f[5]}" "${@:2}")" >> "$OUT/timing.tsv"
+  rm -f "$1"
 }
 cpu=$(grep -m1 "model name" /proc/cpuinfo 2>/dev/null | cut -d: -f2 | xargs || echo unknown)
 
@@ -346,8 +398,6 @@ fi
 if [[ "${DRY_RUN:-0}" == 0 ]]; then
   mkdir -p "$OUT"
   take_lock
-  trap 'interrupted SIGINT 130' INT
-  trap 'interrupted SIGTERM 143' TERM
   export PATCHER_PARENT_PID=$$  # each program ends itself when this script is gone (kill -9 included)
   # This run is its commands (DRY_RUN=1; OUT spelled $OUT, so that a moved OUT is the same run): an OUT that holds
   # another run's is refused, naming what changed, so that results of two settings are never mixed. The flags that
@@ -434,14 +484,20 @@ for seed in $SEEDS; do
       fi
       models+=("$name")
       echo "== seed $seed: align $name ($script, $n rank(s) x $OMP_NUM_THREADS thread(s)) -> $dir"
-      start=$(python -c "import time; print(time.time())")  # not date +%s.%N or bc: neither is on every machine
+      attempt=$run/.$name.attempt
+      if [[ "${DRY_RUN:-0}" == 0 ]]; then  # (time.time(): date +%s.%N and bc are not on every machine)
+        [[ ! -f $attempt ]] || timed "$attempt" "$run/$name.log"  # the last attempt, killed with train.sh
+        printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$seed" "$name" "$script" "$n" "$OMP_NUM_THREADS" \
+          "$(python -c "import time; print(time.time())")" > "$attempt"
+      fi
       [[ $SAVE_EVERY == 0 ]] || these+=(--save-every "$SAVE_EVERY")
       [[ -e $dir/checkpoints/latest || -e $dir/done.json ]] && these+=(--resume)  # patcher.py checks it is this run
       run_logged "$run/$name.log" "$n" "$script" "${data_args[@]}" "${own[@]}" --seed "$seed" --out "$dir" "${these[@]}"
-      if [[ "${DRY_RUN:-0}" == 0 ]] && ! grep -q "^finished already" "$run/$name.log"; then
-        grep -E "^(demo|mode|parallel|exported|defender)" "$run/$name.log" || true
-        printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$seed" "$name" "$script" "$n" "$OMP_NUM_THREADS" \
-          "$(python -c "import sys, time; print(f'{time.time() - float(sys.argv[1]):.2f}')" "$start")" >> "$OUT/timing.tsv"
+      if [[ "${DRY_RUN:-0}" == 1 ]]; then :
+      elif grep -q "^finished already" "$run/$name.log"; then rm -f "$attempt"  # (no alignment: nothing to time)
+      else
+        grep -E "^(demo|mode|parallel|exported|defender)|/final (is missing|has changed)" "$run/$name.log" || true
+        timed "$attempt"
       fi
     done
   done
@@ -467,11 +523,17 @@ if [[ -n "${ATTACKS:-}" ]]; then
   python eval.py --summarize "${reports[@]}" --worst-case --out "$OUT" | unnoted
   figures+=(worst_case.png) tables+=(worst_case.md)
 fi
-{  # the wall clock of each alignment, measured in this run, with the hardware it had
-  echo "Alignment wall clock (s), mean ± std over seeds $SEEDS; $(nproc --all) cores ($cpu), $OMP_NUM_THREADS thread(s) per rank"
-  echo; echo "| model | program | ranks | seconds |"; echo "|---|---|---:|---:|"
-  awk -F'\t' '{n[$2]++; s[$2]+=$6; q[$2]+=$6*$6; p[$2]=$3; r[$2]=$4; if (!($2 in o)) o[$2]=NR}
-    END {for (m in n) {mu=s[m]/n[m]; v=q[m]/n[m]-mu*mu; printf "%d\t| %s | %s | %s | %.1f ± %.1f |\n", o[m], m, p[m], r[m], mu, sqrt(v>0?v:0)}}' \
+{  # the wall clock of each alignment, with the hardware it had: per seed the sum over its attempts, then over seeds
+  echo "Alignment wall clock (s), mean ± std over seeds $SEEDS, each the sum over its attempts (runs: the attempts,"
+  echo "all seeds: more than the seeds, interrupted and resumed); $(nproc --all) cores ($cpu), $OMP_NUM_THREADS" \
+    "thread(s) per rank"
+  echo; echo "| model | program | ranks | seconds | runs |"; echo "|---|---|---:|---:|---:|"
+  awk -F'\t' '{k = $1 SUBSEP $2; if (!(k in t)) n[$2]++; t[k] += $6; a[$2]++; p[$2] = $3; r[$2] = $4}
+    !($2 in o) {o[$2] = NR}
+    END {for (k in t) {split(k, f, SUBSEP); s[f[2]] += t[k]; q[f[2]] += t[k] * t[k]}
+         for (m in n) {mu = s[m] / n[m]; v = q[m] / n[m] - mu * mu
+                       printf "%d\t| %s | %s | %s | %.1f ± %.1f | %d |\n", o[m], m, p[m], r[m], mu, sqrt(v > 0 ? v : 0),
+                              a[m]}}' \
     "$OUT/timing.tsv" | sort -n | cut -f2-
 } > "$OUT/timing.md"
 cat "$OUT/timing.md"

@@ -7,6 +7,7 @@ repository (tests/data/safety/): nothing outside the clone is read.
 """
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -72,6 +73,16 @@ def demo_base(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo-base")
     run_script("patcher.py", ["--out", out, "--mode", "sft", "--warmup-steps", "1", "--rounds", "1", "--defend-steps", "1"])
     return out / "base"
+
+
+@pytest.fixture(autouse=True)
+def signal_handlers():
+    """A test that runs a program's main() in this process (which installs its own SIGINT and SIGTERM handlers) leaves
+    the session's handlers as they were: Ctrl-C and a CI's SIGTERM still end the session."""
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for s, h in handlers.items():
+        signal.signal(s, h)
 
 
 def with_base(out, base):

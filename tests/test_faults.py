@@ -163,6 +163,26 @@ def test_a_run_made_before_a_new_flag_resumes_after_it(tmp_path, finished_run, m
     assert "alpha" not in sft and "inner_steps" not in sft and "vaccine_rho" not in sft and sft["lr"] == 5e-4
 
 
+def test_a_finished_run_whose_export_is_gone_or_changed_exports_it_again(tmp_path, finished_run, capsys):
+    """done.json alone made "finished already", on every rerun, after final/ was removed (then eval.py failed on the
+    missing model). The export's fingerprint in done.json is checked first: an export removed or changed since is made
+    again from the last checkpoint, saying so; then the run has finished again."""
+    out = shutil.copytree(finished_run, tmp_path / "run")
+    done = json.loads((out / "done.json").read_text())
+    with pytest.raises(patcher.Finished):
+        patcher.check_finished(out, done["settings"])
+    config = out / "final" / "config.json"
+    config.write_text(config.read_text() + " ")
+    patcher.check_finished(out, done["settings"])  # no Finished: --resume goes on from the last checkpoint
+    assert capsys.readouterr().out == f"{out / 'final'} has changed since its export: resuming from checkpoint step-0000011 to export it again\n"
+    shutil.rmtree(out / "final")
+    args = ["--out", out, *FAST, "--save-every", "5", "--resume"]
+    r = run(args, check=True)
+    assert f"{out / 'final'} is missing: resuming from checkpoint step-0000011 to export it again" in r.stdout
+    assert "resumed at step 11" in r.stdout and "\nstep " not in r.stdout and same_export(finished_run, out)
+    assert run(args, check=True).stdout.startswith("finished already")
+
+
 # --- 4. resume after a kill between a checkpoint's rename and the switch of `latest` -------------
 
 def test_resume_passes_a_checkpoint_that_latest_never_named(tmp_path, demo_base):
@@ -379,7 +399,7 @@ def test_a_full_disk_during_a_checkpoint_is_one_line_and_keeps_the_last_one(smol
                           "GiB free there", "previous checkpoint is intact")
     assert "FrameSummary" not in line
     assert (ckpts / "latest").read_text() == "step-0000004" and sorted(p.name for p in ckpts.iterdir()) == ["latest", "step-0000004"]
-    assert {p.name: p.read_bytes() for p in (ckpts / "step-0000004").iterdir()} == before and line
+    assert {p.name: p.read_bytes() for p in (ckpts / "step-0000004").iterdir()} == before
 
 
 # --- 9. resume by content; corrupt checkpoints; full disks, Ctrl-C and data that --max-len cuts away ----------
@@ -636,8 +656,86 @@ def test_learning_rates_are_bounded_where_adamw_overflows(program, flag, capsys,
         parser.parse_args([flag, "1e38", "--out", str(tmp_path)])
     assert e.value.code == 2 and f"argument {flag}: must be a finite number > 0 and <= 1e+30" in capsys.readouterr().err
     m = tiny_model()
+    before = [p.detach().clone() for p in m.parameters()]
     optimizer = patcher.make_optimizer(m.parameters(), patcher.MAX_RATE)
     for _ in range(3):
         for p in m.parameters():
             p.grad = torch.randn_like(p)
-        optimizer.step()
+        optimizer.step()  # (above the bound, as at 1e38: "value cannot be converted to type float without overflow")
+    assert all(int(optimizer.state[p]["step"]) == 3 for p in m.parameters())  # three steps taken, by every weight
+    assert not any(torch.equal(p, b) for p, b in zip(m.parameters(), before))
+
+
+# --- 10. what eval.py keeps, and --summarize ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("what", ["judge_cache.jsonl", "parts"])
+def test_a_torn_last_line_is_cut_so_the_next_row_appended_is_kept(what, tmp_path):
+    """A kill (or a full disk) in the middle of an append tears the last line. The next row was appended to it and lost
+    with it on every rerun: the same verdict asked of the paid judge again each time, the same attack restarted each
+    time. The torn line is cut before anything is appended."""
+    if what == "judge_cache.jsonl":
+        path, judge = tmp_path / what, Namespace(identity=lambda: ["judge-1"])
+        evaluate.JudgeCache(path, judge).add("a", (5, None))
+        read = lambda: {k: evaluate.JudgeCache(path, judge).get(k) for k in "ab"}
+        torn, row = '{"key": "b", "verd', ("b", (1, None))
+    else:
+        kept = object.__new__(evaluate.Kept)
+        kept.parts, kept.rank = tmp_path / "parts", 0
+        path = kept.file("harmful", "m")
+        kept.saver("harmful", "m")(0, [{"answer": "x"}], {"attack_step": 0})
+        read = lambda: {k: v[1] for k, v in kept.load("harmful", "m").items()}
+        torn, row = '{"records": [{"answer": "y"}], "stats": {"attack', (10, [{"answer": "y"}], {"attack_step": 10})
+    with open(path, "a") as f:
+        f.write(torn)
+    first = read()  # the rerun: the torn row is not there ...
+    (evaluate.JudgeCache(path, judge).add if what == "judge_cache.jsonl" else kept.saver("harmful", "m"))(*row)
+    again = read()  # ... and once made again, it is kept
+    if what == "judge_cache.jsonl":
+        assert first == {"a": (5, None), "b": None} and again == {"a": (5, None), "b": (1, None)}
+    else:
+        assert first == {0: {"attack_step": 0}} and again == {0: {"attack_step": 0}, 10: {"attack_step": 10}}
+    assert [json.loads(line) for line in path.read_text().splitlines()]  # every line whole
+
+
+def summarize(tmp_path, monkeypatch, capsys, *argv):
+    """eval.py --summarize ARGV --out tmp_path: (exit code, stdout, stderr)."""
+    monkeypatch.setattr(sys, "argv", ["eval.py", "--summarize", *map(str, argv), "--out", str(tmp_path)])
+    try:
+        evaluate.main()
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_summarize_reads_every_valid_report_and_names_what_it_cannot(tmp_path, monkeypatch, capsys):
+    """Valid reports of every kind summarize (seeds, a sweep, the worst case; a sweep of reports that scored no harmful
+    set used to be "not report.json files"). What cannot be read is named: a sweep over a flag that nothing swept,
+    a report without rows or with a row short of a field."""
+    def report(name, asr, rows=None, **settings):
+        rows = rows or [{"model": m, "attack": "", "attack_step": k, "set": "harmful", "kind": "harmful", "n": 10,
+                         "asr_keyword": v * k / 10} for m, v in (("sft", asr), ("patcher", asr / 4)) for k in (0, 10)]
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps({"settings": {"eval_at": [0, 10], **settings}, "attacks": {"": {"harmful_per_step": 1.0}},
+                                    "models": {}, "rows": rows}))
+        return path
+    a, b = report("a", 0.8, attack_lr=1e-4), report("b", 0.4, attack_lr=5e-4)
+    benign = report("benign", 0, [{"model": "m", "attack": "", "attack_step": 0, "set": "b", "kind": "benign", "n": 10,
+                                   "over_refusal": 0.1}], attack_lr=1e-4)
+    for argv, needle in (([a, b], "| sft | asr_keyword | 0.0 ± 0.0 (0, 0) | 60.0 ± 20.0 (80, 40) |"),
+                         ([a, b, "--sweep", "attack-lr"], "| T \\ attack-lr | 0.0001 | 0.0005 |"),
+                         ([a, b, "--worst-case"], "| patcher | harmful | 0.0 ± 0.0 (0, 0) no attack | 15.0 ± 5.0 (20, 10) attack |"),
+                         ([benign, "--sweep", "attack-lr"], "| m T=0 | 10.0 ± 0.0 (10) |")):
+        code, out, err = summarize(tmp_path, monkeypatch, capsys, *argv)
+        assert code == 0 and needle in out, (argv, out, err)
+    rowless = tmp_path / "rowless.json"
+    rowless.write_text(json.dumps({"settings": {}}))
+    short = report("short", 0.5, [{"model": "m", "set": "harmful", "kind": "harmful", "asr_keyword": 0.5}])
+    for argv, said in (([a, "--sweep", "alpha"], f"error: --sweep alpha: nothing in {a} was swept over it (no model named "
+                                                  f"alpha:VALUE, as train.sh names an alignment's, and no --alpha in a "
+                                                  f"report's settings)"),
+                       ([rowless], f"error: {rowless}: not a report.json of eval.py (it has no list of \"rows\")"),
+                       ([a, short, "--worst-case"], f"error: {short}: row 0 of its \"rows\" has no attack_step")):
+        code, out, err = summarize(tmp_path, monkeypatch, capsys, *argv)
+        assert code == 1 and err.strip() == said, (argv, err)

@@ -122,22 +122,57 @@ def test_refresh_every_and_offset_set_when_the_defender_looks_and_sends(tmp_path
         assert (x["step"] - x["staleness"] - 3) % 4 == 0, x  # its theta left at a multiple of 4
 
 
-def test_the_official_parallel_schedule_installs_14_attack_vectors(tmp_path):
+def test_the_official_parallel_schedule_installs_14_attack_vectors(tmp_path, monkeypatch):
     """PRESET=paper-parallel with an attacker that is always done in time, as the official run's is (500 attack steps
     against 1,000 defender steps of two passes each): the first delta is used from step 2,000 on after 1,999 SFT
-    steps, 14 are installed, the last used for one step, and each attack starts from theta at a multiple of 1,000."""
+    steps, 14 are installed, the last used for one step, and each attack starts from theta at a multiple of 1,000.
+    parallel.defender's own loop runs all 15,000 steps, with stand-ins for the model, the transfers and the update
+    (each defender step only counted), so that a change to its decisions changes what is asserted here."""
     import parallel
+    import patcher
     args = parallel.parse_args(["--warmup-steps", "1000", "--rounds", "14", "--defend-steps", "1000",
                                 "--refresh-every", "1000", "--refresh-offset", "1", "--out", str(tmp_path)])
-    total, sent, installs, starts = 1000 + 14 * 1000, None, [], []
-    for step in range(total):  # the decisions of parallel.defender's loop, before the step numbered step + 1
-        if sent is not None and parallel.looks(args, step):
+    starts, installs, with_delta = [], [], []  # theta sent at; delta installed at (before the step numbered + 1)
+
+    class Partner:  # an attacker whose attack is always ready when the defender looks
+        rank = 0
+
+        def key(self, name, r):
+            return f"{name}/{r}"
+
+        def has(self, key):
+            return key.startswith("ready/")
+
+        def set(self, key, value="1"):
+            pass
+
+        def check(self):
+            pass
+
+    class Log:
+        def step(self, *a):
+            pass
+
+        def inner_attack(self, step, r, losses, dnorm, seconds, **extra):
             installs.append(step)
-            sent = None
-        if sent is None and step >= args.warmup_steps and parallel.sends(args, step):
-            sent = step
-            starts.append(step)
-    assert installs[0] == 1999 and len(installs) == 14 and total - installs[-1] == 1
+
+    class Model:
+        def named_parameters(self):
+            return iter(())
+
+        def parameters(self):
+            return iter(())
+    monkeypatch.setattr(parallel, "send_theta", lambda partner, model, r, step: starts.append(step))
+    monkeypatch.setattr(parallel, "install", lambda partner, delta, reference, r, k1, device: (0.0, [0.0]))
+    monkeypatch.setattr(parallel, "agree", lambda flag, votes, op: flag)  # one defender: its own vote
+    monkeypatch.setattr(patcher, "snapshot", lambda model, into=None: None)
+    monkeypatch.setattr(patcher, "global_norm", lambda tensors, group=None: 0.0)
+    monkeypatch.setattr(patcher, "defender_step", lambda model, optimizer, batch, delta, *a: with_delta.append(delta is not None) or {})
+    n = parallel.defender(args, Model(), None, {"safe": iter(range(10 ** 6))}, Partner(), None, None, "cpu", Log(),
+                          (0, None, {}), {})
+    total = 1000 + 14 * 1000
+    assert len(with_delta) == total and n == 14 == len(installs)
+    assert installs[0] == 1999 and total - installs[-1] == 1 and with_delta.index(True) == 1999 and all(with_delta[1999:])
     assert starts[:3] == [1000, 2000, 3000] and all(s % 1000 == 0 for s in starts)
 
 

@@ -1,14 +1,17 @@
 """An experiment that survives its machine (README: Reliability): train.sh killed with kill -9 anywhere and run again
 ends with the report of an uninterrupted run, recomputing nothing that had finished and sending no answer to the
 judge twice; one run per directory; SIGTERM is an interruption; what was silently wrong is an error."""
+import errno
 import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
+from argparse import Namespace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -16,6 +19,9 @@ import pytest
 
 from conftest import ROOT, run_script, with_base
 from test_patcher import FAST, FAST_SCHEDULE, rows
+import patcher
+
+evaluate = __import__("eval")
 
 HOOKS = ROOT / "tests" / "hooks"
 PROBE = "What is 2 + 3?"  # in eval.py's one check request before any attack
@@ -27,7 +33,7 @@ class CountingJudge:
     request unanswered until released (a test kills its client meanwhile: no reply, no verdict)."""
 
     def __init__(self):
-        self.counts, self.answered, self.lock = {}, 0, threading.Lock()
+        self.counts, self.answered, self.held, self.lock = {}, 0, 0, threading.Lock()
         self.hold_after, self.released = None, threading.Event()
         judge = self
 
@@ -40,6 +46,7 @@ class CountingJudge:
                 probe = PROBE in content  # eval.py's check request, answered always
                 with judge.lock:
                     hold = not probe and judge.hold_after is not None and judge.answered >= judge.hold_after
+                    judge.held += hold
                 if hold:
                     judge.released.wait(60)
                     return
@@ -98,7 +105,8 @@ def report_rows(out):
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     """The demo's experiment run once without a stop, (its OUT, what its judge was asked). While it runs, a second
-    train.sh into the same OUT is refused within seconds; this first one then finishes untouched."""
+    train.sh into the same OUT is refused at once (while the first still runs, not once it is done); this first one
+    then finishes untouched."""
     out, judge = tmp_path_factory.mktemp("uninterrupted") / "run", CountingJudge()
     try:
         env = experiment(out, judge)
@@ -106,9 +114,9 @@ def uninterrupted(tmp_path_factory):
         while not (out / "seed0" / "sft.log").exists():
             assert first.poll() is None, first.stdout.read()[-3000:]
             time.sleep(0.05)
-        t = time.time()
         second = subprocess.run(["bash", str(ROOT / "train.sh")], cwd=ROOT, env=env, capture_output=True, text=True)
-        assert second.returncode == 1 and "is in use by" in second.stderr and time.time() - t < 15, second.stderr
+        assert second.returncode == 1 and "is in use by" in second.stderr, second.stderr
+        assert first.poll() is None, "the second train.sh was answered only once the first had finished"
         assert first.wait(600) == 0, first.stdout.read()[-3000:]
     finally:
         judge.close()
@@ -156,6 +164,14 @@ def test_train_sh_killed_anywhere_continues_to_the_report_of_an_uninterrupted_ru
     finally:
         judge.close()
     assert report_rows(out) == report_rows(ref)
+    # the alignment killed and resumed is timed over both its attempts (the killed one up to its log's last line);
+    # the one finished before the kills keeps its one line
+    attempts = [line.split("\t") for line in (out / "timing.tsv").read_text().splitlines()]
+    seconds = {name: [float(a[5]) for a in attempts if a[1] == name] for name in ("sft", "patcher")}
+    assert len(seconds["sft"]) == 1 and len(seconds["patcher"]) == 2 and min(seconds["patcher"]) > 0, attempts
+    timing = (out / "timing.md").read_text()
+    for name, s in seconds.items():
+        assert f"| {name} | patcher.py | 1 | {sum(s):.1f} ± 0.0 | {len(s)} |" in timing, timing
     probe = [c for c in judge.counts if PROBE in c]
     assert len(probe) == 1 and judge.counts[probe[0]] == 4  # one check request by each of the 4 runs that evaluated
     answers = {c: n for c, n in judge.counts.items() if c not in probe}
@@ -186,19 +202,43 @@ def test_train_sh_refuses_other_settings_and_its_programs_end_with_it(tmp_path, 
 
 @pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_train_sh_interrupted_ends_its_program_and_says_how_to_continue(sig, code, tmp_path):
+    """The signal to train.sh's whole process group (Ctrl-C in a terminal, a scheduler's SIGTERM), twice: train.sh and
+    its program each report the first, ignore the second (it killed train.sh mid-report, silently), and end."""
     proc = subprocess.Popen(["bash", str(ROOT / "train.sh")], cwd=ROOT, env={**os.environ, "SEEDS": "0", "OUT": str(tmp_path)},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     log = tmp_path / "seed0" / "demo.log"  # the demo's base model in training: its program is patcher.py
     while "demo: base model step 200" not in (log.read_text() if log.exists() else ""):
         assert proc.poll() is None, proc.stderr.read()[-3000:]
         time.sleep(0.05)
-    proc.send_signal(sig)
+    os.killpg(proc.pid, sig)
+    time.sleep(0.05)
+    os.killpg(proc.pid, sig)  # pressed again
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == code and "Traceback" not in err and "failed" not in err, err[-3000:]
     assert err.strip().splitlines()[-1] == (f"train.sh: interrupted by {signal.Signals(sig).name}; run the same command "
                                             f"again to continue (OUT={tmp_path})"), err[-2000:]
-    assert log.read_text().strip().splitlines()[-1].startswith("interrupted by SIGTERM; no checkpoint to resume from")
+    assert log.read_text().strip().splitlines()[-1] == (f"interrupted{' by SIGTERM' if sig == signal.SIGTERM else ''}; no "
+                                                        f"checkpoint to resume from yet (--save-every 1)")
     assert not (tmp_path / ".lock").exists()
+
+
+def test_train_sh_sigterm_in_its_first_seconds_is_an_interruption_too(tmp_path):
+    """SIGTERM while train.sh still asks its programs for their flags (its first seconds) ended it with no word: exit
+    143 and the line saying how to continue, as later."""
+    proc = subprocess.Popen(["bash", str(ROOT / "train.sh")], cwd=ROOT, env={**os.environ, "OUT": str(tmp_path)},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+    def listing():  # a program started with --list-flags: train.sh is past its first lines
+        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+        return any(b"--list-flags" in Path(f"/proc/{c}/cmdline").read_bytes() for c in children
+                   if Path(f"/proc/{c}/cmdline").exists())
+    while not listing():
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGTERM)  # as a scheduler ends a job: train.sh and its programs
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, (proc.returncode, err)
+    assert f"train.sh: interrupted by SIGTERM; run the same command again to continue (OUT={tmp_path})" in err, err
 
 
 def test_train_sh_help_and_arguments():
@@ -243,12 +283,130 @@ def test_a_second_run_on_a_busy_out_is_refused_at_once_and_the_first_finishes(pr
 
 def test_a_dead_runs_lock_is_taken_over_saying_so(tmp_path, demo_base):
     out = with_base(tmp_path / "run", demo_base)
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    import socket
-    (out / ".lock").write_text(json.dumps({"host": socket.gethostname(), "pid": int(dead.stdout), "program": "patcher.py",
-                                           "started": "2026-01-01 00:00:00"}))
+    (out / ".lock").write_text(lock_of(dead_pid()))
     r = run_script("patcher.py", ["--out", out, *FAST])
     assert "which is no longer running: taking it over" in r.stdout
+
+
+def dead_pid():
+    """The pid of a process that has ended."""
+    return int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout)
+
+
+def lock_of(pid, program="patcher.py", **more):
+    """A lock's bytes, as a run of `program` as process `pid` of this host writes them."""
+    return json.dumps({"host": socket.gethostname(), "pid": pid, "program": program, "started": "2026-01-01 00:00:00",
+                       **more}) + "\n"
+
+
+@pytest.fixture()
+def live_process():
+    """A process that runs meanwhile and is no run of ours (as a pid reused since a run died would be)."""
+    p = subprocess.Popen(["sleep", "120"])
+    yield p
+    p.kill()
+    p.wait()
+
+
+@pytest.fixture()
+def releasing():
+    yield
+    patcher.release_lock()
+
+
+def test_two_runs_that_find_the_same_stale_lock_take_it_once(tmp_path, monkeypatch, live_process, releasing):
+    """Runs A and B find the same dead holder's lock. B takes it over while A is still deciding (here: while A checks
+    whether the holder is alive, as another process would on a busy machine). A must not remove B's fresh lock as
+    the stale one it had read: B alone holds the lock, A is refused naming B. (They both ran, 2 times in 5, when the
+    stale lock was removed outright.)"""
+    lock, dead = tmp_path / ".lock", dead_pid()
+    lock.write_text(lock_of(dead))
+    real_alive, real_getpid, b_went = patcher.alive, os.getpid, []
+
+    def alive(pid):
+        if not b_went:  # A's look at the dead holder: B, whose process is live_process, takes the lock now
+            b_went.append(True)
+            monkeypatch.setattr(os, "getpid", lambda: live_process.pid)
+            try:
+                patcher.take_lock(tmp_path, "B")
+            finally:
+                monkeypatch.setattr(os, "getpid", real_getpid)
+        return real_alive(pid)
+    monkeypatch.setattr(patcher, "alive", alive)
+    with pytest.raises(patcher.RunError, match=rf"is in use by B \(host .*, pid {live_process.pid},"):
+        patcher.take_lock(tmp_path, "A")
+    assert json.loads(lock.read_text())["pid"] == live_process.pid and sorted(p.name for p in tmp_path.iterdir()) == [".lock"]
+
+
+@pytest.mark.parametrize("lock", ["empty", "not JSON", "pid now another process's", "pid now another program's"])
+def test_a_damaged_lock_names_its_fix_and_a_reused_pid_is_no_holder(lock, tmp_path, live_process, releasing, capsys):
+    """A lock that is not a run's (empty, not JSON) was refused on every run with no way out named: the error names the
+    fix. A lock whose pid now belongs to another process (its start time differs from the one the lock recorded, here
+    the first tick after boot; a lock without one: not the program it names) was refused as in use: it is taken over."""
+    text = {"empty": "", "not JSON": "{not json",
+            "pid now another process's": lock_of(live_process.pid, pid_start=1),
+            "pid now another program's": lock_of(live_process.pid)}[lock]  # (`sleep` is no patcher.py)
+    (tmp_path / ".lock").write_text(text)
+    if lock.startswith("pid"):
+        patcher.take_lock(tmp_path, "patcher.py")
+        assert json.loads((tmp_path / ".lock").read_text())["pid"] == os.getpid()
+        assert "which is no longer running: taking it over" in capsys.readouterr().out
+    else:
+        with pytest.raises(patcher.RunError, match=f"its lock {tmp_path / '.lock'} is not a run's lock .*: remove it if "
+                                                   f"no run is using {tmp_path}$"):
+            patcher.take_lock(tmp_path, "patcher.py")
+        assert (tmp_path / ".lock").read_text() == text
+
+
+def test_a_lock_that_cannot_be_written_leaves_no_file(tmp_path, monkeypatch):
+    """A full disk while the lock's file is written: one error naming the file, and no .lock.PID left behind (one
+    stayed, empty, on every such run)."""
+    write_text = Path.write_text
+
+    def full(self, *a, **k):
+        if self.name.startswith(".lock."):
+            write_text(self, "")  # created, then the disk is full
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return write_text(self, *a, **k)
+    monkeypatch.setattr(Path, "write_text", full)
+    with pytest.raises(OSError) as e:
+        patcher.take_lock(tmp_path, "patcher.py")
+    assert e.value.filename == str(tmp_path / f".lock.{os.getpid()}") and not list(tmp_path.iterdir())
+
+
+def train_sh_take_lock(out, hold=0.0, pause=0.0):
+    """train.sh's own take_lock (and the functions it calls), run alone on OUT=out: prints "held by PID" and holds it
+    `hold` s. `pause`: s that each check of a pid's liveness (kill -0) waits first, as on a busy machine."""
+    script = f"""OUT={out}; lock=
+        kill() {{ [[ $1 != -0 ]] || sleep {pause}; command kill "$@"; }}
+        eval "$(sed -n '/^pid_start() {{/,/^}}/p; /^running() {{/,/^}}/p; /^take_lock() {{/,/^}}/p' {ROOT / 'train.sh'})"
+        take_lock && echo "held by $$" && sleep {hold}"""
+    return subprocess.Popen(["bash", "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_train_sh_two_runs_that_find_the_same_stale_lock_take_it_once(tmp_path):
+    """train.sh's lock, as patcher.py's: two train.sh find the same dead holder's lock, both look at it for half a
+    second; exactly one takes it, the other is refused naming it."""
+    (tmp_path / ".lock").write_text(lock_of(dead_pid(), "train.sh"))
+    runs = [train_sh_take_lock(tmp_path, hold=2, pause=0.5) for _ in range(2)]
+    said = [p.communicate(timeout=60) for p in runs]
+    held = [out for out, _ in said if out.strip().endswith(f"held by {json.loads((tmp_path / '.lock').read_text())['pid']}")]
+    refused = [err for _, err in said if "is in use by" in err]
+    assert len(held) == 1 and len(refused) == 1 and sorted(p.returncode for p in runs) == [0, 1], said
+
+
+@pytest.mark.parametrize("lock", ["not JSON", "pid now another process's", "pid now another program's"])
+def test_train_sh_names_a_damaged_lock_and_takes_over_a_reused_pid(lock, tmp_path, live_process):
+    text = {"not JSON": "garbage",
+            "pid now another process's": lock_of(live_process.pid, "train.sh",
+                                                 pid_start=1),
+            "pid now another program's": lock_of(live_process.pid, "train.sh")}[lock]
+    (tmp_path / ".lock").write_text(text)
+    out, err = train_sh_take_lock(tmp_path).communicate(timeout=60)
+    if lock == "not JSON":
+        assert f"its lock {tmp_path}/.lock is not a run's lock ('garbage'): remove it if no run is using {tmp_path}" in err
+    else:
+        assert "which is no longer running: taking it over" in out and "held by" in out, out + err
 
 
 # --- preemption is an interruption ------------------------------------------------------------------
@@ -311,6 +469,107 @@ def test_an_interruption_between_updates_names_the_step(where, tmp_path, demo_ba
     assert isinstance(caught, patcher.Interrupted) and caught.step == 5, repr(caught)
     assert patcher.interruption(args, caught.step) == (f" at step 5; --resume continues from checkpoint step-0000004 "
                                                         f"({out / 'checkpoints'})")
+
+
+@pytest.fixture()
+def signals(monkeypatch):
+    """patcher.main() run in this process ends with sys.exit (SystemExit), as a plain `python` run does (conftest puts
+    its signal handlers back afterwards)."""
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("PATCHER_PARENT_PID", raising=False)
+    monkeypatch.setattr(patcher.dist, "is_initialized", lambda: False)
+
+
+def signalled(sig, wait=5.0):
+    """Send `sig` to this process; its handler raises where Python next looks (at the latest, in this sleep)."""
+    os.kill(os.getpid(), sig)
+    time.sleep(wait)
+
+
+@pytest.mark.parametrize("when", ["while parsing", "while reporting", "while unwinding"])
+def test_a_signal_anywhere_in_main_is_one_line_and_a_second_one_is_ignored(when, tmp_path, signals, capsys):
+    """Ctrl-C reaches train.sh's whole process group, and train.sh then sends SIGTERM too: a second signal arrives while
+    the program unwinds from the first, or reports it. It is ignored (it raised a second KeyboardInterrupt there, 1
+    time in 4: a traceback and a stale lock); the first decides: one line, exit 130, the lock given back. A signal
+    while the flags are read (before any lock) is one line too (it was a traceback)."""
+    args = Namespace(out=str(tmp_path), debug=False)
+
+    def parse():
+        if when == "while parsing":
+            signalled(signal.SIGTERM)
+        return args
+
+    def run(_):
+        try:
+            signalled(signal.SIGINT)
+        finally:
+            if when == "while unwinding":  # (a pool that shuts down, a checkpoint's cleanup)
+                signalled(signal.SIGTERM, 0.5)
+
+    def interrupted(_, step):
+        if when == "while reporting":
+            signalled(signal.SIGTERM, 0.5)
+        return "; reported"
+    try:
+        with pytest.raises(SystemExit) as e:
+            patcher.main(run, parse, interrupted, program="test")
+    except KeyboardInterrupt as e:
+        pytest.fail(f"a signal escaped main(): {e!r}")
+    err = capsys.readouterr().err.strip().splitlines()
+    if when == "while parsing":
+        assert e.value.code == 143 and err == ["interrupted by SIGTERM before the run started; nothing was written: run "
+                                               "the same command again"]
+    else:
+        assert e.value.code == 130 and err == ["interrupted; reported"]
+    assert not list(tmp_path.iterdir())  # the lock given back
+
+
+@pytest.mark.parametrize("program", ["patcher.py", "eval.py", "parallel.py"])
+def test_sigterm_while_starting_is_an_interruption_too(program, tmp_path):
+    """SIGTERM in a run's first seconds, while torch is imported, ended it with no word (the default action): exit 143
+    and one line now."""
+    proc = subprocess.Popen([sys.executable, str(ROOT / program), "--out", str(tmp_path)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    while "torch" not in Path(f"/proc/{proc.pid}/maps").read_text():  # importing torch: past the program's first lines
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143 and not out, (proc.returncode, out, err)
+    assert err == "interrupted by SIGTERM while starting; nothing was written: run the same command again\n"
+
+
+def test_sigterm_while_the_judge_hangs_ends_judging_at_once(signals):
+    """A judge that answers nothing held a SIGTERM for --judge-timeout (59 s of 60): judge_all waited for its requests
+    in flight. They are cut now, and no thread of the judge's outlives judge_all but daemons, which never hold the
+    program's exit."""
+    server = CountingJudge()
+    server.hold_after = 0  # every request held unanswered
+    judge = evaluate.LLMJudge(server.url, "judge-1", timeout=30, retries=0, concurrency=4)
+    before = set(threading.enumerate())
+    signal.signal(signal.SIGTERM, patcher.on_signal)
+    patcher.SIGNALLED.clear()
+    sent = []
+
+    def preempt():  # once the four requests hang
+        while server.held < 4:
+            time.sleep(0.01)
+        sent.append(time.monotonic())
+        os.kill(os.getpid(), signal.SIGTERM)
+    threading.Thread(target=preempt, daemon=True).start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            judge.judge_all([("p", f"answer {i}") for i in range(8)])
+        took = time.monotonic() - sent[0]
+        assert took < judge.timeout / 5, f"judge_all returned {took:.1f} s after SIGTERM (--judge-timeout {judge.timeout:g})"
+        for _ in range(100):  # and nothing is left that the program's exit would wait for
+            left = [t for t in set(threading.enumerate()) - before if t.is_alive() and not t.daemon]
+            if not left:
+                break
+            time.sleep(0.05)
+        assert not left, left
+    finally:
+        server.close()
 
 
 # --- nothing silently wrong --------------------------------------------------------------------------
