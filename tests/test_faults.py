@@ -724,9 +724,11 @@ def test_summarize_reads_every_valid_report_and_names_what_it_cannot(tmp_path, m
     benign = report("benign", 0, [{"model": "m", "attack": "", "attack_step": 0, "set": "b", "kind": "benign", "n": 10,
                                    "over_refusal": 0.1}], attack_lr=1e-4)
     for argv, needle in (([a, b], "| sft | asr_keyword | 0.0 ± 0.0 (0, 0) | 60.0 ± 20.0 (80, 40) |"),
-                         ([a, b, "--sweep", "attack-lr"], "| T \\ attack-lr | 0.0001 | 0.0005 |"),
-                         ([a, b, "--worst-case"], "| patcher | harmful | 0.0 ± 0.0 (0, 0) no attack | 15.0 ± 5.0 (20, 10) attack |"),
-                         ([benign, "--sweep", "attack-lr"], "| m T=0 | 10.0 ± 0.0 (10) |")):
+                         ([a, b, "--sweep", "attack-lr"], "| T \\ --attack-lr | 0.0001 | 0.0005 |"),
+                         ([a, b, "--worst-case"], "| patcher | harmful | 0.0 ± 0.0 (0, 0) before any attack | 15.0 ± 5.0 "
+                                                  "(20, 10) by attack |"),
+                         ([benign, "--sweep", "attack-lr"], "over_refusal (%): m, eval set b\n\n| T \\ --attack-lr | 0.0001 "
+                                                            "|\n|---|---:|\n| T=0 | 10.0 |")):
         code, out, err = summarize(tmp_path, monkeypatch, capsys, *argv)
         assert code == 0 and needle in out, (argv, out, err)
     rowless = tmp_path / "rowless.json"
