@@ -480,15 +480,16 @@ def run(args):
     partner.close()
 
 
-# The patcher.py flags this program honours (tests/test_flags.py shows each). Any other patcher.py flag, one added by a
-# fork included, is refused when given: parallel.py never accepts a flag it would ignore.
+# The patcher.py flags this program honours (tests/test_flags.py shows each): these, and every flag of the inner attack
+# (patcher.INNER_FLAGS, an attacker setting a fork adds included), which its attacker half reads through patcher.attack
+# and load_data as patcher.py does. Any other patcher.py flag, one added by a fork included, is refused when given:
+# parallel.py never accepts a flag it would ignore (and train.sh refuses to drop one from a parallel run).
 HONOURED = {"model", "safe_data", "unsafe_data", "safe_format", "unsafe_format", "retain_data", "prompt_field",
             "response_field", "system_prompt", "max_len", "loss_mask", "mode", "alpha", "warmup_steps", "rounds",
-            "inner_steps", "defend_steps", "reset_optimizer", "retain_weight", "lr", "weight_decay", "max_grad_norm",
-            "batch_size", "inner_lr", "inner_weight_decay", "inner_max_grad_norm", "inner_batch_size", "micro_batch_size",
-            "group_by_length", "seed", "out", "export_dtype", "precision", "activation_checkpointing", "compile",
-            "fused_adamw", "debug", "list_flags", "save_every", "resume", "collective_timeout", "plan", "plan_world",
-            "plan_memory", "skip_memory_check"}
+            "defend_steps", "reset_optimizer", "retain_weight", "lr", "weight_decay", "max_grad_norm", "batch_size",
+            "micro_batch_size", "group_by_length", "seed", "out", "export_dtype", "precision",
+            "activation_checkpointing", "compile", "fused_adamw", "debug", "list_flags", "save_every", "resume",
+            "collective_timeout", "plan", "plan_world", "plan_memory", "skip_memory_check", *patcher.INNER_FLAGS}
 WHY_NOT = {}  # dest -> why parallel.py refuses it, where there is more to say than that it does not honour it
 
 
