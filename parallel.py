@@ -28,6 +28,8 @@ Signals go through the rendezvous store that torchrun already runs (a gloo irecv
 send/recv. Every transfer is announced by a key and received only once announced, so no send is ever left
 unmatched, also when the run stops with an attack in flight. The keys (i: the pair, r: the attack):
 
+    first/0/{i}      defender i numbers its attacks from this one (0; a resumed run: its count), and attacker i
+                     skips the batches of the attacks before it
     theta/{r}/{i}    defender i sends the theta of attack r (value: the defender step it was taken at)
     ready/{r}/{i}    attacker i has finished attack r
     go/{r}/{i}       defender i receives theta_att of attack r now

@@ -20,7 +20,7 @@ The algorithm, as run() below runs it (theta: the weights; L: the mean next-toke
 comparison takes the same steps on the same data. sft: the baseline (alpha = 0, no inner attack). vaccine and booster:
 the alignment-stage defenses of Huang et al. 2024, with no inner attack. The file reads top to bottom:
   1. the loss and the pieces: sft_step, moved(), the attacker (Attacker; attack, inner_attack)
-  2. the defenses: one update function each (defender_step is Patcher's), and DEFENSES, where they are named
+  2. the defenses: one update function each (clean_step plain SFT's, defender_step Patcher's), and DEFENSES
   3. run(): the schedule above
   4. setup: distributed, FSDP2, data, optimizer
   5. the run's bookkeeping: Training (the log, resumable checkpoints, resume), kept out of run()
@@ -346,32 +346,38 @@ def finish(model, optimizer, passes, names, max_grad_norm, retain=None, retain_w
     return clip_and_step(model, optimizer, max_grad_norm, numbers, names, more)
 
 
+def clean_step(model, optimizer, batch, max_grad_norm=1.0, retain=None, retain_weight=0.0):
+    """One plain SFT update on a D_safe batch, on L(theta) [+ retain_weight * L_retain(theta)]: the warmup, the SFT
+    baseline (sft_update), and Patcher's step while it has no attack vector (defender_step, alpha = 0)."""
+    passes = {"loss_clean": forward_backward(model, batch)}
+    return finish(model, optimizer, passes, {"loss_clean": "L(theta)"}, max_grad_norm, retain, retain_weight)
+
+
 def defender_step(model, optimizer, batch, delta, alpha, max_grad_norm=1.0, theta_buffer=None, retain=None,
                   retain_weight=0.0, exact_restore=True):
     """Patcher's outer update on a D_safe batch, with gradient
 
         (1 - alpha) * grad L(theta) + alpha * grad L(theta + delta)  [+ retain_weight * grad L_retain(theta)]
 
-    delta held fixed (first order); delta None is a plain SFT step (alpha = 0: the warmup, the baseline). The
-    attacked loss is taken at moved weights, restored exactly after (moved(); by subtraction with exact_restore=False,
-    as the official code). The losses stay on the device until finish() reads them, once, before the step."""
-    alpha = alpha if delta is not None else 0.0
+    delta held fixed (first order); no delta yet (parallel.py's first steps) or alpha = 0 is a plain step
+    (clean_step). The attacked loss is taken at moved weights, restored exactly after (moved(); by subtraction with
+    exact_restore=False, as the official code). The losses stay on the device until finish() reads them, once, before
+    the step."""
+    if delta is None or alpha == 0:
+        return clean_step(model, optimizer, batch, max_grad_norm, retain, retain_weight)
     passes = {"loss_clean": forward_backward(model, batch, scale=1 - alpha, backward=alpha < 1)}
     names = {"loss_clean": "L(theta)"}  # how an error names each loss that is not finite
-    if alpha > 0:
-        with moved(model, delta, theta_buffer=theta_buffer, exact=exact_restore):
-            passes["loss_adv"] = forward_backward(model, batch, scale=alpha)
-        names["loss_adv"] = "L(theta + delta)"
+    with moved(model, delta, theta_buffer=theta_buffer, exact=exact_restore):
+        passes["loss_adv"] = forward_backward(model, batch, scale=alpha)
+    names["loss_adv"] = "L(theta + delta)"
     metrics = finish(model, optimizer, passes, names, max_grad_norm, retain, retain_weight)
-    if alpha > 0:
-        metrics["gap"] = metrics["loss_adv"] - metrics["loss_clean"]
+    metrics["gap"] = metrics["loss_adv"] - metrics["loss_clean"]
     return metrics
 
 
 def sft_update(model, optimizer, batch, args, delta=None, theta_buffer=None):
     """Plain SFT on D_safe: the baseline, and every defense's warmup."""
-    return defender_step(model, optimizer, batch.safe, None, 0.0, args.max_grad_norm, None, batch.retain,
-                         args.retain_weight)
+    return clean_step(model, optimizer, batch.safe, args.max_grad_norm, batch.retain, args.retain_weight)
 
 
 def patcher_update(model, optimizer, batch, args, delta=None, theta_buffer=None):
@@ -511,7 +517,7 @@ def run(args):
     defense = t.defense
     t.train(args.warmup_steps, "warmup", sft_update)  # plain SFT on D_safe
     for r in range(args.rounds):
-        if t.new_round():
+        if t.new_round(r):
             t.delta = None  # free the last round's attack vector before the attack allocates the next
             if args.reset_optimizer:  # a fresh AdamW every round, as the official code's new process per round; made
                 # now, its moments come at its first step: the attack runs without the old ones (8 bytes per weight)
@@ -1190,7 +1196,7 @@ class Training:
     """One run's state and bookkeeping, kept out of run(): the model, its optimizer, the data streams, the round's
     attack vector `delta`, and out/ (config.json, the log, resumable checkpoints, final/). A resumed run restores all
     of it from out/checkpoints/latest; `step` says how far it got, `planned` how far train() has laid out the
-    schedule, so that train() skips the steps taken and new_round() tells a fresh round from a re-entered one."""
+    schedule, so that train() skips the steps taken (and new_round() tells a fresh round from a re-entered one)."""
 
     def __init__(self, args):
         self.args = args
@@ -1237,9 +1243,10 @@ class Training:
         except KeyboardInterrupt:
             raise Interrupted(self.step) from None
 
-    def new_round(self):
-        """Whether the round that starts now is new: False when a resumed run re-enters it (or is past it)."""
-        return self.step <= self.planned
+    def new_round(self, r):
+        """Whether round r starts afresh: False when a resumed run's checkpoint is past its start (the checkpoint holds
+        its attack vector). From the schedule (the warmup, then k2 steps a round), so asked before or after train()."""
+        return self.step <= self.args.warmup_steps + r * self.args.defend_steps
 
     def train(self, n, phase, update, r=-1):
         """The next n steps of the schedule, each with `update` (a defense's) on fresh batches, logged, and
