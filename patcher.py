@@ -478,7 +478,7 @@ class Defense(NamedTuple):
     update: Callable  # one update step, with the signature above
     phase: str  # its name in the log (Patcher's "defend": the paper's defender steps)
     help: str  # what it is, in --mode's help (which adds its own flags)
-    inner_attack: bool = False  # an inner attack each round gives it the attack vector delta (and INNER_FLAGS)
+    attacks_each_round: bool = False  # an inner attack each round gives it the attack vector delta (and INNER_FLAGS)
     harmful: bool = False  # it draws a D_unsafe batch (--batch-size) every step (its own stream: harmful_stream)
     flags: tuple = ()  # its own flags (argparse dests): given with another --mode, a usage error
     moves_theta: bool = False  # it takes a loss at moved weights: one copy of theta, reused every step
@@ -487,15 +487,15 @@ class Defense(NamedTuple):
     def reads(self):
         """Every flag only some modes read that this one does: its own, the inner attack's where it has one, and
         D_unsafe's where it reads D_unsafe."""
-        unsafe = UNSAFE_FLAGS if self.inner_attack or self.harmful else ()
-        return (*self.flags, *(INNER_FLAGS if self.inner_attack else ()), *unsafe)
+        unsafe = UNSAFE_FLAGS if self.attacks_each_round or self.harmful else ()
+        return (*self.flags, *(INNER_FLAGS if self.attacks_each_round else ()), *unsafe)
 
 
 UNSAFE_FLAGS = ("unsafe_data", "unsafe_format")
 DEFENSES = {  # --mode: the defenses, by name
     "sft": Defense(sft_update, "sft", "the baseline, plain SFT on D_safe (alpha = 0, no inner attack)"),
     "patcher": Defense(patcher_update, "defend", "alpha * L(theta + delta) + (1 - alpha) * L(theta), delta from an "
-                       "inner attack on D_unsafe each round", inner_attack=True, moves_theta=True, flags=("alpha",)),
+                       "inner attack on D_unsafe each round", attacks_each_round=True, moves_theta=True, flags=("alpha",)),
     "vaccine": Defense(vaccine_update, "vaccine", "Vaccine, perturbation-aware alignment", hooks_blocks=True,
                        flags=("vaccine_rho",)),
     "booster": Defense(booster_update, "booster", "Booster, attenuating a harmful perturbation on D_unsafe",
@@ -522,7 +522,7 @@ def run(args):
             if args.reset_optimizer:  # a fresh AdamW every round, as the official code's new process per round; made
                 # now, its moments come at its first step: the attack runs without the old ones (8 bytes per weight)
                 t.optimizer = make_optimizer(t.model.parameters(), args.lr, args.weight_decay, args.fused_adamw)
-            if defense.inner_attack:  # delta = theta_att - theta: k1 steps of SFT on D_unsafe from theta
+            if defense.attacks_each_round:  # delta = theta_att - theta: k1 steps of SFT on D_unsafe from theta
                 t.delta = t.inner_attack(r)
         t.train(args.defend_steps, defense.phase, defense.update, r)
     t.export()
@@ -652,10 +652,10 @@ def stream_sets(args):
     seed is --seed plus its place here."""
     defense = DEFENSES[args.mode]
     sets = [("safe", args.safe_data, args.safe_format, args.batch_size)]
-    if defense.inner_attack:
+    if defense.attacks_each_round:
         sets.append(("unsafe", args.unsafe_data, args.unsafe_format, args.inner_batch_size))
     if defense.harmful:
-        sets.append(("harmful" if defense.inner_attack else "unsafe", args.unsafe_data, args.unsafe_format,
+        sets.append(("harmful" if defense.attacks_each_round else "unsafe", args.unsafe_data, args.unsafe_format,
                      args.batch_size))
     if args.retain_data and args.retain_weight > 0:
         sets.append(("retain", args.retain_data, "auto", args.batch_size))
@@ -947,7 +947,7 @@ def training_plan(args, cfg, shapes, lengths, world, device_type):
     phases = {}
     if args.warmup_steps or args.mode == "sft":
         phases["warmup" if args.mode != "sft" else "sft step"] = step_peak(z, held, [Pass(safe)] + retain, temps, ckpt)
-    if defense.inner_attack:  # run() makes the fresh AdamW of --reset-optimizer before the attack: none is held
+    if defense.attacks_each_round:  # run() makes the fresh AdamW of --reset-optimizer before the attack: none is held
         attacked = {**held, "optimizer": 0 if args.reset_optimizer else 2 * theta, "inner AdamW": 2 * theta}
         phases["inner attack"] = step_peak(z, attacked, [Pass(lengths["unsafe"].shape(world))], temps, ckpt)
         held["δ"] = theta
@@ -1406,7 +1406,7 @@ def start_run(args, out, model, optimizer, streams, run_settings, rank, total, n
     state of the checkpoint)."""
     step, delta, offset, extra = 0, None, None, {}
     if args.resume:
-        delta_like = ({n: torch.zeros_like(p) for n, p in model.named_parameters()} if DEFENSES[args.mode].inner_attack
+        delta_like = ({n: torch.zeros_like(p) for n, p in model.named_parameters()} if DEFENSES[args.mode].attacks_each_round
                       else None)
         step, delta, offset, extra = load_checkpoint(out, model, optimizer, delta_like, streams, run_settings, rank, group)
     device, world = model.lm_head.weight.device, run_settings["world_size"]
@@ -1418,7 +1418,7 @@ def start_run(args, out, model, optimizer, streams, run_settings, rank, total, n
     if rank == 0 and header:
         print(f"mode {args.mode} | world {world} | {precision(args.precision)} | {total} steps = warmup {args.warmup_steps} + "
               f"{args.rounds} rounds x k2 {args.defend_steps}" + (f" | inner attack k1 {args.inner_steps} at lr "
-              f"{args.inner_lr:g}" if DEFENSES[args.mode].inner_attack else "") + (f" | resumed at step {step}" if step else ""),
+              f"{args.inner_lr:g}" if DEFENSES[args.mode].attacks_each_round else "") + (f" | resumed at step {step}" if step else ""),
               flush=True)
     return step, delta, Log(out, rank, total, device, offset), extra
 
@@ -1884,7 +1884,7 @@ def parse_args(argv=None, parser=None):
             p.error(f"--model {args.model}: not a directory")
         if args.safe_data is None:
             p.error("--safe-data is required with --model")
-        if (defense.inner_attack or defense.harmful) and args.unsafe_data is None:
+        if (defense.attacks_each_round or defense.harmful) and args.unsafe_data is None:
             p.error(f"--unsafe-data is required with --mode {args.mode}")
     for flag in ("safe_data", "unsafe_data", "retain_data"):
         f = getattr(args, flag)

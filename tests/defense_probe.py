@@ -25,7 +25,7 @@ def main():
     rank, world = dist.get_rank(), dist.get_world_size()
     for mode, defense in patcher.DEFENSES.items():
         model = tiny_model()
-        delta = probe_delta(model) if defense.inner_attack else None  # the whole tensors, before sharding
+        delta = probe_delta(model) if defense.attacks_each_round else None  # the whole tensors, before sharding
         patcher.fsdp_sharder("fp32")(model)
         p = model.model.layers[0].self_attn.q_proj.weight
         assert p.to_local().shape[0] < p.shape[0], "parameter is not sharded"

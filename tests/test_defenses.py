@@ -141,7 +141,7 @@ def test_defenses_on_two_ranks_equal_one_process(tmp_path):
         model, safe, harmful = tiny_model(), toy_batch(n=8), toy_batch(n=8, split="unsafe")
         one = defense.update(model, torch.optim.SGD(model.parameters(), lr=LR), patcher.Batches(safe, harmful),
                              args_for("--mode", mode, "--max-grad-norm", 0),
-                             probe_delta(model) if defense.inner_attack else None, patcher.snapshot(model))
+                             probe_delta(model) if defense.attacks_each_round else None, patcher.snapshot(model))
         assert max_diff(model, load_file(tmp_path / f"{mode}.safetensors")) <= 2e-6, mode
         two = json.loads((tmp_path / f"{mode}.json").read_text())
         apart = {k: (one.get(k), two.get(k)) for k in one.keys() | two.keys()
@@ -154,7 +154,7 @@ def test_an_interrupted_run_resumes_bitwise_for_every_mode(mode, precision, tmp_
     """Stopped at step 7 (its checkpoint: step 5) and resumed: every logged number equals an uninterrupted run's, bit
     for bit (the defense's state: the streams it draws, Patcher's attack vector; in bf16-pure, bf16 weights and AdamW
     state). Patcher's kill -9: test_patcher."""
-    inner = patcher.DEFENSES[mode].inner_attack
+    inner = patcher.DEFENSES[mode].attacks_each_round
     argv = ["--mode", mode, *(FAST if inner else FAST_SCHEDULE), "--save-every", "5", "--precision", precision]
     full, cut = with_base(tmp_path / "full", demo_base), with_base(tmp_path / "cut", demo_base)
     patcher.run(patcher.parse_args([*argv, "--out", str(full)]))
@@ -205,10 +205,10 @@ def modes(which):
     (["--mode", "tar"], "argument --mode: invalid choice: 'tar'"),
     (["--mode", "vaccine", "--booster-lambda", "3"], "--booster-lambda is a flag of --mode booster: --mode vaccine does not use it"),
     (["--mode", "sft", "--inner-steps", "3"],
-     f"--inner-steps is a flag of --mode {modes(lambda d: d.inner_attack)}: --mode sft does not use it"),
+     f"--inner-steps is a flag of --mode {modes(lambda d: d.attacks_each_round)}: --mode sft does not use it"),
     (["--mode", "booster", "--vaccine-rho", "1"], "--vaccine-rho is a flag of --mode vaccine: --mode booster does not use it"),
     (["--mode", "vaccine", "--unsafe-data", "x"],
-     f"--unsafe-data is a flag of --mode {modes(lambda d: d.inner_attack or d.harmful)}"),
+     f"--unsafe-data is a flag of --mode {modes(lambda d: d.attacks_each_round or d.harmful)}"),
     (["--mode", "booster", "--model", "{base}", "--safe-data", "{safe}"], "--unsafe-data is required with --mode booster"),
     (["--mode", "patcher", "--model", "{base}", "--safe-data", "{safe}"], "--unsafe-data is required with --mode patcher"),
     (["--mode", "vaccine", "--compile"], "--compile: --mode vaccine hooks into the blocks"),

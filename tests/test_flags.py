@@ -51,7 +51,7 @@ def fast(argv):
     """FAST for the mode `argv` names: its inner attack flag only where there is an inner attack."""
     argv = list(map(str, argv))
     mode = argv[argv.index("--mode") + 1] if "--mode" in argv else "patcher"
-    return FAST if patcher.DEFENSES[mode].inner_attack else FAST_SCHEDULE
+    return FAST if patcher.DEFENSES[mode].attacks_each_round else FAST_SCHEDULE
 
 
 def run_demo(out, argv, demo_base):
@@ -181,8 +181,8 @@ def check_debug(base, rs, ctx):
 def modes_reading(dest):
     """The --mode values that read flag `dest`, from DEFENSES as a reader states the rule: a defense reads its own
     flags, the inner attack's (INNER_FLAGS) if it has one, D_unsafe's if it draws D_unsafe; no defense's: all."""
-    modes = [m for m, d in patcher.DEFENSES.items() if dest in d.flags or (d.inner_attack and dest in patcher.INNER_FLAGS)
-             or ((d.inner_attack or d.harmful) and dest in patcher.UNSAFE_FLAGS)]
+    modes = [m for m, d in patcher.DEFENSES.items() if dest in d.flags or (d.attacks_each_round and dest in patcher.INNER_FLAGS)
+             or ((d.attacks_each_round or d.harmful) and dest in patcher.UNSAFE_FLAGS)]
     return ",".join(modes) or "all"
 
 

@@ -133,7 +133,7 @@ def test_every_flag_of_the_programs_reaches_them_from_its_variable(tmp_path):
     # D_unsafe (train.sh's UNSAFE_DATA) reaches the defenses that use it: an inner attack's (Patcher), every step's
     cmds = dry_run(PRESET="smollm2-cpu", OUT=str(tmp_path), SWEEP="mode=" + ",".join(patcher.DEFENSES))
     got = {c[2]["--mode"]: c[2].get("--unsafe-data") for c in cmds if c[1] == "patcher.py"}
-    assert got == {m: f"{tmp_path}/unsafe_inner.jsonl" if d.inner_attack or d.harmful else None
+    assert got == {m: f"{tmp_path}/unsafe_inner.jsonl" if d.attacks_each_round or d.harmful else None
                    for m, d in patcher.DEFENSES.items()}
 
 
