@@ -523,7 +523,7 @@ def run(args):
                 # now, its moments come at its first step: the attack runs without the old ones (8 bytes per weight)
                 t.optimizer = make_optimizer(t.model.parameters(), args.lr, args.weight_decay, args.fused_adamw)
             if defense.attacks_each_round:  # delta = theta_att - theta: k1 steps of SFT on D_unsafe from theta
-                t.delta = t.inner_attack(r)
+                t.delta = t.attack_round(r)
         t.train(args.defend_steps, defense.phase, defense.update, r)
     t.export()
 
@@ -1267,7 +1267,7 @@ class Training:
                     save_checkpoint(self.out, self.step, self.model, self.optimizer, self.delta, self.streams,
                                     self.settings, self.log.offset(), self.rank)
 
-    def inner_attack(self, r):
+    def attack_round(self, r):
         """Round r's inner attack from the current theta (inner_attack()), logged; returns its attack vector."""
         t = time.time()
         with self.interruptible(), self.naming_the_step(f"round {r}, inner "):
