@@ -326,7 +326,7 @@ def defender(args, model, optimizer, streams, partner, group, votes, device, log
                 seconds, losses = install(partner, delta, reference, r, args.inner_steps, device)
                 if args.reset_optimizer:
                     optimizer = patcher.make_optimizer(model.parameters(), args.lr, args.weight_decay, args.fused_adamw)
-                log.inner_attack(step, r, losses, patcher.global_norm(delta, group), seconds, staleness=step - sent,
+                log.attack(step, r, losses, patcher.global_norm(delta, group), seconds, staleness=step - sent,
                                  defender_wait_seconds=time.time() - t)
                 installed, r, sent = r, r + 1, None
         # 2. no attack in flight: start the next one from the current theta, at a multiple of --refresh-every steps

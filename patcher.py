@@ -1183,7 +1183,7 @@ class Log:
               f"| lr {lr:.1e} | {row['tokens_per_s']:.0f} tok/s ({row['supervised_per_s']:.0f} supervised){mfu} "
               f"| eta {eta / 60:.1f} min", flush=True)
 
-    def inner_attack(self, step, r, losses, dnorm, seconds, **extra):
+    def attack(self, step, r, losses, dnorm, seconds, **extra):
         self.write({"step": step, "phase": "inner_attack", "round": r, "attack_loss_start": losses[0],
                     "attack_loss_end": losses[-1], "attack_losses": losses, "delta_norm": dnorm, "seconds": seconds, **extra})
         if self.rank == 0:
@@ -1272,7 +1272,7 @@ class Training:
         t = time.time()
         with self.interruptible(), self.naming_the_step(f"round {r}, inner "):
             delta, losses = inner_attack(self.model, self.streams["unsafe"], self.args, self.theta_buffer)
-        self.log.inner_attack(self.step, r, losses, global_norm(delta, process_group(self.model)), time.time() - t)
+        self.log.attack(self.step, r, losses, global_norm(delta, process_group(self.model)), time.time() - t)
         return delta
 
     def export(self):
