@@ -376,8 +376,9 @@ class GuardJudge:
 # -----------------------------------------------------------------------------
 # 2. The attack and generation
 #
-# The attack is patcher.py's own SFT loop (sft_steps), over all weights (FSDP2 under torchrun), or over the LoRA
-# factors of model.add_lora; generation runs on model.inference_copy, unsharded with LoRA merged.
+# The attack is patcher.py's attacker (patcher.Attacker, the inner attack's: one optimizer, the same SFT loop), with the
+# --attack- flags, over all weights (FSDP2 under torchrun), or over the LoRA factors of model.add_lora; generation runs
+# on model.inference_copy, unsharded with LoRA merged.
 
 
 def sampling(args, path):
@@ -434,7 +435,8 @@ def attack_and_generate(name, path, args, attack_records, prompt_sets, rank, wor
               f"{args.max_new_tokens} exceeds the model's context of {context} tokens (longest prompt {longest})", flush=True)
     params = (add_lora(model, args.lora_rank, args.lora_alpha, args.lora_targets.split(","), seed=args.seed)
               if args.attack_kind == "lora" else model.parameters())
-    optimizer = patcher.make_optimizer(params, args.attack_lr, args.attack_weight_decay)
+    attacker = patcher.Attacker.from_flags(args, "attack_")  # the inner attack's attacker, with the --attack- flags
+    optimizer = attacker.new_optimizer(params)
     batches = None
     if attack_records is not None:  # an example longer than the model's context is cut there, as at --attack-max-len
         max_len = min(args.attack_max_len, context)
@@ -452,7 +454,7 @@ def attack_and_generate(name, path, args, attack_records, prompt_sets, rank, wor
         t, start = time.time(), step
         while step < target:  # the attack, in slices of --log-every steps
             n = min(args.log_every, target - step)
-            losses += patcher.sft_steps(model, optimizer, batches, n, args.attack_max_grad_norm, first=step + 1)
+            losses += attacker.steps(model, optimizer, batches, n, first=step + 1)
             step += n
             if rank == 0:
                 print(f"{name} | attack step {step:>5}/{args.eval_at[-1]} | loss {losses[-1]:.4f} | "

@@ -28,6 +28,8 @@ Signals go through the rendezvous store that torchrun already runs (a gloo irecv
 send/recv. Every transfer is announced by a key and received only once announced, so no send is ever left
 unmatched, also when the run stops with an attack in flight. The keys (i: the pair, r: the attack):
 
+    first/0/{i}      defender i numbers its attacks from this one (0; a resumed run: its count), and attacker i
+                     skips the batches of the attacks before it
     theta/{r}/{i}    defender i sends the theta of attack r (value: the defender step it was taken at)
     ready/{r}/{i}    attacker i has finished attack r
     go/{r}/{i}       defender i receives theta_att of attack r now
@@ -335,7 +337,7 @@ def defender(args, model, optimizer, streams, partner, group, votes, device, log
                 seconds, losses = install(partner, delta, reference, r, args.inner_steps, device)
                 if args.reset_optimizer:
                     optimizer = patcher.make_optimizer(model.parameters(), args.lr, args.weight_decay, args.fused_adamw)
-                log.inner_attack(step, r, losses, patcher.global_norm(delta, group), seconds, staleness=step - sent,
+                log.attack(step, r, losses, patcher.global_norm(delta, group), seconds, staleness=step - sent,
                                  defender_wait_seconds=time.time() - t)
                 installed, r, sent = r, r + 1, None
         # 2. no attack in flight: start the next one from the current theta, at a multiple of --refresh-every steps
@@ -491,15 +493,17 @@ def run(args):
     partner.close()
 
 
-# The patcher.py flags this program honours (tests/test_flags.py shows each). Any other patcher.py flag, one added by a
-# fork included, is refused when given: parallel.py never accepts a flag it would ignore.
+# The patcher.py flags this program honours (tests/test_flags.py shows each): these, and every flag of the inner attack
+# (patcher.INNER_FLAGS, an attacker setting a fork adds included), which its attacker half reads through patcher.attack
+# and load_data as patcher.py does. Any other patcher.py flag, one added by a fork included, is refused when given:
+# parallel.py never accepts a flag it would ignore (and train.sh refuses to drop one from a parallel run).
 HONOURED = {"model", "safe_data", "unsafe_data", "safe_format", "unsafe_format", "retain_data", "prompt_field",
             "response_field", "system_prompt", "max_len", "loss_mask", "mode", "alpha", "warmup_steps", "rounds",
-            "inner_steps", "defend_steps", "reset_optimizer", "retain_weight", "lr", "weight_decay", "max_grad_norm",
-            "batch_size", "inner_lr", "inner_weight_decay", "inner_max_grad_norm", "inner_batch_size", "micro_batch_size",
-            "group_by_length", "seed", "out", "export_dtype", "precision", "activation_checkpointing", "compile",
-            "fused_adamw", "debug", "list_flags", "save_every", "resume", "collective_timeout", "plan", "plan_world",
-            "plan_memory", "skip_memory_check", "log_every"}
+            "defend_steps", "reset_optimizer", "retain_weight", "lr", "weight_decay", "max_grad_norm", "batch_size",
+            "micro_batch_size", "group_by_length", "seed", "out", "export_dtype", "precision",
+            "activation_checkpointing", "compile", "fused_adamw", "debug", "list_flags", "save_every", "resume",
+            "collective_timeout", "plan", "plan_world", "plan_memory", "skip_memory_check", "log_every",
+            *patcher.INNER_FLAGS}
 WHY_NOT = {}  # dest -> why parallel.py refuses it, where there is more to say than that it does not honour it
 
 

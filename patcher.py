@@ -5,7 +5,7 @@ defenses it is compared with (SFT, Vaccine, Booster).
     python patcher.py                                # the built-in demo: a tiny model in a toy world, CPU
     torchrun --nproc_per_node=8 patcher.py --model Qwen2.5-1.5B-Instruct \
         --safe-data d_safe.jsonl --unsafe-data d_unsafe.jsonl --out runs/qwen
-    python patcher.py --mode vaccine                 # another defense on the same schedule (sft, vaccine, booster)
+    python patcher.py --mode vaccine                 # another defense on the same schedule (--help lists them)
     torchrun --nproc_per_node=8 parallel.py ...      # Patcher's parallel schedule, built on this file
 
 The algorithm, as run() below runs it (theta: the weights; L: the mean next-token loss on D_safe):
@@ -19,8 +19,8 @@ The algorithm, as run() below runs it (theta: the weights; L: the mean next-toke
 --mode picks the defender's update (section 2, DEFENSES); the schedule is the same for all, so every defense of a
 comparison takes the same steps on the same data. sft: the baseline (alpha = 0, no inner attack). vaccine and booster:
 the alignment-stage defenses of Huang et al. 2024, with no inner attack. The file reads top to bottom:
-  1. the loss and the pieces: sft_step, moved(), the attacker (attack, inner_attack)
-  2. the defenses: one update function each (defender_step is Patcher's), and DEFENSES, where they are named
+  1. the loss and the pieces: sft_step, moved(), the attacker (Attacker; attack, inner_attack)
+  2. the defenses: one update function each (clean_step plain SFT's, defender_step Patcher's), and DEFENSES
   3. run(): the schedule above
   4. setup: distributed, FSDP2, data, optimizer
   5. the run's bookkeeping: Training (the log, resumable checkpoints, resume), kept out of run()
@@ -170,9 +170,9 @@ def sft_step(model, optimizer, batch, max_grad_norm=1.0):
 
 
 def sft_steps(model, optimizer, batches, steps, max_grad_norm=1.0, first=1, should_stop=None):
-    """`steps` SFT updates on the stream `batches`: the loop of every attack (attack() below, eval.py's test-time
-    attack). Returns the loss of each step, or None as soon as should_stop(), asked before each step, is true.
-    A non-finite loss or gradient stops it with its step named (numbered from `first`)."""
+    """`steps` SFT updates on the stream `batches`: the loop of every attack (Attacker.steps below). Returns the loss
+    of each step, or None as soon as should_stop(), asked before each step, is true. A non-finite loss or gradient
+    stops it with its step named (numbered from `first`)."""
     losses = []
     for i in range(first, first + steps):
         if should_stop is not None and should_stop():
@@ -263,14 +263,49 @@ def make_optimizer(params, lr, weight_decay=0.01, fused=None):
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
 
 
+class Attacker(NamedTuple):
+    """The attacker: SFT steps on harmful data with an optimizer of its own, made fresh for each attack and thrown
+    away after it (AdamW's two moment buffers are an attack's main memory cost). Every attack is this one: Patcher's
+    inner attack (attack() below), parallel.py's attacker half (the same attack()) and eval.py's test-time attack,
+    which steps one optimizer in slices between its evaluation points. Its fields are its settings: NAME is the flag
+    --inner-NAME of patcher.py and parallel.py (INNER_FLAGS) and, where eval.py has one, --attack-NAME of eval.py
+    (from_flags; without it the default here). Another attacker is an edit here: a field, its --inner- flag, and
+    where it acts (new_optimizer, steps)."""
+    lr: float
+    weight_decay: float = 0.01
+    max_grad_norm: float = 1.0  # 0: no clipping (the norm is still reported)
+    # (a new attacker setting goes here)
+
+    @classmethod
+    def from_flags(cls, args, prefix):
+        """The attacker the flags `prefix`NAME describe: "inner_" (patcher.py, parallel.py), "attack_" (eval.py)."""
+        return cls(**{f: getattr(args, prefix + f) for f in cls._fields if hasattr(args, prefix + f)})
+
+    def new_optimizer(self, params, fused=None):
+        """A fresh optimizer over `params` (the weights, or eval.py's LoRA factors): AdamW at the constant lr, with
+        weight_decay (make_optimizer)."""
+        params = list(params)
+        # (another optimizer goes here)
+        return make_optimizer(params, self.lr, self.weight_decay, fused)
+
+    def steps(self, model, optimizer, batches, n, first=1, should_stop=None):
+        """n updates on the stream `batches` with `optimizer` (from new_optimizer), clipped at max_grad_norm: the
+        loss of each step, or None if should_stop() said stop (sft_steps)."""
+        return sft_steps(model, optimizer, batches, n, self.max_grad_norm, first, should_stop)
+
+
+# the inner attack's flags (--mode patcher): its length, its batch and the attacker's settings
+INNER_FLAGS = ("inner_steps", "inner_batch_size", *("inner_" + f for f in Attacker._fields))
+
+
 def attack(model, batches, args, should_stop=None):
-    """The attacker: k1 = --inner-steps steps of full-parameter SFT on the D_unsafe stream `batches`, in place, with
-    a fresh AdamW (constant --inner-lr, --inner-weight-decay, clipping at --inner-max-grad-norm) thrown away
-    afterwards (its two moment buffers are the attack's main memory cost). Both schedules attack with this one
-    function (inner_attack below; parallel.py's attacker half), so another attacker (another optimizer, LoRA) is an
-    edit here. Returns the loss of each step, or None if should_stop() said stop (see sft_steps)."""
-    optimizer = make_optimizer(model.parameters(), args.inner_lr, args.inner_weight_decay, args.fused_adamw)
-    return sft_steps(model, optimizer, batches, args.inner_steps, args.inner_max_grad_norm, should_stop=should_stop)
+    """The inner attack's attacker: k1 = --inner-steps steps of the Attacker of the --inner- flags, in place, on the
+    D_unsafe stream `batches`, with a fresh optimizer thrown away afterwards. Both schedules attack with this one
+    function (inner_attack below; parallel.py's attacker half). Returns the loss of each step, or None if
+    should_stop() said stop (see sft_steps)."""
+    attacker = Attacker.from_flags(args, "inner_")
+    optimizer = attacker.new_optimizer(model.parameters(), args.fused_adamw)
+    return attacker.steps(model, optimizer, batches, args.inner_steps, should_stop=should_stop)
 
 
 def inner_attack(model, batches, args, theta_buffer=None):
@@ -293,7 +328,7 @@ def inner_attack(model, batches, args, theta_buffer=None):
 #
 # batch: this step's Batches: a D_safe batch, a D_unsafe batch for the defenses that train against harmful data
 # every step (Booster), a retain batch with --retain-weight. delta: the round's attack vector, for the defenses that
-# have an inner attack (Patcher). args: the flags; each defense reads its own (Defense.flags). theta_buffer: a
+# have an inner attack (Patcher). args: the flags; each defense reads its own (Defense.reads). theta_buffer: a
 # snapshot() reused for the copy of theta of a loss at moved weights. Each update accumulates its gradient, then
 # finish() adds the optional retain term, clips, reads every number of the update at once (the numbers stay on the
 # device until then) and takes the AdamW step. A new defense is a function here, its line in DEFENSES, its flags (an
@@ -322,32 +357,38 @@ def finish(model, optimizer, passes, names, max_grad_norm, retain=None, retain_w
     return clip_and_step(model, optimizer, max_grad_norm, numbers, names, more)
 
 
+def clean_step(model, optimizer, batch, max_grad_norm=1.0, retain=None, retain_weight=0.0):
+    """One plain SFT update on a D_safe batch, on L(theta) [+ retain_weight * L_retain(theta)]: the warmup, the SFT
+    baseline (sft_update), and Patcher's step while it has no attack vector (defender_step, alpha = 0)."""
+    passes = {"loss_clean": forward_backward(model, batch)}
+    return finish(model, optimizer, passes, {"loss_clean": "L(theta)"}, max_grad_norm, retain, retain_weight)
+
+
 def defender_step(model, optimizer, batch, delta, alpha, max_grad_norm=1.0, theta_buffer=None, retain=None,
                   retain_weight=0.0, exact_restore=True):
     """Patcher's outer update on a D_safe batch, with gradient
 
         (1 - alpha) * grad L(theta) + alpha * grad L(theta + delta)  [+ retain_weight * grad L_retain(theta)]
 
-    delta held fixed (first order); delta None is a plain SFT step (alpha = 0: the warmup, the baseline). The
-    attacked loss is taken at moved weights, restored exactly after (moved(); by subtraction with exact_restore=False,
-    as the official code). The losses stay on the device until finish() reads them, once, before the step."""
-    alpha = alpha if delta is not None else 0.0
+    delta held fixed (first order); no delta yet (parallel.py's first steps) or alpha = 0 is a plain step
+    (clean_step). The attacked loss is taken at moved weights, restored exactly after (moved(); by subtraction with
+    exact_restore=False, as the official code). The losses stay on the device until finish() reads them, once, before
+    the step."""
+    if delta is None or alpha == 0:
+        return clean_step(model, optimizer, batch, max_grad_norm, retain, retain_weight)
     passes = {"loss_clean": forward_backward(model, batch, scale=1 - alpha, backward=alpha < 1)}
     names = {"loss_clean": "L(theta)"}  # how an error names each loss that is not finite
-    if alpha > 0:
-        with moved(model, delta, theta_buffer=theta_buffer, exact=exact_restore):
-            passes["loss_adv"] = forward_backward(model, batch, scale=alpha)
-        names["loss_adv"] = "L(theta + delta)"
+    with moved(model, delta, theta_buffer=theta_buffer, exact=exact_restore):
+        passes["loss_adv"] = forward_backward(model, batch, scale=alpha)
+    names["loss_adv"] = "L(theta + delta)"
     metrics = finish(model, optimizer, passes, names, max_grad_norm, retain, retain_weight)
-    if alpha > 0:
-        metrics["gap"] = metrics["loss_adv"] - metrics["loss_clean"]
+    metrics["gap"] = metrics["loss_adv"] - metrics["loss_clean"]
     return metrics
 
 
 def sft_update(model, optimizer, batch, args, delta=None, theta_buffer=None):
     """Plain SFT on D_safe: the baseline, and every defense's warmup."""
-    return defender_step(model, optimizer, batch.safe, None, 0.0, args.max_grad_norm, None, batch.retain,
-                         args.retain_weight)
+    return clean_step(model, optimizer, batch.safe, args.max_grad_norm, batch.retain, args.retain_weight)
 
 
 def patcher_update(model, optimizer, batch, args, delta=None, theta_buffer=None):
@@ -446,23 +487,31 @@ def booster_update(model, optimizer, batch, args, delta=None, theta_buffer=None)
 
 class Defense(NamedTuple):
     update: Callable  # one update step, with the signature above
-    phase: str  # its name in the log
-    inner_attack: bool = False  # an inner attack each round gives it the attack vector delta
-    harmful: bool = False  # it draws a D_unsafe batch (--batch-size) every step
+    phase: str  # its name in the log (Patcher's "defend": the paper's defender steps)
+    help: str  # what it is, in --mode's help (which adds its own flags)
+    attacks_each_round: bool = False  # an inner attack each round gives it the attack vector delta (and INNER_FLAGS)
+    harmful: bool = False  # it draws a D_unsafe batch (--batch-size) every step (its own stream: harmful_stream)
     flags: tuple = ()  # its own flags (argparse dests): given with another --mode, a usage error
     moves_theta: bool = False  # it takes a loss at moved weights: one copy of theta, reused every step
     hooks_blocks: bool = False  # it hooks into the blocks, which torch.compile'd blocks would skip: no --compile
 
+    def reads(self):
+        """Every flag only some modes read that this one does: its own, the inner attack's where it has one, and
+        D_unsafe's where it reads D_unsafe."""
+        unsafe = UNSAFE_FLAGS if self.attacks_each_round or self.harmful else ()
+        return (*self.flags, *(INNER_FLAGS if self.attacks_each_round else ()), *unsafe)
 
-INNER_FLAGS = ("inner_steps", "inner_lr", "inner_weight_decay", "inner_max_grad_norm", "inner_batch_size")
+
 UNSAFE_FLAGS = ("unsafe_data", "unsafe_format")
 DEFENSES = {  # --mode: the defenses, by name
-    "sft": Defense(sft_update, "sft"),
-    "patcher": Defense(patcher_update, "defend", inner_attack=True, moves_theta=True,
-                       flags=("alpha", *INNER_FLAGS, *UNSAFE_FLAGS)),
-    "vaccine": Defense(vaccine_update, "vaccine", hooks_blocks=True, flags=("vaccine_rho",)),
-    "booster": Defense(booster_update, "booster", harmful=True, moves_theta=True,
-                       flags=("booster_lambda", "booster_alpha", *UNSAFE_FLAGS)),
+    "sft": Defense(sft_update, "sft", "the baseline, plain SFT on D_safe (alpha = 0, no inner attack)"),
+    "patcher": Defense(patcher_update, "defend", "alpha * L(theta + delta) + (1 - alpha) * L(theta), delta from an "
+                       "inner attack on D_unsafe each round", attacks_each_round=True, moves_theta=True, flags=("alpha",)),
+    "vaccine": Defense(vaccine_update, "vaccine", "Vaccine, perturbation-aware alignment", hooks_blocks=True,
+                       flags=("vaccine_rho",)),
+    "booster": Defense(booster_update, "booster", "Booster, attenuating a harmful perturbation on D_unsafe",
+                       harmful=True, moves_theta=True, flags=("booster_lambda", "booster_alpha")),
+    # (a new defense goes here)
 }
 
 
@@ -479,13 +528,13 @@ def run(args):
     defense = t.defense
     t.train(args.warmup_steps, "warmup", sft_update)  # plain SFT on D_safe
     for r in range(args.rounds):
-        if t.new_round():
+        if t.new_round(r):
             t.delta = None  # free the last round's attack vector before the attack allocates the next
             if args.reset_optimizer:  # a fresh AdamW every round, as the official code's new process per round; made
                 # now, its moments come at its first step: the attack runs without the old ones (8 bytes per weight)
                 t.optimizer = make_optimizer(t.model.parameters(), args.lr, args.weight_decay, args.fused_adamw)
-            if defense.inner_attack:  # delta = theta_att - theta: k1 steps of SFT on D_unsafe from theta
-                t.delta = t.inner_attack(r)
+            if defense.attacks_each_round:  # delta = theta_att - theta: k1 steps of SFT on D_unsafe from theta
+                t.delta = t.attack_round(r)
         t.train(args.defend_steps, defense.phase, defense.update, r)
     t.export()
 
@@ -607,23 +656,40 @@ def export_dtype(args):
     return None if args.export_dtype == "checkpoint" else DTYPES[args.export_dtype]
 
 
-def load_data(args, rank, world, context=None):
-    """Endless, resumable batch streams for D_safe, D_unsafe (the defenses that use it) and the retain set (if any),
-    each rank taking its share of every global batch; and a line about each set for the log."""
-    tok = data.load_tokenizer(args.model)
+def stream_sets(args):
+    """[(stream, file, format, global batch)] of a run's data streams: D_safe; D_unsafe for the inner attack
+    (--inner-batch-size) and for a defense's batch each step (--batch-size), named "unsafe", and when a defense has
+    both, the every-step one a stream of its own, "harmful" (harmful_stream); the retain set, if any. A stream's
+    seed is --seed plus its place here."""
     defense = DEFENSES[args.mode]
     sets = [("safe", args.safe_data, args.safe_format, args.batch_size)]
-    if defense.inner_attack or defense.harmful:  # the inner attack's batches, or one each step (--batch-size)
-        sets.append(("unsafe", args.unsafe_data, args.unsafe_format,
-                     args.inner_batch_size if defense.inner_attack else args.batch_size))
+    if defense.attacks_each_round:
+        sets.append(("unsafe", args.unsafe_data, args.unsafe_format, args.inner_batch_size))
+    if defense.harmful:
+        sets.append(("harmful" if defense.attacks_each_round else "unsafe", args.unsafe_data, args.unsafe_format,
+                     args.batch_size))
     if args.retain_data and args.retain_weight > 0:
         sets.append(("retain", args.retain_data, "auto", args.batch_size))
+    return sets
+
+
+def harmful_stream(streams):
+    """The stream of a defense's D_unsafe batch each step (Defense.harmful): its own beside an inner attack's."""
+    return streams["harmful"] if "harmful" in streams else streams["unsafe"]
+
+
+def load_data(args, rank, world, context=None):
+    """Endless, resumable batch streams (stream_sets: D_safe, D_unsafe for the defenses that use it, the retain set if
+    any), each rank taking its share of every global batch; and a line about each set for the log."""
+    tok = data.load_tokenizer(args.model)
+    sets = stream_sets(args)
     # an example longer than the model's context is cut there too (its positions have no rotary angles beyond it)
     max_len = min(args.max_len, context or args.max_len)
     limit = f"--max-len {max_len}" if max_len == args.max_len else f"the model's context {max_len}"
     streams, notes = {}, []
     for i, (name, path, fmt, batch) in enumerate(sets):
-        records = data.load_records(path, args.prompt_field, args.response_field, fmt, role=name,
+        role = "unsafe" if name == "harmful" else name  # D_unsafe read as D_unsafe
+        records = data.load_records(path, args.prompt_field, args.response_field, fmt, role=role,
                                     field_flags="--prompt-field/--response-field")
         examples, n_cut, n_dropped, longest = data.tokenize_records(tok, records, max_len, args.system_prompt,
                                                                     args.loss_mask)
@@ -772,12 +838,8 @@ def stream_lengths(args, streams, context):
     limit = min(args.max_len, context)
     if streams is None:
         why = "no tokenizer in --model" if args.model else "the demo's data is not written yet"
-        sets = [("safe", args.batch_size)]
-        if DEFENSES[args.mode].inner_attack or DEFENSES[args.mode].harmful:
-            sets.append(("unsafe", args.inner_batch_size if DEFENSES[args.mode].inner_attack else args.batch_size))
-        if args.retain_data and args.retain_weight > 0:
-            sets.append(("retain", args.batch_size))
-        return {n: Lengths(b, args.micro_batch_size, None, None, limit, f"--max-len {limit}: {why}") for n, b in sets}
+        return {n: Lengths(b, args.micro_batch_size, None, None, limit, f"--max-len {limit}: {why}")
+                for n, _, _, b in stream_sets(args)}
     return {n: lengths_of(s.examples, s.batch_size, args.micro_batch_size, limit, "the longest example, tokenized")
             for n, s in streams.items()}
 
@@ -896,7 +958,7 @@ def training_plan(args, cfg, shapes, lengths, world, device_type):
     phases = {}
     if args.warmup_steps or args.mode == "sft":
         phases["warmup" if args.mode != "sft" else "sft step"] = step_peak(z, held, [Pass(safe)] + retain, temps, ckpt)
-    if defense.inner_attack:  # run() makes the fresh AdamW of --reset-optimizer before the attack: none is held
+    if defense.attacks_each_round:  # run() makes the fresh AdamW of --reset-optimizer before the attack: none is held
         attacked = {**held, "optimizer": 0 if args.reset_optimizer else 2 * theta, "inner AdamW": 2 * theta}
         phases["inner attack"] = step_peak(z, attacked, [Pass(lengths["unsafe"].shape(world))], temps, ckpt)
         held["δ"] = theta
@@ -1136,7 +1198,7 @@ class Log:
               f"| lr {lr:.1e} | {row['tokens_per_s']:.0f} tok/s ({row['supervised_per_s']:.0f} supervised){mfu} "
               f"| eta {eta / 60:.1f} min", flush=True)
 
-    def inner_attack(self, step, r, losses, dnorm, seconds, **extra):
+    def attack(self, step, r, losses, dnorm, seconds, **extra):
         self.write({"step": step, "phase": "inner_attack", "round": r, "attack_loss_start": losses[0],
                     "attack_loss_end": losses[-1], "attack_losses": losses, "delta_norm": dnorm, "seconds": seconds, **extra})
         if self.rank == 0:
@@ -1149,7 +1211,7 @@ class Training:
     """One run's state and bookkeeping, kept out of run(): the model, its optimizer, the data streams, the round's
     attack vector `delta`, and out/ (config.json, the log, resumable checkpoints, final/). A resumed run restores all
     of it from out/checkpoints/latest; `step` says how far it got, `planned` how far train() has laid out the
-    schedule, so that train() skips the steps taken and new_round() tells a fresh round from a re-entered one."""
+    schedule, so that train() skips the steps taken (and new_round() tells a fresh round from a re-entered one)."""
 
     def __init__(self, args):
         self.args = args
@@ -1196,9 +1258,10 @@ class Training:
         except KeyboardInterrupt:
             raise Interrupted(self.step) from None
 
-    def new_round(self):
-        """Whether the round that starts now is new: False when a resumed run re-enters it (or is past it)."""
-        return self.step <= self.planned
+    def new_round(self, r):
+        """Whether round r starts afresh: False when a resumed run's checkpoint is past its start (the checkpoint holds
+        its attack vector). From the schedule (the warmup, then k2 steps a round), so asked before or after train()."""
+        return self.step <= self.args.warmup_steps + r * self.args.defend_steps
 
     def train(self, n, phase, update, r=-1):
         """The next n steps of the schedule, each with `update` (a defense's) on fresh batches, logged, and
@@ -1208,7 +1271,7 @@ class Training:
         with self.interruptible():
             while self.step < self.planned:
                 t = time.time()
-                batch = Batches(next(s["safe"]), next(s["unsafe"]) if self.defense.harmful else None,
+                batch = Batches(next(s["safe"]), next(harmful_stream(s)) if self.defense.harmful else None,
                                 next(s["retain"]) if "retain" in s else None)
                 with self.naming_the_step(f"{phase} step {self.step + 1}: "):
                     metrics = update(self.model, self.optimizer, batch, args, self.delta, self.theta_buffer)
@@ -1219,12 +1282,12 @@ class Training:
                     save_checkpoint(self.out, self.step, self.model, self.optimizer, self.delta, self.streams,
                                     self.settings, self.log.offset(), self.rank)
 
-    def inner_attack(self, r):
+    def attack_round(self, r):
         """Round r's inner attack from the current theta (inner_attack()), logged; returns its attack vector."""
         t = time.time()
         with self.interruptible(), self.naming_the_step(f"round {r}, inner "):
             delta, losses = inner_attack(self.model, self.streams["unsafe"], self.args, self.theta_buffer)
-        self.log.inner_attack(self.step, r, losses, global_norm(delta, process_group(self.model)), time.time() - t)
+        self.log.attack(self.step, r, losses, global_norm(delta, process_group(self.model)), time.time() - t)
         return delta
 
     def export(self):
@@ -1314,7 +1377,7 @@ def settings(args, world, parser=None):
     defaults = {a.dest: a.default for a in (parser or get_parser())._actions if a.option_strings}
     mode = getattr(args, "mode", None)
     flags = {k: v for k, v in vars(args).items() if k not in NOT_RUN_SETTINGS + INPUT_FLAGS
-             and ("all" in mode_of(k) or mode in mode_of(k))}
+             and (not mode_of(k) or "all" in mode_of(k) or mode in mode_of(k))}  # none: parallel.py's own
     inputs = {k: fingerprint(getattr(args, k)) for k in INPUT_FLAGS if getattr(args, k) is not None}
     return {**flags, "world_size": world, "inputs": inputs, "defaults": {k: defaults.get(k) for k in flags}}
 
@@ -1359,7 +1422,7 @@ def start_run(args, out, model, optimizer, streams, run_settings, rank, total, n
     state of the checkpoint)."""
     step, delta, offset, extra = 0, None, None, {}
     if args.resume:
-        delta_like = ({n: torch.zeros_like(p) for n, p in model.named_parameters()} if DEFENSES[args.mode].inner_attack
+        delta_like = ({n: torch.zeros_like(p) for n, p in model.named_parameters()} if DEFENSES[args.mode].attacks_each_round
                       else None)
         step, delta, offset, extra = load_checkpoint(out, model, optimizer, delta_like, streams, run_settings, rank, group)
     device, world = model.lm_head.weight.device, run_settings["world_size"]
@@ -1371,7 +1434,7 @@ def start_run(args, out, model, optimizer, streams, run_settings, rank, total, n
     if rank == 0 and header:
         print(f"mode {args.mode} | world {world} | {precision(args.precision)} | {total} steps = warmup {args.warmup_steps} + "
               f"{args.rounds} rounds x k2 {args.defend_steps}" + (f" | inner attack k1 {args.inner_steps} at lr "
-              f"{args.inner_lr:g}" if DEFENSES[args.mode].inner_attack else "") + (f" | resumed at step {step}" if step else ""),
+              f"{args.inner_lr:g}" if DEFENSES[args.mode].attacks_each_round else "") + (f" | resumed at step {step}" if step else ""),
               flush=True)
     return step, delta, Log(out, rank, total, device, offset, args.log_every), extra
 
@@ -1674,6 +1737,12 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return action.help if action.default in (None, False) else super()._get_help_string(action)
 
 
+def defenses_help():
+    """Each defense of DEFENSES for --mode's help: its name, what it is, its own flags."""
+    flags = lambda d: f" (--{', --'.join(d.flags)})".replace("_", "-") if d.flags else ""  # noqa: E731
+    return "; ".join(f"{m}: {d.help}{flags(d)}" for m, d in DEFENSES.items())
+
+
 def get_parser():
     p = argparse.ArgumentParser(
         description="Patcher: alignment that survives fine-tuning attacks. Without --model it runs the built-in "
@@ -1697,8 +1766,7 @@ def get_parser():
                    help="tokens of an assistant turn in the loss: " + "; ".join(f"{k}: {v}" for k, v in data.LOSS_MASKS.items()))
     g = p.add_argument_group("algorithm")
     g.add_argument("--mode", choices=list(DEFENSES), default="patcher",
-                   help="the defender's update (the schedule is the same for all): sft, the baseline (alpha = 0, no inner "
-                        "attack); patcher; vaccine (--vaccine-rho); booster (--booster-lambda, --booster-alpha, D_unsafe)")
+                   help="the defender's update (the schedule is the same for all): " + defenses_help())
     g.add_argument("--alpha", type=FRACTION, default=0.5, help="weight of the attacked loss L(theta + delta)")
     g.add_argument("--warmup-steps", type=COUNT, default=100, help="plain SFT steps on D_safe before the first round")
     g.add_argument("--rounds", type=POSITIVE_COUNT, default=5, help="M: rounds of (inner attack, k2 defender steps)")
@@ -1778,9 +1846,21 @@ def add_memory_flags(g):
                    help="run even where the memory plan says the run does not fit")
 
 
+# The flags every --mode reads: the data, the schedule, the defender's optimisation, the system. Every other flag of
+# patcher.py is read by some defenses only (Defense.reads); tests/test_flags.py fails on a flag that is neither, which
+# --mode sft would take and ignore. A new flag every mode reads: its add_argument, and its name here.
+EVERY_MODE = ("model", "safe_data", "safe_format", "retain_data", "prompt_field", "response_field", "system_prompt",
+              "max_len", "loss_mask", "mode", "warmup_steps", "rounds", "defend_steps", "reset_optimizer",
+              "retain_weight", "lr", "weight_decay", "max_grad_norm", "batch_size", "micro_batch_size",
+              "group_by_length", "seed", "out", "export_dtype", "save_every", "resume", "precision",
+              "activation_checkpointing", "compile", "fused_adamw", "collective_timeout", "debug", "plan", "plan_world",
+              "plan_memory", "skip_memory_check", "list_flags")
+
+
 def mode_of(dest):
-    """The --mode values that take flag `dest`: those whose Defense names it, or all."""
-    return [m for m, d in DEFENSES.items() if dest in d.flags] or ["all"]
+    """The --mode values that read flag `dest`: ["all"] for a flag of EVERY_MODE, else the defenses that read it
+    (Defense.reads), else none (a flag of no mode: parallel.py's own, or one a fork has not given to a mode yet)."""
+    return ["all"] if dest in EVERY_MODE else [m for m, d in DEFENSES.items() if dest in d.reads()]
 
 
 class ListFlags(argparse.Action):
@@ -1822,7 +1902,7 @@ def parse_args(argv=None, parser=None):
     args = p.parse_args(argv)
     defense = DEFENSES[args.mode]
     for dest in sorted(given_flags(p, argv)):  # the user's flags, not the demo's preset
-        if "all" not in mode_of(dest) and args.mode not in mode_of(dest):
+        if mode_of(dest) and "all" not in mode_of(dest) and args.mode not in mode_of(dest):
             p.error(f"--{dest.replace('_', '-')} is a flag of --mode {'/'.join(mode_of(dest))}: --mode {args.mode} "
                     f"does not use it")
     if args.compile and defense.hooks_blocks:  # compiled blocks run no module hook added after compilation, silently
@@ -1836,7 +1916,7 @@ def parse_args(argv=None, parser=None):
             p.error(f"--model {args.model}: not a directory")
         if args.safe_data is None:
             p.error("--safe-data is required with --model")
-        if (defense.inner_attack or defense.harmful) and args.unsafe_data is None:
+        if (defense.attacks_each_round or defense.harmful) and args.unsafe_data is None:
             p.error(f"--unsafe-data is required with --mode {args.mode}")
     for flag in ("safe_data", "unsafe_data", "retain_data"):
         f = getattr(args, flag)

@@ -269,6 +269,15 @@ else
 fi
 owner=$(modes_of patcher "$sweep_flag"); owner=${owner%%,*}  # a defense's own flag sweeps that defense, others Patcher
 [[ -n $owner && $owner != all ]] || owner=patcher
+if [[ $SCHEME != sequential ]]; then  # a flag of Patcher's that parallel.py does not take: refused, never dropped
+  while read -r name kind modes _; do
+    [[ $modes == all || ,$modes, == *,patcher,* ]] && [[ " $OWN_ALIGN " != *" $name "* ]] || continue
+    v=$(var "$name")
+    [[ $name == "$sweep_flag" || ($kind == switch && "${!v:-0}" != 0) || ($kind == value && -n "${!v:-}") ]] || continue
+    grep -q "^$name " "$LISTS/parallel" || { echo "train.sh: $v: parallel.py does not honour --$name, so SCHEME=$SCHEME would" \
+      "align Patcher in parallel without it; unset $v, or SCHEME=sequential" >&2; exit 2; }
+  done < "$LISTS/patcher"
+fi
 name_of() { [[ $eval_sweep == 1 || $sweep_flag == mode ]] && echo "$1" || echo "$sweep_flag:$1"; }
 mode_of() {  # the --mode of aligned model $1
   if [[ $eval_sweep == 1 || $sweep_flag == mode ]]; then echo "$1"

@@ -231,7 +231,7 @@ def _():
             step()
         ratios.append(f"{mode} {t / t_sft:.2f}")
         syncs.append(f"{mode} {len(seen)}")
-    yield ("update / SFT step time (passes: sft 1, patcher 2, vaccine 2, booster 3)", ", ".join(ratios), True)
+    yield ("update / SFT step time, every --mode (about its forward-backward passes)", ", ".join(ratios), True)
     if GPU:
         yield ("host syncs per update (torch.cuda sync debug mode; ours: 1)", ", ".join(syncs), True)
     del model, opt, buf, delta

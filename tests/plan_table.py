@@ -31,7 +31,7 @@ def commands(preset, max_len, files):
     env = {k: v for k, v in os.environ.items() if not k.isupper() or k in ("PATH", "HOME")}
     env.update(PRESET=preset, DRY_RUN="1", MODEL=PLACEHOLDER, NPROC="1", EVAL_NPROC="1", PRECISION="bf16",
                MAX_LEN=str(max_len), ATTACK_MAX_LEN=str(max_len), JUDGE="keyword", ATTACKS="none",
-               SWEEP="mode=sft,patcher,vaccine,booster" if preset == "paper" else "mode=patcher",
+               SWEEP="mode=" + ",".join(patcher.DEFENSES) if preset == "paper" else "mode=patcher",
                **{v: files for v in ("SAFE_DATA", "UNSAFE_DATA", "ATTACK_DATA", "ATTACK_BENIGN_DATA", "EVAL_DATA")})
     out = subprocess.run(["bash", str(ROOT / "train.sh")], env=env, cwd=ROOT, capture_output=True, text=True, check=True)
     found = {}
@@ -77,7 +77,8 @@ def main():
         (tmp / "d.jsonl").write_text("".join(json.dumps({"prompt": f"p{i}", "response": "r"}) + "\n" for i in range(1000)))
         cmds = {**commands("paper", a.max_len, str(tmp / "d.jsonl")),
                 **commands("paper-parallel", a.max_len, str(tmp / "d.jsonl"))}
-        columns = ["sft", "patcher", "patcher parallel", "vaccine", "booster", "eval"]
+        columns = [*patcher.DEFENSES, "eval"]
+        columns.insert(columns.index("patcher") + 1, "patcher parallel")
         print("| model | ranks | " + " | ".join(columns) + " |")
         print("|---|---:|" + "---:|" * len(columns))
         for name, config in MODELS.items():

@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 
 from conftest import ROOT, run_script, with_base
 import data
@@ -124,27 +125,37 @@ def test_the_perturbed_pass_restores_the_weights_bit_for_bit_in_bf16(mode):
         assert m["loss_harmful_stepped"] != m["loss_harmful"]
 
 
+def probe_delta(model):
+    """An attack vector for the defenses with an inner attack, the same in every process (tests/defense_probe.py)."""
+    g = torch.Generator().manual_seed(1)
+    return {n: 0.05 * torch.randn(p.shape, generator=g) for n, p in model.named_parameters()}
+
+
 def test_defenses_on_two_ranks_equal_one_process(tmp_path):
-    """Vaccine and Booster under FSDP2 on two ranks (each rank half the batch rows; the norms global over shards and
-    ranks) update the weights as one process does."""
+    """Every defense of DEFENSES under FSDP2 on two ranks (each rank half the batch rows; the norms global over shards
+    and ranks) updates the weights as one process does, and returns the same numbers: every key of its metrics (a
+    norm off by the world size, which the normalised update hides, shows there)."""
     script = ROOT / "tests" / "defense_probe.py"
     run_script(script.relative_to(ROOT), [tmp_path], nproc=2)
-    for mode in ("vaccine", "booster"):
+    for mode, defense in patcher.DEFENSES.items():
         model, safe, harmful = tiny_model(), toy_batch(n=8), toy_batch(n=8, split="unsafe")
-        getattr(patcher, f"{mode}_update")(model, torch.optim.SGD(model.parameters(), lr=LR),
-                                           patcher.Batches(safe, harmful), args_for("--mode", mode, "--max-grad-norm", 0),
-                                           theta_buffer=patcher.snapshot(model))
-        two = torch.load(tmp_path / f"{mode}.pt", weights_only=True)
-        assert max_diff(model, two) <= 2e-6, mode
+        one = defense.update(model, torch.optim.SGD(model.parameters(), lr=LR), patcher.Batches(safe, harmful),
+                             args_for("--mode", mode, "--max-grad-norm", 0),
+                             probe_delta(model) if defense.attacks_each_round else None, patcher.snapshot(model))
+        assert max_diff(model, load_file(tmp_path / f"{mode}.safetensors")) <= 2e-6, mode
+        two = json.loads((tmp_path / f"{mode}.json").read_text())
+        apart = {k: (one.get(k), two.get(k)) for k in one.keys() | two.keys()
+                 if k not in one or k not in two or abs(one[k] - two[k]) > 1e-5 * max(1.0, abs(one[k]))}
+        assert not apart, (mode, apart)  # {key: (one process, two ranks)}
 
 
-@pytest.mark.parametrize("mode,precision", [("sft", "fp32"), ("vaccine", "fp32"), ("booster", "fp32"), ("patcher", "fp32"),
-                                            ("patcher", "bf16-pure")])
+@pytest.mark.parametrize("mode,precision", [(mode, "fp32") for mode in patcher.DEFENSES] + [("patcher", "bf16-pure")])
 def test_an_interrupted_run_resumes_bitwise_for_every_mode(mode, precision, tmp_path, demo_base, monkeypatch):
     """Stopped at step 7 (its checkpoint: step 5) and resumed: every logged number equals an uninterrupted run's, bit
     for bit (the defense's state: the streams it draws, Patcher's attack vector; in bf16-pure, bf16 weights and AdamW
     state). Patcher's kill -9: test_patcher."""
-    argv = ["--mode", mode, *(FAST if mode == "patcher" else FAST_SCHEDULE), "--save-every", "5", "--precision", precision]
+    inner = patcher.DEFENSES[mode].attacks_each_round
+    argv = ["--mode", mode, *(FAST if inner else FAST_SCHEDULE), "--save-every", "5", "--precision", precision]
     full, cut = with_base(tmp_path / "full", demo_base), with_base(tmp_path / "cut", demo_base)
     patcher.run(patcher.parse_args([*argv, "--out", str(full)]))
     update, calls = patcher.DEFENSES[mode].update, []
@@ -161,16 +172,43 @@ def test_an_interrupted_run_resumes_bitwise_for_every_mode(mode, precision, tmp_
     patcher.run(patcher.parse_args([*argv, "--out", str(cut), "--resume"]))
     volatile = ("tokens_per_s", "supervised_per_s", "mfu", "seconds")
     a, b = ([{k: v for k, v in r.items() if k not in volatile} for r in rows(out)] for out in (full, cut))
-    assert a == b and len(a) == 11 + 2 * (mode == "patcher")
-    assert {r["phase"] for r in a} == {"warmup", patcher.DEFENSES[mode].phase} | ({"inner_attack"} if mode == "patcher" else set())
+    assert a == b and len(a) == 11 + 2 * inner
+    assert {r["phase"] for r in a} == {"warmup", patcher.DEFENSES[mode].phase} | ({"inner_attack"} if inner else set())
+
+
+def test_a_defense_with_an_inner_attack_and_a_harmful_batch_draws_them_from_two_streams(tmp_path, demo_base, monkeypatch):
+    """A defense with both an inner attack and a D_unsafe batch each step (Defense.harmful) gets each step's batch at
+    --batch-size from a stream of its own: the inner attack's stream (--inner-batch-size) is left as Patcher's run
+    leaves it, so this run's attacks equal Patcher's (here the update is Patcher's, so the whole run does)."""
+    harmful_rows = []
+
+    def update(model, optimizer, batch, args, delta=None, theta_buffer=None):
+        harmful_rows.append(sum(int((m["labels"] != -100).any(1).sum()) for m in batch.harmful))
+        return patcher.patcher_update(model, optimizer, batch, args, delta, theta_buffer)
+    both = patcher.DEFENSES["patcher"]._replace(update=update, harmful=True)
+    monkeypatch.setitem(patcher.DEFENSES, "both", both)
+    argv = [*FAST, "--batch-size", "6", "--inner-batch-size", "4"]
+    for mode in ("patcher", "both"):
+        patcher.run(patcher.parse_args([*argv, "--mode", mode, "--out", str(with_base(tmp_path / mode, demo_base))]))
+    assert harmful_rows == [6] * 8  # 2 rounds x 4 defender steps, each a D_unsafe batch of --batch-size
+    volatile = ("tokens_per_s", "supervised_per_s", "mfu", "seconds")
+    a, b = ([{k: v for k, v in r.items() if k not in volatile} for r in rows(tmp_path / m)] for m in ("patcher", "both"))
+    assert sum(r["phase"] == "inner_attack" for r in b) == 2 and a == b
+
+
+def modes(which):
+    """'/'.join of the modes whose Defense `which` says yes: how a usage error names the modes that take a flag."""
+    return "/".join(m for m, d in patcher.DEFENSES.items() if which(d))
 
 
 @pytest.mark.parametrize("argv,message", [
     (["--mode", "tar"], "argument --mode: invalid choice: 'tar'"),
     (["--mode", "vaccine", "--booster-lambda", "3"], "--booster-lambda is a flag of --mode booster: --mode vaccine does not use it"),
-    (["--mode", "sft", "--inner-steps", "3"], "--inner-steps is a flag of --mode patcher: --mode sft does not use it"),
+    (["--mode", "sft", "--inner-steps", "3"],
+     f"--inner-steps is a flag of --mode {modes(lambda d: d.attacks_each_round)}: --mode sft does not use it"),
     (["--mode", "booster", "--vaccine-rho", "1"], "--vaccine-rho is a flag of --mode vaccine: --mode booster does not use it"),
-    (["--mode", "vaccine", "--unsafe-data", "x"], "--unsafe-data is a flag of --mode patcher/booster"),
+    (["--mode", "vaccine", "--unsafe-data", "x"],
+     f"--unsafe-data is a flag of --mode {modes(lambda d: d.attacks_each_round or d.harmful)}"),
     (["--mode", "booster", "--model", "{base}", "--safe-data", "{safe}"], "--unsafe-data is required with --mode booster"),
     (["--mode", "patcher", "--model", "{base}", "--safe-data", "{safe}"], "--unsafe-data is required with --mode patcher"),
     (["--mode", "vaccine", "--compile"], "--compile: --mode vaccine hooks into the blocks"),

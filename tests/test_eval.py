@@ -331,6 +331,34 @@ def test_lora_changes_only_lora_weights(tmp_path, toy):
         assert torch.allclose(model(batch["input_ids"]), want, atol=1e-5)
 
 
+def test_the_test_time_attack_is_the_inner_attacks_attacker(tmp_path, toy, monkeypatch):
+    """eval.py attacks with patcher.Attacker, the inner attack's attacker: its settings from the --attack- flags, one
+    optimizer of its making, stepped by it in slices between the evaluation points. So an attacker a fork changes there
+    (another optimizer, an extra setting) is eval.py's too."""
+    made, stepped = [], []
+    new_optimizer, steps = patcher.Attacker.new_optimizer, patcher.Attacker.steps
+
+    def recorded_new_optimizer(self, params, fused=None):
+        made.append((self, new_optimizer(self, params, fused)))
+        return made[-1][1]
+
+    def recorded_steps(self, model, optimizer, batches, n, first=1, should_stop=None):
+        stepped.append((self, optimizer, n, first))
+        return steps(self, model, optimizer, batches, n, first, should_stop)
+    monkeypatch.setattr(patcher.Attacker, "new_optimizer", recorded_new_optimizer)
+    monkeypatch.setattr(patcher.Attacker, "steps", recorded_steps)
+    ckpt = demo_checkpoint(tmp_path / "m")
+    args = evaluate.parse_args(["--model", ckpt, *toy_args(toy, limit=2), "--eval-at", "0,2,3", "--attack-lr", "2e-3",
+                                "--attack-weight-decay", "0.3", "--attack-max-grad-norm", "0.5", "--out", tmp_path / "o"])
+    args.dtype = "float32"
+    _, stats, _ = evaluate.attack_and_generate("m", ckpt, args, evaluate.attack_set(args)[0], evaluate.prompt_sets(args),
+                                               0, 1, torch.device("cpu"))
+    attacker = patcher.Attacker(lr=2e-3, weight_decay=0.3, max_grad_norm=0.5)
+    assert [a for a, _ in made] == [attacker] and [s[2:] for s in stepped] == [(2, 1), (1, 3)]
+    assert all(a == attacker and o is made[0][1] for a, o, _, _ in stepped)  # one optimizer, over every slice
+    assert [s["attack_step"] for s in stats] == [0, 2, 3]
+
+
 def test_lora_attack_program_exports_only_targeted_weights_changed(tmp_path, toy):
     ckpt = demo_checkpoint(tmp_path / "m")
     out = tmp_path / "o"

@@ -51,7 +51,7 @@ def fast(argv):
     """FAST for the mode `argv` names: its inner attack flag only where there is an inner attack."""
     argv = list(map(str, argv))
     mode = argv[argv.index("--mode") + 1] if "--mode" in argv else "patcher"
-    return FAST if patcher.DEFENSES[mode].inner_attack else FAST_SCHEDULE
+    return FAST if patcher.DEFENSES[mode].attacks_each_round else FAST_SCHEDULE
 
 
 def run_demo(out, argv, demo_base):
@@ -178,15 +178,25 @@ def check_debug(base, rs, ctx):
     assert isinstance(rs, data.DataError)  # raised with its traceback, not turned into one line and exit 1
 
 
+def modes_reading(dest):
+    """The --mode values that read flag `dest`, from DEFENSES as a reader states the rule: a defense reads its own
+    flags, the inner attack's (INNER_FLAGS) if it has one, D_unsafe's if it draws D_unsafe; no defense's: all."""
+    modes = [m for m, d in patcher.DEFENSES.items() if dest in d.flags or (d.attacks_each_round and dest in patcher.INNER_FLAGS)
+             or ((d.attacks_each_round or d.harmful) and dest in patcher.UNSAFE_FLAGS)]
+    return ",".join(modes) or "all"
+
+
 def check_list_flags(base, rs, ctx):
-    """One line per flag of the parser, with the modes that take it: what train.sh reads."""
+    """One line per flag of the parser, 'NAME value|switch MODES same|changes', the modes from the defenses
+    (modes_reading): what train.sh reads. A flag of no mode is missing from the list, and fails here too."""
     lines = ctx["stdout"].splitlines()
-    names = {o[2:] for a in patcher.get_parser()._actions for o in a.option_strings if o.startswith("--")}
-    assert {line.split()[0] for line in lines} == names - {"help", "list-flags"}
-    for line in ("vaccine-rho value vaccine changes", "inner-steps value patcher changes", "lr value all changes",
-                 "unsafe-data value patcher,booster changes", "reset-optimizer switch all changes",
-                 "no-fused-adamw switch all same", "save-every value all same"):
-        assert line in lines, line
+    want = {f"{o[2:]} {'switch' if a.nargs == 0 else 'value'} {modes_reading(a.dest)} "
+            f"{'same' if a.dest in patcher.NOT_RUN_SETTINGS else 'changes'}"
+            for a in patcher.get_parser()._actions for o in a.option_strings
+            if o.startswith("--") and a.dest not in ("help", "list_flags")}
+    assert sorted(lines) == sorted(want), set(lines) ^ want
+    for line in ("lr value all changes", "no-fused-adamw switch all same", "save-every value all same"):
+        assert line in lines, line  # what same and changes mean
 
 
 def check_precision(base, rs, ctx):
@@ -264,6 +274,7 @@ CASES = {
     "collective_timeout": (["--collective-timeout", "123", "--precision", "bf16"], check_collective_timeout),
     "list_flags": ("list_flags", check_list_flags),
     "log_every": (["--log-every", "5"], check_log_every),
+    # (a new flag's case goes here)
     "plan": "memory", "plan_world": "memory", "plan_memory": "memory", "skip_memory_check": "memory",
 }
 MEMORY = {  # the memory plan's flags -> the test of tests/test_memory_plan.py that shows each one's effect
@@ -272,6 +283,23 @@ MEMORY = {  # the memory plan's flags -> the test of tests/test_memory_plan.py t
     "plan_memory": test_memory_plan.test_a_run_that_would_not_fit_is_refused_before_its_weights_are_read,
     "skip_memory_check": test_memory_plan.test_a_run_that_would_not_fit_is_refused_before_its_weights_are_read,
 }
+
+
+def test_every_flag_of_patcher_belongs_to_a_mode():
+    """Each flag is read by every mode (patcher.EVERY_MODE) or by some defenses (Defense.reads: their own flags, the
+    inner attack's, D_unsafe's): never neither (--mode sft would take it and ignore it, train.sh never pass it), never
+    both; and each name there is a flag."""
+    flags, every = flags_of(patcher.get_parser()), set(patcher.EVERY_MODE)
+    some = {f for d in patcher.DEFENSES.values() for f in d.reads()}
+    assert not flags - every - some, f"flags of no mode: {flags - every - some} (a Defense's flags, the Attacker's " \
+                                     f"settings or EVERY_MODE)"
+    assert not every & some and every | some <= flags, (every & some, (every | some) - flags)
+
+
+def test_mode_help_names_every_defense_with_its_flags():
+    help = next(a.help for a in patcher.get_parser()._actions if a.dest == "mode")
+    for m, d in patcher.DEFENSES.items():
+        assert f"{m}: {d.help}" in help and all("--" + f.replace("_", "-") in help for f in d.flags), m
 
 
 def test_every_flag_of_patcher_has_a_case():
@@ -419,18 +447,26 @@ INHERITED_ELSEWHERE = {  # flag -> why it is not in the combined run
 }
 
 
+def in_sync():
+    """INHERITED_IN_SYNC, and every other attacker flag (an Attacker setting a fork adds) with its case's value:
+    parallel.py honours the inner attack's flags by construction (its attacker half calls patcher.attack)."""
+    added = {f: CASES[f][0] for f in patcher.INNER_FLAGS if f not in INHERITED_IN_SYNC}
+    assert all(isinstance(argv, list) and argv[0] == "--" + f.replace("_", "-") for f, argv in added.items()), added
+    return {**INHERITED_IN_SYNC, **{f: argv[1] if len(argv) > 1 else None for f, argv in added.items()}}
+
+
 def test_every_flag_of_parallel_has_a_case():
     own = flags_of(parallel.get_parser()) - flags_of(patcher.get_parser())
     assert own == set(PARALLEL_OWN), f"parallel.py flags without a case: {own - set(PARALLEL_OWN)}"
     honoured = flags_of(patcher.get_parser()) & parallel.HONOURED
-    covered = set(INHERITED_IN_SYNC) | set(INHERITED_ELSEWHERE)
-    assert honoured == covered and not set(INHERITED_IN_SYNC) & set(INHERITED_ELSEWHERE), honoured ^ covered
+    covered = set(in_sync()) | set(INHERITED_ELSEWHERE)
+    assert honoured == covered and not set(in_sync()) & set(INHERITED_ELSEWHERE), honoured ^ covered
 
 
 def test_parallel_refuses_every_patcher_flag_it_does_not_honour(tmp_path, capsys):
     """Each patcher.py flag outside parallel.HONOURED (a flag a fork adds included) is a usage error naming it."""
     refused = flags_of(patcher.get_parser()) - parallel.HONOURED
-    assert {"vaccine_rho", "booster_lambda", "booster_alpha"} <= refused
+    assert {f for m, d in patcher.DEFENSES.items() if m != "patcher" for f in d.flags} <= refused  # other defenses'
     for dest in sorted(refused):
         argv = CASES[dest][0] if isinstance(CASES[dest][0], list) else ["--" + dest.replace("_", "-")]
         with pytest.raises(SystemExit) as exited:
@@ -443,7 +479,7 @@ def test_parallel_refuses_every_patcher_flag_it_does_not_honour(tmp_path, capsys
 
 
 def test_parallel_takes_every_inherited_flag_as_patcher_does(tmp_path, demo_base):
-    flags = [w for k, v in INHERITED_IN_SYNC.items() for w in ("--" + k.replace("_", "-"), *([v] if v else []))]
+    flags = [w for k, v in in_sync().items() for w in ("--" + k.replace("_", "-"), *([v] if v else []))]
     seq, par = with_base(tmp_path / "seq", demo_base), with_base(tmp_path / "par", demo_base)
     run_script("patcher.py", ["--out", seq, *flags])
     run_script("parallel.py", ["--out", par, "--sync", *flags], nproc=2)

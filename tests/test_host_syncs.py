@@ -217,7 +217,7 @@ def updates_counted(mode, n=2):
     model = tiny_model()
     args = patcher.get_parser().parse_args(["--mode", mode])
     args.retain_weight = 0.5
-    delta = {k: 0.01 * torch.randn_like(p) for k, p in model.named_parameters()} if defense.inner_attack else None
+    delta = {k: 0.01 * torch.randn_like(p) for k, p in model.named_parameters()} if defense.attacks_each_round else None
     buf = patcher.snapshot(model) if defense.moves_theta else None
     optimizer = patcher.make_optimizer(model.parameters(), 1e-3)
     counts = []
@@ -279,7 +279,7 @@ def update_once(mode, model, delta=None):
     defense = patcher.DEFENSES[mode]
     optimizer = patcher.make_optimizer(model.parameters(), 1e-3)
     batch = patcher.Batches(toy_batch(n=4), toy_batch(n=4, split="unsafe") if defense.harmful else None)
-    if defense.inner_attack and delta is None:
+    if defense.attacks_each_round and delta is None:
         delta = {k: 0.01 * torch.randn_like(p) for k, p in model.named_parameters()}
     before = bits(model)
     with pytest.raises(FloatingPointError) as e:

@@ -187,6 +187,19 @@ def test_inner_attack_restores_weights_and_returns_displacement(weight_decay):
     assert set(delta) == {n for n, _ in model.named_parameters()}
 
 
+def test_new_round_is_told_by_the_schedule_whenever_it_is_asked():
+    """Training.new_round(r): round r starts afresh unless a resumed run's step is past the round's first step; the
+    same answer before and after train() lays out the round's steps."""
+    t = patcher.Training.__new__(patcher.Training)  # the bookkeeping alone: no model, no data
+    t.args = patcher.get_parser().parse_args(["--warmup-steps", "3", "--defend-steps", "4"])
+    for planned in (7, 11):  # round 1: steps 8 to 11, not yet laid out by train(), or laid out
+        answers = []
+        for step in (0, 7, 8, 11):
+            t.planned, t.step = planned, step
+            answers.append(t.new_round(1))
+        assert answers == [True, True, False, False], planned
+
+
 # --- the program ----------------------------------------------------------------------------------
 
 FAST_SCHEDULE = ["--warmup-steps", "3", "--rounds", "2", "--defend-steps", "4"]

@@ -112,14 +112,15 @@ def test_every_flag_of_the_programs_reaches_them_from_its_variable(tmp_path):
                  "plan-memory"}  # the memory plans: train.sh plans every stage itself
     own_eval = {"model", "out", "seed", "attack-data", "eval-data", "benign-data", "gsm8k", "summarize", "sweep",
                 "worst-case", "check", "plan", "plan-world", "plan-memory"}
-    align, par, ev = parser_flags(patcher.get_parser()), parser_flags(parallel.get_parser()), parser_flags(evaluate.get_parser())
+    parser = patcher.get_parser()
+    align, par, ev = parser_flags(parser), parser_flags(parallel.get_parser()), parser_flags(evaluate.get_parser())
     env = {k.replace("-", "_").upper(): "1" if kind == "switch" else "7" for p in (align, par, ev) for k, kind in p.items()
            if k not in own_align | own_eval}
-    cmds = dry_run(SEEDS="0", SWEEP="mode=sft,vaccine,booster,patcher", SCHEME="both", **env)
+    cmds = dry_run(SEEDS="0", SWEEP="mode=" + ",".join(patcher.DEFENSES), SCHEME="both", **env)
     by_name = {c[2]["--out"].rsplit("/", 1)[1]: c for c in cmds}
-    for mode in ("sft", "vaccine", "booster", "patcher"):
+    for mode in patcher.DEFENSES:
         flags = by_name[mode][2]
-        want = {k for k in align if k not in own_align and set(patcher.mode_of(k.replace("-", "_"))) & {"all", mode}}
+        want = {k for k in align if k not in own_align and set(patcher.mode_of(dest(parser, k))) & {"all", mode}}
         if mode != "patcher":
             want.discard("reset-optimizer")  # the official's new process per round is Patcher's only (train.sh)
         assert {k[2:] for k in flags} - {"mode", "seed", "out", "save-every"} == want, mode
@@ -129,27 +130,35 @@ def test_every_flag_of_the_programs_reaches_them_from_its_variable(tmp_path):
     assert {k[2:] for k in flags} - {"mode", "seed", "out", "save-every"} == want
     flags = by_name["eval"][2]
     assert {k[2:] for k in flags} - own_eval == set(ev) - own_eval
-    # D_unsafe (train.sh's UNSAFE_DATA) reaches the defenses that use it: Patcher's inner attack, Booster's steps
-    cmds = dry_run(PRESET="smollm2-cpu", OUT=str(tmp_path), SWEEP="mode=sft,vaccine,booster,patcher")
+    # D_unsafe (train.sh's UNSAFE_DATA) reaches the defenses that use it: an inner attack's (Patcher), every step's
+    cmds = dry_run(PRESET="smollm2-cpu", OUT=str(tmp_path), SWEEP="mode=" + ",".join(patcher.DEFENSES))
     got = {c[2]["--mode"]: c[2].get("--unsafe-data") for c in cmds if c[1] == "patcher.py"}
-    assert got == {"sft": None, "vaccine": None, "booster": f"{tmp_path}/unsafe_inner.jsonl",
-                   "patcher": f"{tmp_path}/unsafe_inner.jsonl"}
+    assert got == {m: f"{tmp_path}/unsafe_inner.jsonl" if d.attacks_each_round or d.harmful else None
+                   for m, d in patcher.DEFENSES.items()}
 
 
 def test_a_flag_added_to_patcher_reaches_it_from_train_sh_with_no_other_edit(tmp_path):
-    """The fork check: a throwaway flag added to patcher.py's parser (in a copy of the project) is passed by train.sh
-    from its variable, to the alignments only; parallel.py, which does not honour it, never gets it."""
+    """The fork check: a throwaway flag every mode reads, added to patcher.py (its add_argument, its name in
+    EVERY_MODE, in a copy of the project), is passed by train.sh from its variable, to the alignments only;
+    parallel.py, which does not honour it, refuses it, and SCHEME=both refuses to align Patcher in parallel without
+    it, in one line naming the variable."""
     for f in ("patcher.py", "parallel.py", "eval.py", "data.py", "model.py", "train.sh"):
         shutil.copy(ROOT / f, tmp_path / f)
     (tmp_path / "tests" / "data").mkdir(parents=True)
     shutil.copytree(ROOT / "tests" / "data" / "attacks", tmp_path / "tests" / "data" / "attacks")
     text = (tmp_path / "patcher.py").read_text()
-    anchor = '    g.add_argument("--retain-weight"'
-    assert anchor in text
-    (tmp_path / "patcher.py").write_text(text.replace(anchor, '    g.add_argument("--fork-flag", type=int, default=0)\n' + anchor, 1))
-    cmds = dry_run(root=tmp_path, SEEDS="0", SCHEME="both", FORK_FLAG="5")
+    add = '    g.add_argument("--retain-weight"'
+    assert text.count(add) == 1 and text.count("EVERY_MODE = (") == 1
+    text = text.replace(add, '    g.add_argument("--fork-flag", type=int, default=0)\n' + add)
+    text = text.replace("EVERY_MODE = (", 'EVERY_MODE = ("fork_flag", ')
+    (tmp_path / "patcher.py").write_text(text)
+    cmds = dry_run(root=tmp_path, SEEDS="0", FORK_FLAG="5")
     got = {c[2]["--out"].rsplit("/", 1)[1]: c[2].get("--fork-flag") for c in cmds}
-    assert got == {"demo": None, "sft": "5", "patcher": "5", "patcher-parallel": None, "eval": None}, got
+    assert got == {"demo": None, "sft": "5", "patcher": "5", "eval": None}, got
+    with pytest.raises(subprocess.CalledProcessError) as refused:
+        dry_run(root=tmp_path, SEEDS="0", SCHEME="both", FORK_FLAG="5")
+    assert refused.value.returncode == 2 and refused.value.stderr.splitlines()[-1].startswith(
+        "train.sh: FORK_FLAG: parallel.py does not honour --fork-flag, so SCHEME=both"), refused.value.stderr
     r = subprocess.run([sys.executable, str(tmp_path / "parallel.py"), "--fork-flag", "5", "--out", str(tmp_path / "o")],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "--fork-flag: a patcher.py flag that parallel.py does not honour" in r.stderr, r.stderr
