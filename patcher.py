@@ -1854,7 +1854,7 @@ EVERY_MODE = ("model", "safe_data", "safe_format", "retain_data", "prompt_field"
               "retain_weight", "lr", "weight_decay", "max_grad_norm", "batch_size", "micro_batch_size",
               "group_by_length", "seed", "out", "export_dtype", "save_every", "resume", "precision",
               "activation_checkpointing", "compile", "fused_adamw", "collective_timeout", "debug", "plan", "plan_world",
-              "plan_memory", "skip_memory_check", "list_flags")
+              "plan_memory", "skip_memory_check", "log_every", "list_flags")
 
 
 def mode_of(dest):
