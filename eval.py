@@ -952,7 +952,7 @@ def inner_steps(reports):
         for info in rep.get("models", {}).values():
             try:
                 config = json.loads((Path(info["path"]).parent / "config.json").read_text())
-                if patcher.DEFENSES[config["mode"]].inner_attack:
+                if patcher.DEFENSES[config["mode"]].attacks_each_round:
                     found.add(int(config["inner_steps"]))
             except (OSError, ValueError, KeyError, TypeError, AttributeError):
                 continue  # moved, or not a run of ours
