@@ -582,13 +582,15 @@ def test_ctrl_c_is_an_interruption_that_says_how_to_resume(tmp_path, demo_base):
     """Ctrl-C in a step: one line with the step reached and the checkpoint --resume continues from (or that there is
     none), exit code 130. Ctrl-C while a checkpoint is written: the same, and the previous checkpoint stays intact."""
     ctrl_c_at_step_7 = """
-        defender_step, calls = patcher.defender_step, []
-        def interrupted_step(*a, **k):
-            calls.append(1)
-            if len(calls) == 7:
-                os.kill(os.getpid(), signal.SIGINT)
-            return defender_step(*a, **k)
-        patcher.defender_step = interrupted_step
+        calls = []
+        def counted(update):  # the 7th update of either kind (3 warmup SFT steps, then Patcher's)
+            def interrupted_step(*a, **k):
+                calls.append(1)
+                if len(calls) == 7:
+                    os.kill(os.getpid(), signal.SIGINT)
+                return update(*a, **k)
+            return interrupted_step
+        patcher.clean_step, patcher.defender_step = counted(patcher.clean_step), counted(patcher.defender_step)
     """
     out = with_base(tmp_path / "run", demo_base)
     r = patched(["--out", out, *FAST, "--save-every", "5"], ctrl_c_at_step_7)

@@ -302,7 +302,7 @@ def test_a_silent_judge_ends_the_program_quickly_and_loudly(tmp_path, toy):
 # --- 4. the paper preset's judge call is the official one -----------------------------------------------
 
 def test_the_paper_presets_judge_call_is_the_officials():
-    *_, (_, script, _, argv) = dry_run(**{**PAPER_DATA, "PRESET": "paper", "JUDGE_MODEL": "qwen3-max"})
+    *_, (_, script, _, argv) = dry_run(**{**PAPER_DATA, "PRESET": "paper", "NPROC": "1", "JUDGE_MODEL": "qwen3-max"})
     judge_argv = [w for i, flag in enumerate(argv) if flag.startswith("--judge") for w in argv[i:i + 2]]
     assert script == "eval.py" and "--judge-max-tokens" in judge_argv
 

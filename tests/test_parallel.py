@@ -153,7 +153,7 @@ def test_the_official_parallel_schedule_installs_14_attack_vectors(tmp_path, mon
         def step(self, *a):
             pass
 
-        def inner_attack(self, step, r, losses, dnorm, seconds, **extra):
+        def attack(self, step, r, losses, dnorm, seconds, **extra):
             installs.append(step)
 
     class Model:
