@@ -1893,7 +1893,8 @@ def given_flags(parser, argv):
 
 # The demo's preset: its own small values, prepended so that any flag given overrides them.
 DEMO_FLAGS = ["--warmup-steps", "40", "--rounds", "8", "--inner-steps", "20", "--defend-steps", "20", "--lr", "5e-4",
-              "--inner-lr", "5e-4", "--batch-size", "16", "--inner-batch-size", "16", "--max-len", "64"]
+              "--inner-lr", "5e-4", "--batch-size", "16", "--inner-batch-size", "16", "--max-len", "64",
+              "--log-every", "40"]  # about 25 lines on the console; metrics.jsonl holds every step
 
 
 def parse_args(argv=None, parser=None):

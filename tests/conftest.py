@@ -22,7 +22,7 @@ sys.path.insert(0, str(ROOT))  # the project is a flat directory of modules, not
 
 ASSETS = Path(os.environ.get("PATCHER_ASSETS", Path.home() / ".cache" / "patcher-assets"))
 SAFETY = ROOT / "tests" / "data" / "safety"
-# where each asset comes from (README: "Set up, test, run the demo")
+# where each asset comes from (README: "Tests and assets")
 DOWNLOAD = {
     "smollm2-135m-instruct": "huggingface-cli download HuggingFaceTB/SmolLM2-135M-Instruct --local-dir {path}",
     "llama3-tokenizer": "huggingface-cli download meta-llama/Meta-Llama-3-8B-Instruct tokenizer.json "

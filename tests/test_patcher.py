@@ -256,27 +256,6 @@ def test_alpha_one_on_two_ranks_equals_one_process(tmp_path, demo_base):
     assert_rows_close(rows(tmp_path / "one"), rows(tmp_path / "two"), 1e-4)  # float sums in another order
 
 
-@pytest.mark.parametrize("flag,value", [("--inner-weight-decay", "5"), ("--micro-batch-size", "4"), ("--reset-optimizer", None)])
-def test_flags_change_exactly_what_they_should(flag, value, tmp_path, demo_base):
-    """Each flag is used where it should be: a larger inner weight decay changes the inner attack (and nothing
-    before it); micro-batches of 4 change nothing at all (the update is the same); a reset defender optimizer
-    changes the steps from the first round on, not the warmup."""
-    base = run_patcher(["--out", with_base(tmp_path / "a", demo_base), *FAST])
-    other = run_patcher(["--out", with_base(tmp_path / "b", demo_base), *FAST, flag, *([value] if value else [])])
-    a, b = rows(tmp_path / "a"), rows(tmp_path / "b")
-    first_attack = next(i for i, r in enumerate(a) if r["phase"] == "inner_attack")
-    assert_rows_close(a[:first_attack], b[:first_attack], 1e-6)  # the warmup is untouched
-    if flag == "--micro-batch-size":
-        assert "global batch 16 = 4 x 1 ranks x 4" in other.stdout and "= 1 x 1 ranks x 16" in base.stdout
-        assert_rows_close(a, b, 1e-5)
-    elif flag == "--inner-weight-decay":
-        assert abs(a[first_attack]["delta_norm"] - b[first_attack]["delta_norm"]) > 1e-3  # decay: -lr * wd * theta a step
-    else:
-        assert a[first_attack] == {**b[first_attack], "seconds": a[first_attack]["seconds"]}  # the attack is the same
-        assert abs(a[first_attack + 1]["loss_adv"] - b[first_attack + 1]["loss_adv"]) < 1e-6  # the same first loss ...
-        assert abs(a[first_attack + 2]["loss_clean"] - b[first_attack + 2]["loss_clean"]) > 1e-5  # ... another update
-
-
 def test_resume_after_kill_equals_uninterrupted_run(tmp_path, demo_base):
     """With length grouping on, killed mid-run (kill -9) and resumed: the same losses as an uninterrupted run,
     and metrics.jsonl holds each step once."""

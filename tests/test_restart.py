@@ -123,6 +123,7 @@ def uninterrupted(tmp_path_factory):
     return out, judge.counts
 
 
+@pytest.mark.xdist_group("uninterrupted")  # one worker runs the module fixture, not both
 def test_train_sh_killed_anywhere_continues_to_the_report_of_an_uninterrupted_run(tmp_path, uninterrupted):
     """kill -9 during an alignment, during an attack, during generation and while judging, each time run again:
     the report equals an uninterrupted run's, no finished alignment is trained again, every (prompt, answer) reaches
@@ -179,6 +180,7 @@ def test_train_sh_killed_anywhere_continues_to_the_report_of_an_uninterrupted_ru
     assert set(answers.values()) == {1}, {c[-80:]: n for c, n in answers.items() if n != 1}
 
 
+@pytest.mark.xdist_group("uninterrupted")  # one worker runs the module fixture, not both
 def test_train_sh_refuses_other_settings_and_its_programs_end_with_it(tmp_path, uninterrupted):
     """A rerun with other settings into an OUT is refused before anything runs, naming the change; kill -9 of train.sh
     ends the program it ran (each watches its parent), and the next run takes the dead run's lock over."""
