@@ -113,8 +113,10 @@ def test_refresh_every_and_offset_set_when_the_defender_looks_and_sends(tmp_path
     """--refresh-every 4 --refresh-offset 1: every install happens at a step s with (s - warmup + 1) % 4 == 0, and
     every theta leaves at a multiple of 4 steps after the warmup, however fast the attacker is."""
     out = with_base(tmp_path / "run", demo_base)
+    # each defender step at least 0.1 s: its 43 steps outlast two 2-step attacks even on a machine busy elsewhere
     run_script("parallel.py", ["--out", out, "--warmup-steps", "3", "--rounds", "4", "--defend-steps", "10",
-                               "--inner-steps", "2", "--refresh-every", "4", "--refresh-offset", "1"], nproc=2)
+                               "--inner-steps", "2", "--refresh-every", "4", "--refresh-offset", "1"], nproc=2,
+               env={"PYTHONPATH": str(ROOT / "tests" / "hooks"), "PATCHER_TEST_STEP_SECONDS": "0.1"})
     installs = rows(out, "inner_attack")
     assert len(installs) >= 2, installs
     for x in installs:
