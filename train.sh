@@ -68,6 +68,7 @@ fi
 
 lock= child= follower= LISTS= work=
 finish() {  # on exit: the lock given back, the lists and the work folder removed
+  [[ $BASHPID == "$$" ]] || return 0  # (this script's own exit, not a subshell's)
   [[ -n $lock && $(sed -nE 's/.*"pid": ([0-9]+).*/\1/p' "$lock" 2>/dev/null) == "$$" ]] && rm -f "$lock"
   [[ -n ${TRAIN_SH_LISTS:-} || -z $LISTS ]] || rm -rf "$LISTS"
   [[ -z $work ]] || rm -rf "$work"
@@ -99,14 +100,14 @@ OWN_EVAL+=" plan plan-world plan-memory"  # the memory plans: train.sh plans eve
 SETTINGS="PRESET MODEL SAFE_DATA UNSAFE_DATA ATTACK_DATA ATTACK_BENIGN_DATA EVAL_DATA BENIGN_DATA GSM8K SCHEME NPROC
   EVAL_NPROC PARALLEL_NPROC PLAN_MEMORY SKIP_MEMORY_CHECK ATTACKS SEEDS OUT SWEEP EVAL_BASE SFT_RESET_OPTIMIZER SAVE_EVERY
   DRY_RUN SAFETY TASK NOT_SETTINGS"
-# variables of the shell, Python, the libraries, launchers and CI systems (shell patterns): never taken for a mistyped
-# setting, however they look
+# variables of the shell, Python, the libraries, launchers and CI systems (shell patterns; Azure Pipelines: SYSTEM_*,
+# AGENT_*, BUILD_*): never taken for a mistyped setting, however they look
 ALLOWED="PATH HOME USER LOGNAME SHELL TERM TERM_* COLORTERM LANG LANGUAGE LC_* TZ PWD OLDPWD SHLVL TMPDIR TMP TEMP CI
   DISPLAY EDITOR VISUAL PAGER HOSTNAME MAIL COLUMNS LINES _ BASH_* HIST* LS_COLORS SSH_* XDG_* DBUS_* PYTHON* VIRTUAL_ENV*
   CONDA* PIP_* PYENV* UV_* OMP_* MKL_* KMP_* OPENBLAS_* GOMP_* CUDA_* CUDNN_* NCCL_* NVIDIA_* TORCH* TRITON_* HF_*
   HUGGINGFACE_* TRANSFORMERS_* TOKENIZERS_* WANDB_* PATCHER_* TRAIN_SH_* MASTER_* RANK LOCAL_* WORLD_SIZE GROUP_* ROLE_*
   NODE_RANK SLURM_* PBS_* LSB_* SGE_* GITHUB_* RUNNER_* ACTIONS_* GITLAB_* BUILDKITE_* JUDGE_API_KEY OPENAI_* PYTEST_*
-  COV_* MPL* JAVA_* LD_* DYLD_*"
+  COV_* MPL* JAVA_* LD_* DYLD_* PROMPT_COMMAND PS1 PS2 PS3 PS4 SYSTEM_* AGENT_* BUILD_* TF_BUILD"
 settings_check() {  # what the user set that no setting is, or that train.sh sets itself: one line naming it, exit 2
   python - "$LISTS" "$SETTINGS" "$OWN_ALIGN $OWN_EVAL" "$ALLOWED" tests/data/attacks/*.txt ${ATTACKS:+"$ATTACKS"} <<'PY'
 import fnmatch, os, re, sys
@@ -222,9 +223,9 @@ case "$PRESET" in
     : "${JUDGE_MAX_TOKENS:=512}" "${JUDGE_TRIES:=20}" "${JUDGE_RETRY:=all}" "${JUDGE_TIMEOUT:=60}"
     : "${JUDGE_DEADLINE:=1800}"  # room for all 20 tries of 60 s and the official's backoff, min(2^(t-1), 30) s
     for v in MODEL SAFE_DATA UNSAFE_DATA ATTACK_DATA ATTACK_BENIGN_DATA EVAL_DATA $([[ $JUDGE == llm ]] && echo JUDGE_MODEL); do
-      [[ -n "${!v:-}" ]] || { echo "PRESET=$PRESET: set $v (README: Running the paper)" >&2; exit 2; }
+      [[ -n "${!v:-}" ]] || { echo "train.sh: PRESET=$PRESET: set $v (README: Running the paper)" >&2; exit 2; }
     done ;;
-  *) echo "unknown PRESET '$PRESET' (demo, smollm2-cpu, paper, paper-parallel)" >&2; exit 2 ;;
+  *) echo "train.sh: PRESET: unknown '$PRESET' (demo, smollm2-cpu, paper, paper-parallel)" >&2; exit 2 ;;
 esac
 
 [[ "${ATTACKS:-}" != none ]] || ATTACKS=  # ATTACKS=none: the command line's one attack, no suite
@@ -236,16 +237,16 @@ OUT=${OUT:-runs/compare}
 SCHEME=${SCHEME:-sequential}
 SWEEP=${SWEEP:-mode=sft,patcher}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(nproc)}
-[[ $SCHEME == sequential || $SCHEME == parallel || $SCHEME == both ]] || { echo "SCHEME must be sequential, parallel or both" >&2; exit 2; }
+[[ $SCHEME == sequential || $SCHEME == parallel || $SCHEME == both ]] || { echo "train.sh: SCHEME: must be sequential, parallel or both, not '$SCHEME'" >&2; exit 2; }
 PARALLEL_NPROC=${PARALLEL_NPROC:-$([[ $NPROC == plan ]] && echo plan || echo $(( NPROC < 2 ? 2 : NPROC )))}
 for v in NPROC EVAL_NPROC PARALLEL_NPROC; do
-  [[ ${!v} =~ ^([1-9][0-9]*|plan)$ ]] || { echo "$v must be a number of processes or plan, not '${!v}'" >&2; exit 2; }
+  [[ ${!v} =~ ^([1-9][0-9]*|plan)$ ]] || { echo "train.sh: $v: must be a number of processes or plan, not '${!v}'" >&2; exit 2; }
 done
 SAVE_EVERY=${SAVE_EVERY:-500}  # every alignment checkpoints (and at its last step): a rerun resumes it
 export OUT TOY RUN TASK SAFETY UNSAFE_DATA ATTACK_DATA ATTACK_BENIGN_DATA  # for the lines of an attack suite
 if [[ $DEMO == 0 ]]; then
   for v in SAFE_DATA UNSAFE_DATA ATTACK_DATA EVAL_DATA; do
-    [[ -n "${!v:-}" ]] || { echo "set $v (or unset MODEL for the demo)" >&2; exit 2; }
+    [[ -n "${!v:-}" ]] || { echo "train.sh: MODEL is set, so set $v too (or unset MODEL for the demo)" >&2; exit 2; }
   done
 else
   for v in SAFE_DATA UNSAFE_DATA; do  # the demo aligns on its own toy world
@@ -287,19 +288,22 @@ run_logged() {  # run_logged LOG NPROC SCRIPT ARGS...: in the background, so tha
   follower=
   [[ $rc == 0 ]] || { tail -n 30 "$log"; echo "failed: see $log" >&2; exit 1; }
 }
-# A program's lines on the console: what it is doing (NEWS: its header, what it wrote, judging) each, and its progress
-# (STEPS: training steps, inner attacks, test-time attack steps, each evaluated step's answers, the judge's count) at
-# most one per 10 s, or on a terminal rewritten in place; never the tables (they are in the files the run ends with).
-NEWS='^(mode |parallel |exported |defender: |attacker: |demo: training|finished already|attack( [^ ]+)?: [a-z]|judging [0-9]|judged |wrote |WARNING|[^ |]+: (every step|the attack restarts))'
-STEPS='^(step +[0-9]+/|inner attack, round|demo: base model step|[^ |]+ \| (attack step|[0-9]+ answers after)|judging \|)'
+# A program's lines on the console, never its tables (they are in the files the run ends with): what needs the user's
+# eye (NEWS: a warning, work found done, judging), a stage's settings (HEADER: the first seed's only, while headers=1),
+# and its progress (STEPS: training steps, attacks, test-time attack steps, answers, the judge's count), rewritten in
+# place on a terminal, else one line once PACE seconds have passed since the stage began or the last one was shown.
+NEWS='^(finished already|judging [0-9]|judged |WARNING|[^ |]+: (every step|the attack restarts))'
+HEADER='^(mode |parallel )'
+STEPS='^(step +[0-9]+/|inner attack, round|demo: base model step|attacker: attack|defender: |[^ |]+ \| (attack step|[0-9]+ answers after)|judging \|)'
+PACE=30 headers=1
 show() {
-  local line last=-10 open=0 width=${COLUMNS:-$(tput cols 2>/dev/null || echo 120)} tty=0
+  local line last=$SECONDS open=0 width=${COLUMNS:-$(tput cols 2>/dev/null || echo 120)} tty=0
   [[ -t 1 ]] && tty=1
   while IFS= read -r line; do
     if [[ $line =~ $STEPS ]]; then
       if [[ $tty == 1 ]]; then printf '\r\033[K  %s' "${line:0:$((width - 3))}"; open=1
-      elif (( SECONDS - last >= 10 )); then echo "  $line"; last=$SECONDS; fi
-    elif [[ $line =~ $NEWS ]]; then
+      elif (( SECONDS - last >= PACE )); then echo "  $line"; last=$SECONDS; fi
+    elif [[ $line =~ $NEWS || ($headers == 1 && $line =~ $HEADER) ]]; then
       [[ $open == 0 ]] || printf '\r\033[K'
       open=0
       echo "  $line"
@@ -378,11 +382,11 @@ cpu=$(grep -m1 "model name" /proc/cpuinfo 2>/dev/null | cut -d: -f2 | xargs || e
 
 sweep_flag=${SWEEP%%=*}
 IFS=, read -r -a sweep_values <<< "${SWEEP#*=}"
-[[ $SWEEP == *=* && ${#sweep_values[@]} -gt 0 ]] || { echo "SWEEP must be FLAG=V1,V2,..." >&2; exit 2; }
+[[ $SWEEP == *=* && ${#sweep_values[@]} -gt 0 ]] || { echo "train.sh: SWEEP: must be FLAG=V1,V2,..., not '$SWEEP'" >&2; exit 2; }
 if [[ -n $(modes_of eval "$sweep_flag") ]]; then
   eval_sweep=1; aligned=(sft patcher)  # an attack variable: align the two once, evaluate once per value
 else
-  [[ $sweep_flag == mode || -n $(modes_of patcher "$sweep_flag") ]] || { echo "SWEEP: no program has --$sweep_flag" >&2; exit 2; }
+  [[ $sweep_flag == mode || -n $(modes_of patcher "$sweep_flag") ]] || { echo "train.sh: SWEEP=$SWEEP: no program has --$sweep_flag" >&2; exit 2; }
   eval_sweep=0; aligned=("${sweep_values[@]}")
 fi
 owner=$(modes_of patcher "$sweep_flag"); owner=${owner%%,*}  # a defense's own flag sweeps that defense, others Patcher
@@ -482,6 +486,7 @@ refuse_from() {  # refuse_from LOG: a program's refusal in LOG (its last "error:
     v=$(variable_of "${BASH_REMATCH[2]}")
     if [[ $v == SWEEP ]]; then line="SWEEP=$SWEEP: --${BASH_REMATCH[2]}${BASH_REMATCH[3]}"
     else line="$v${BASH_REMATCH[3]}"; fi
+  elif [[ $line == "attack '"* ]]; then line="ATTACKS=$ATTACKS: $line"  # a line of the suite
   fi
   echo "train.sh: $line" >&2
   exit 2
@@ -523,9 +528,9 @@ unused_check() {  # a variable the user set for a program's flag that no stage o
 check_stages() {  # every stage of the first seed run with --check, side by side: its flags, MODEL's config.json, each data
   # file read, the attack suite; the first refusal (in the order of the stages) stops this script in one line naming
   # the variable (refuse_from). The demo's toy world is written into the shadow for eval.py's to read.
-  local seed=${SEEDS%% *} i v scheme ev safe
+  local seed=${SEEDS%% *} i v scheme ev safe dir
   local run=$shadow/seed$seed checks=$work/checks
-  local -a logs=() pids=() args safe_files data_args=()
+  local -a logs=() pids=() args safe_files data_args=() failed=()
   mkdir -p "$run" "$checks"
   if [[ $DEMO == 1 ]]; then
     python -c "import data, sys; data.write_toy_world(sys.argv[1], int(sys.argv[2]))" "$run/demo/data" "$seed" \
@@ -553,15 +558,16 @@ check_stages() {  # every stage of the first seed run with --check, side by side
   for ev in "${evaluations[@]}"; do
     mapfile -t args < <(eval_data_of "$run"; eval_args_for "$ev")
     mapfile -t args < <(in_shadow "${args[@]}")
-    logs+=("$checks/${#logs[@]}")
-    OUT=$shadow TOY=$run/demo/data RUN=$run python eval.py "${args[@]}" --seed "$seed" --out "$run/$(eval_dir "$ev")" \
-      --check > "${logs[-1]}" 2>&1 &
+    logs+=("$checks/${#logs[@]}") dir=$run/$(eval_dir "$ev")  # (expanded here: the background job is python alone)
+    OUT=$shadow TOY=$run/demo/data RUN=$run python eval.py "${args[@]}" --seed "$seed" --out "$dir" --check \
+      > "${logs[-1]}" 2>&1 &
     pids+=($!)
   done
+  # every check waited for (they take seconds; none is killed), then the first refusal in the order of the stages
   for i in "${!pids[@]}"; do
-    [[ $DEMO == 1 && $i == 0 ]] && continue  # (the toy world, waited for above)
-    wait "${pids[$i]}" || { kill "${pids[@]}" 2>/dev/null || true; refuse_from "${logs[$i]}"; }
+    [[ $DEMO == 1 && $i == 0 ]] || wait "${pids[$i]}" || failed+=("$i")  # (the toy world: waited for above)
   done
+  [[ ${#failed[@]} == 0 ]] || refuse_from "${logs[${failed[0]}]}"
 }
 plan_one() {  # plan_one VAR WHAT SCRIPT ARGS...: the memory plan of one stage (--plan) at the processes VAR says (1 or 2
               # where it says plan), into the next file of $plans, in the background
@@ -636,10 +642,9 @@ plan_stages() {  # plan_stages VAR...: every stage whose number of processes one
     echo "train.sh: $v=${need[$v]}: the fewest processes whose memory plans fit"
   done
 }
-# The preflight, before anything runs or is written: a variable no stage uses, then every stage's --check (DRY_RUN=1
-# runs no program but the plans below), then the memory plans.
-[[ -n ${TRAIN_SH_NESTED:-} ]] || unused_check
-[[ "${DRY_RUN:-0}" == 1 ]] || check_stages
+# The preflight, before anything runs or is written, DRY_RUN=1 too (it writes in $work only): a variable no stage
+# uses, then every stage's --check, then the memory plans. (A nested train.sh: the run that started it checked them.)
+[[ -n ${TRAIN_SH_NESTED:-} ]] || { unused_check; check_stages; }
 # Variables left to the memory plans (the paper presets' NPROC, EVAL_NPROC, PARALLEL_NPROC) are resolved first: the
 # commands this run is identified by name them (DRY_RUN=1 resolves them too, reading only the config and the data).
 resolve=$(for v in NPROC PARALLEL_NPROC EVAL_NPROC; do [[ ${!v} != plan ]] || echo "$v"; done)
@@ -719,7 +724,7 @@ stage_begin() {  # stage_begin WHAT: the stage line, the previous stage timed
     if [[ -n ${runs[$k]:-} ]]; then left=$(( left + took[$k] / runs[$k] )); else left=$(( left + all / (n > 0 ? n : 1) )) guess=1; fi
   done
   local eta=$([[ $n == 0 || "${DRY_RUN:-0}" == 1 ]] || echo " | $(minutes $(( SECONDS - t0 ))) so far, about $(minutes "$left") left$(
-    [[ $guess == 0 ]] || echo " (a first guess: not every kind of stage has run yet)")")
+    [[ $guess == 0 ]] || echo " (a first guess)")")  # (a kind of stage not run yet: guessed as the mean of all)
   echo "== stage $stage/${#stages[@]}: $1$eta"
 }
 t0=$SECONDS
@@ -739,12 +744,13 @@ for seed in $SEEDS; do
     data_args=(--model "$MODEL" --safe-data "$safe")
   fi
   if [[ $DEMO == 1 ]]; then  # the demo's base model and toy world, once per seed, before any alignment is timed
-    stage_begin "seed $seed: the demo's base model -> $run/demo"
+    stage_begin "seed $seed: the demo's base model, a tiny model that complies with every toy request -> $run/demo"
     again=$([[ -e $run/demo/done.json ]] && echo --resume || true)  # made already: patcher.py checks it is this one
-    run_logged "$run/demo.log" 1 patcher.py --mode sft --warmup-steps 0 --rounds 1 --defend-steps 1 --seed "$seed" \
+    headers=0 run_logged "$run/demo.log" 1 patcher.py --mode sft --warmup-steps 0 --rounds 1 --defend-steps 1 --seed "$seed" \
       --out "$run/demo" --save-every 1 $again
   fi
   first=$run/demo RUN=$run TOY=$run/demo/data
+  headers=$([[ $seed == "${SEEDS%% *}" ]] && echo 1 || echo 0)  # (each seed's stages have the first's settings)
   mapfile -t evals < <(eval_data_of "$run")
   # 1. align: the same base, data, seed and number of defender steps; only the swept value differs
   models=()
@@ -801,16 +807,19 @@ done
 echo
 echo "== done in $(minutes $((SECONDS - t0))): $SWEEP over seeds $SEEDS; each program's whole output: $OUT/seed*/*.log"
 python eval.py --summarize "${reports[@]}" --sweep "$sweep_flag" ${ATTACKS:+--worst-case} --verdict --out "$OUT"
-figures=(sweep.png) open=(summary.md "every metric at every attack step: mean ± std over the seeds, each seed's value"
-                          sweep.md "the models side by side")
+figures=(sweep.png) open=(summary.md "every metric at every attack step, mean ± std over the seeds" sweep.md
+                          "the models side by side")
 [[ -z "${ATTACKS:-}" ]] || figures+=(worst_case.png) open+=(worst_case.md "the worst case over the attacks, per budget")
 open+=(timing.md "each alignment's wall clock")
 echo "files to open:"
 for (( i = 0; i < ${#open[@]}; i += 2 )); do
   png=${open[i]%.md}.png
-  printf '  %-40s %s\n' "$OUT/${open[i]}" "${open[i + 1]}$([[ ! -f $OUT/$png ]] || echo "; the figure: $png")"
+  printf '  %-36s %s\n' "$OUT/${open[i]}" "${open[i + 1]}$([[ ! -f $OUT/$png ]] || echo "; the figure: $png")"
 done
-for report in "${reports[@]}"; do printf '  %-40s %s\n' "${report%.json}.md" "one seed's report, every row"; done
+# each seed's report: the first one's path, the others named after it (a path a line, and the list stays short)
+others=$(for report in "${reports[@]:1}"; do printf ', %s' "${report#"$OUT/"}"; done)
+others=${others//report.json/report.md}
+printf '  %-36s %s\n' "${reports[0]%.json}.md" "one seed's report, every row${others:+ (the others: ${others:2})}"
 # the last line: the figures not drawn, and how to get them (matplotlib is not a runtime dependency)
 python -c "import matplotlib" 2>/dev/null || echo "train.sh: no figures drawn (matplotlib is not installed):" \
   "$(printf '%s, ' "${figures[@]}")each seed's robustness.png; pip install matplotlib, then run the same command" \
