@@ -16,8 +16,8 @@
 # within k steps, below 50%; the worst case; where the numbers are) and the files to open: OUT/summary.md, OUT/sweep.md,
 # OUT/worst_case.md (with ATTACKS), OUT/timing.md, OUT/seed*/eval/report.md. The tables stay in those files and each
 # program's whole output in OUT/seed*/*.log; the console shows each stage as "stage i/n" with the time left (estimated
-# from the stages of each kind done so far) and the programs' progress lines as they come (at most one per 10 s, or
-# one line rewritten in place on a terminal).
+# from the stages of each kind done so far), the first seed's settings of each alignment, and the programs' progress
+# (at most one line per 30 s, or one line rewritten in place on a terminal).
 #
 # Nothing set is ignored. Before anything runs or is written, it refuses in one line, naming the variable: one that
 # looks like a setting but is none (INNER_STPES: did you mean INNER_STEPS?; "looks like": upper case with an

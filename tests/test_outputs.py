@@ -65,5 +65,6 @@ def test_cpu_threads_stay_within_the_free_cores(monkeypatch, capsys):
     called = []  # and every program's main() applies it
     monkeypatch.setattr(patcher, "cpu_threads", lambda: called.append(1))
     with pytest.raises(SystemExit):
-        patcher.main(run_fn=lambda args: None, parse=lambda: Namespace(debug=False, out="unused", check=True))
+        patcher.main(run_fn=lambda args: None, parse=lambda: Namespace(debug=False, out="unused", check=True),
+                     check_fn=lambda args: None)
     assert called == [1]

@@ -105,6 +105,21 @@ def test_the_environment_of_a_ci_runner_and_a_shell_is_left_alone(tmp_path, flag
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("program", ["patcher.py", "parallel.py"])
+def test_check_reads_config_and_data_and_writes_nothing(program, tmp_path):
+    """--check: the flags, --model's config.json and each data file read; nothing trained or written, --out not made."""
+    model, out = config_dir(tmp_path), tmp_path / "out"
+    argv = [sys.executable, program, "--check", "--model", model, "--unsafe-data", f"{SAFETY}/attack.jsonl", "--out", out]
+    r = subprocess.run([*argv, "--safe-data", f"{SAFETY}/align.jsonl"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0 and "the flags are valid, the model's config.json and the data read" in r.stdout, r.stderr
+    r = subprocess.run([*argv, "--safe-data", broken_jsonl(tmp_path)], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].endswith(
+        f"--safe-data {tmp_path}/broken.jsonl:2: invalid JSON: Unterminated string starting at"), r.stderr
+    (model / "config.json").unlink()
+    r = subprocess.run([*argv, "--safe-data", f"{SAFETY}/align.jsonl"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 1 and "no config.json" in r.stderr and not out.exists(), r.stderr
+
+
 @pytest.mark.parametrize("program,argv,meant", [
     (patcher, ["--inner-stpes", "3"], "--inner-steps"), (parallel, ["--refresh-evry", "5"], "--refresh-every"),
     (evaluate, ["--atack-lr", "1e-4"], "--attack-lr"), (patcher, ["--mode", "pacther"], "patcher")])
