@@ -502,7 +502,7 @@ HONOURED = {"model", "safe_data", "unsafe_data", "safe_format", "unsafe_format",
             "defend_steps", "reset_optimizer", "retain_weight", "lr", "weight_decay", "max_grad_norm", "batch_size",
             "micro_batch_size", "group_by_length", "seed", "out", "export_dtype", "precision",
             "activation_checkpointing", "compile", "fused_adamw", "debug", "list_flags", "save_every", "resume",
-            "collective_timeout", "plan", "plan_world", "plan_memory", "skip_memory_check", "log_every",
+            "collective_timeout", "plan", "plan_world", "plan_memory", "skip_memory_check", "log_every", "check",
             *patcher.INNER_FLAGS}
 WHY_NOT = {}  # dest -> why parallel.py refuses it, where there is more to say than that it does not honour it
 

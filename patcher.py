@@ -39,12 +39,14 @@ if __name__ == "__main__":  # a program: a Ctrl-C or SIGTERM while the imports b
 
 import argparse
 import copy
+import difflib
 import errno
 import hashlib
 import json
 import math
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -1334,7 +1336,7 @@ def describe(e):
 # flags that do not change what a run computes: a resume may change them
 NOT_RUN_SETTINGS = ("resume", "save_every", "out", "compile", "activation_checkpointing", "fused_adamw", "debug",
                     "peer_timeout", "collective_timeout", "plan", "plan_world", "plan_memory", "skip_memory_check",
-                    "log_every")
+                    "log_every", "check")
 # Flags that name what a run reads. A resume compares what they hold (a fingerprint), not how the path is spelled:
 # `./base` and `base`, a relative and an absolute path, a copied run directory are the same run; the same
 # relative path from another working directory may name other data, and is refused.
@@ -1730,6 +1732,29 @@ COUNT, POSITIVE_COUNT = number(int, 0), number(int, 1)
 RATE, NONNEGATIVE, FRACTION = number(float, 0, MAX_RATE, above=True), number(float, 0), number(float, 0, 1)
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line, as every other error of these programs: the message, a guess where the
+    word was mistyped (a flag, a choice), and where the flags are listed; exit code 2, as argparse's. (argparse prints
+    its whole usage first: 30 lines for one wrong letter.)"""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}{self.guess(message)} ({self.prog} --help lists every flag)\n")
+
+    def guess(self, message):
+        """"; did you mean --lr?" for an unknown flag, "; did you mean patcher?" for a wrong choice, else ""."""
+        flags = [o for a in self._actions for o in a.option_strings if o.startswith("--")]
+        if message.startswith("unrecognized arguments: "):
+            words = [w.split("=")[0] for w in message.split(": ", 1)[1].split() if w.startswith("--")]
+            close = [m for w in words for m in difflib.get_close_matches(w, flags, n=1, cutoff=0.6)]
+            return f"; did you mean {close[0]}?" if close else ""
+        choice = re.match(r"argument (\S+?)(/\S+)?: invalid choice: '([^']*)'", message)
+        action = next((a for a in self._actions if choice and choice[1] in a.option_strings), None)
+        if action is None or not action.choices:
+            return ""
+        close = difflib.get_close_matches(choice[3], [str(c) for c in action.choices], n=1, cutoff=0.5)
+        return f"; did you mean {close[0]}?" if close else ""
+
+
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """--help with each flag's default, except where there is none to show (None, an off switch)."""
 
@@ -1744,7 +1769,7 @@ def defenses_help():
 
 
 def get_parser():
-    p = argparse.ArgumentParser(
+    p = Parser(
         description="Patcher: alignment that survives fine-tuning attacks. Without --model it runs the built-in "
                     "demo, which prepends its own small flags: " + " ".join(DEMO_FLAGS) + ". The defaults below "
                     "are a small, fast setting for trying the method on a real model, NOT the paper's (loop 1: "
@@ -1820,6 +1845,9 @@ def get_parser():
                         "a large checkpoint's write)")
     g.add_argument("--debug", action="store_true", help="show tracebacks for user errors too")
     add_memory_flags(g)
+    g.add_argument("--check", action="store_true",
+                   help="check the flags, --model's config.json and every data file (each record read, as the run "
+                        "reads it), then exit: nothing trained, nothing written (train.sh runs it before any stage)")
     g.add_argument("--list-flags", action=ListFlags, modes=mode_of, same=lambda dest: dest in NOT_RUN_SETTINGS,
                    help="print every flag as 'NAME value|switch MODES same|changes' (MODES: the --mode values that take "
                         "it, or all; same: it does not change what the run computes), then exit: how train.sh learns "
@@ -1854,7 +1882,7 @@ EVERY_MODE = ("model", "safe_data", "safe_format", "retain_data", "prompt_field"
               "retain_weight", "lr", "weight_decay", "max_grad_norm", "batch_size", "micro_batch_size",
               "group_by_length", "seed", "out", "export_dtype", "save_every", "resume", "precision",
               "activation_checkpointing", "compile", "fused_adamw", "collective_timeout", "debug", "plan", "plan_world",
-              "plan_memory", "skip_memory_check", "log_every", "list_flags")
+              "plan_memory", "skip_memory_check", "log_every", "list_flags", "check")
 
 
 def mode_of(dest):
@@ -1925,18 +1953,23 @@ def parse_args(argv=None, parser=None):
             p.error(f"--{flag.replace('_', '-')} {f}: no such file")
     if args.model is not None and args.retain_weight > 0 and args.retain_data is None:
         p.error("--retain-weight > 0 needs --retain-data")
-    if not args.plan:  # a plan writes nothing
-        check_out_dir(p, args.out)
+    check_out_dir(p, args.out, create=not (args.plan or args.check))  # a plan and a check write nothing
     if args.system_prompt == "":
         args.system_prompt = None
     return args
 
 
-def check_out_dir(p, out):
-    """--out must be a directory this process can write (checked before any work)."""
+def check_out_dir(p, out, create=True):
+    """--out must be a directory this process can write (checked before any work). create=False (--check, --plan):
+    checked without writing, as far as that goes: it, or the folder it would be made in, is writable."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         p.error(f"--out {out}: exists and is not a directory")
+    if not create:
+        there = next(d for d in (out.absolute(), *out.absolute().parents) if d.exists())
+        if not there.is_dir() or not os.access(there, os.W_OK | os.X_OK):
+            p.error(f"--out {out}: cannot write there ({there} is not a writable folder)")
+        return
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / f".write-test-{os.getpid()}"
@@ -1996,6 +2029,32 @@ def make_demo(args, out, rank):
     args.model, args.safe_data, args.unsafe_data = str(base), str(out / "data" / "safe.jsonl"), str(out / "data" / "unsafe.jsonl")
     if args.retain_weight > 0 and args.retain_data is None:
         args.retain_data = str(out / "data" / "retain.jsonl")
+
+
+def check(args):
+    """--check: what a run would refuse, found now and in seconds (train.sh runs it for every stage before the first
+    starts): the flags (parse_args has checked them), --model's config.json, and every data file the run reads, read as
+    it reads it, record by record, and large enough for one global batch. Nothing is loaded, trained or written. The
+    demo's data and base model are made by its run: there is only the flags to check."""
+    if args.model is not None:
+        if not (Path(args.model) / "config.json").is_file():
+            raise data.DataError(f"--model {args.model}: not a checkpoint directory (no config.json)")
+        try:
+            model_config(args.model)
+        except (OSError, ValueError, KeyError, TypeError) as e:  # a cut config.json, or one of another architecture
+            raise data.DataError(f"--model {args.model}: {e}") from None
+        for name, path, fmt, batch in stream_sets(args):
+            flag = "--retain-data" if name == "retain" else "--safe-data" if name == "safe" else "--unsafe-data"
+            try:
+                records = data.load_records(path, args.prompt_field, args.response_field, fmt,
+                                            role="unsafe" if name == "harmful" else name,
+                                            field_flags="--prompt-field/--response-field")
+            except data.DataError as e:
+                raise data.DataError(f"{flag} {e}") from None
+            if len(records) < batch:
+                raise data.DataError(f"{flag} {path}: {len(records)} records, too few for one global batch of {batch}")
+    print(f"{Path(sys.argv[0]).name}: the flags are valid" + (", the model's config.json and the data read" if args.model
+                                                               else " (the demo makes its data when it runs)"), flush=True)
 
 
 USER_ERRORS = (data.DataError, CheckpointError, RunError, FloatingPointError, OSError)
@@ -2067,8 +2126,8 @@ def cpu_threads():
     return n
 
 
-def main(run_fn=None, parse=parse_args, interrupted=interruption, program=None, plan_fn=None):
-    """Parse, run (or --plan: plan_fn), and report a user error (bad data, a bad checkpoint, NaN, a refused resume, a
+def main(run_fn=None, parse=parse_args, interrupted=interruption, program=None, plan_fn=None, check_fn=None):
+    """Parse, run (or --plan: plan_fn; --check: check_fn), and report a user error (bad data, a bad checkpoint, NaN, a refused resume, a
     full disk, an --out in use) as one line and exit code 1, and Ctrl-C or SIGTERM as one line saying how to continue
     (interrupted()), exit code 130 or 143 (as shells report SIGINT and SIGTERM); tracebacks are for bugs (or --debug /
     PATCHER_DEBUG=1). One run per --out: the run holds out/.lock (take_lock) while it runs, and gives it back however
@@ -2086,7 +2145,10 @@ def main(run_fn=None, parse=parse_args, interrupted=interruption, program=None, 
         if getattr(args, "plan", False):
             (plan_fn or plan)(args)
             exit_now(0)
-        if os.environ.get("RANK", "0") == "0" and not getattr(args, "check", False):  # rank 0 speaks for the run
+        if getattr(args, "check", False):
+            (check_fn or check)(args)
+            exit_now(0)
+        if os.environ.get("RANK", "0") == "0":  # rank 0 speaks for the run
             take_lock(args.out, program)
         (run_fn or run)(args)
     except MemoryRefused:  # rank 0 has said why

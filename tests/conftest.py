@@ -75,6 +75,16 @@ def demo_base(tmp_path_factory):
     return out / "base"
 
 
+@pytest.fixture(scope="session")
+def flag_lists(tmp_path_factory):
+    """The programs' --list-flags, asked once: train.sh takes them from TRAIN_SH_LISTS instead of asking again."""
+    lists = tmp_path_factory.mktemp("lists")
+    for program in ("patcher", "parallel", "eval"):
+        (lists / program).write_text(subprocess.run([sys.executable, f"{program}.py", "--list-flags"], cwd=ROOT,
+                                                    capture_output=True, text=True, check=True).stdout)
+    return lists
+
+
 @pytest.fixture(autouse=True)
 def signal_handlers():
     """A test that runs a program's main() in this process (which installs its own SIGINT and SIGTERM handlers) leaves

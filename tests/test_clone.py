@@ -80,7 +80,8 @@ def test_a_clone_alone_runs_the_smollm2_preset_and_test(tmp_path):
     words = [w.split("=", 1)[-1] for c in commands for w in c[2:] if "/" in w]  # "eval=DIR/eval.jsonl" -> the path
     assert words and all(w.startswith(("tests/data/", "runs/smollm2/", str(ASSETS))) for w in words), words
     assert_inside([clone / w for w in words], clone, ASSETS)
-    assert "tests/data/safety/attack.jsonl" in words and (clone / "runs/smollm2/benign_align.jsonl").stat().st_size > 0
+    assert "tests/data/safety/attack.jsonl" in words and "runs/smollm2/benign_heldout.jsonl" in words
+    assert not (clone / "runs").exists()  # (checked, with every stage, but written only when a run starts)
 
     # (b) the asset-dependent SmolLM2 test passes in the clone, opening no file beside it
     hook, log, basetemp = tmp_path / "hook", tmp_path / "opened-outside.txt", tmp_path / "basetemp"

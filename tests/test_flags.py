@@ -275,6 +275,7 @@ CASES = {
     "list_flags": ("list_flags", check_list_flags),
     "log_every": (["--log-every", "5"], check_log_every),
     # (a new flag's case goes here)
+    "check": "check",  # it trains nothing: tests/test_refusals.py::test_check_reads_config_and_data_and_writes_nothing
     "plan": "memory", "plan_world": "memory", "plan_memory": "memory", "skip_memory_check": "memory",
 }
 MEMORY = {  # the memory plan's flags -> the test of tests/test_memory_plan.py that shows each one's effect
@@ -317,7 +318,7 @@ def process_group_closed():
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("flag", [f for f, c in CASES.items() if c not in ("text", "memory")])
+@pytest.mark.parametrize("flag", [f for f, c in CASES.items() if c not in ("text", "memory", "check")])
 def test_flag_changes_exactly_what_it_should(flag, baseline, demo_base, tmp_path, capsys, monkeypatch, process_group_closed):
     argv, check = CASES[flag]
     base_rows = baseline[0]
@@ -440,6 +441,7 @@ INHERITED_ELSEWHERE = {  # flag -> why it is not in the combined run
     "activation_checkpointing": "the same numbers: patcher.build_model, which parallel.py calls",
     "compile": "patcher.build_model, which parallel.py calls", "fused_adamw": "patcher.make_optimizer, called with it",
     "debug": "patcher.main, which parallel.py runs under",
+    "check": "patcher.main and patcher.check: test_refusals.py::test_check_reads_config_and_data_and_writes_nothing",
     "collective_timeout": "patcher.init_distributed, called with it",
     "plan": "parallel.plan: test_memory_plan (a parallel.py run checks its plan there)", "plan_world": "as --plan",
     "plan_memory": "patcher.check_memory, which parallel.py calls", "skip_memory_check": "as --plan-memory",

@@ -199,16 +199,6 @@ def test_an_8b_patcher_run_does_not_fit_one_80gb_gpu_but_fits_eight(tmp_path, ca
     assert not (tmp_path / "out").exists()  # a plan writes nothing
 
 
-@pytest.fixture(scope="module")
-def flag_lists(tmp_path_factory):
-    """The programs' --list-flags, asked once: train.sh takes them from TRAIN_SH_LISTS instead of asking again."""
-    lists = tmp_path_factory.mktemp("lists")
-    for program in ("patcher", "parallel", "eval"):
-        (lists / program).write_text(subprocess.run([sys.executable, f"{program}.py", "--list-flags"], cwd=ROOT,
-                                                    capture_output=True, text=True, check=True).stdout)
-    return lists
-
-
 def paper(tmp_path, flag_lists, **env):
     """train.sh under PRESET=paper with a model directory holding only the 8B config.json, tiny data files, the
     keyword judge and Patcher alone -> CompletedProcess."""

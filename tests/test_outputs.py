@@ -16,8 +16,8 @@ NO_FIGURES = ("train.sh: no figures drawn (matplotlib is not installed): sweep.p
 
 def test_train_sh_summary_writes_the_comparison_and_ends_with_one_line_on_missing_figures(tmp_path):
     """train.sh's last block (what follows the seeds), run alone on two seeds' reports of SWEEP=mode=... with an attack
-    suite, where `import matplotlib` fails: sweep.md and worst_case.md are written, no PNG, and the figures are named
-    once, in the last line, with how to get them."""
+    suite, where `import matplotlib` fails: sweep.md and worst_case.md are written, no PNG, the console holds the
+    verdict and the files to open but no table, and the figures are named once, in the last line, with how to get them."""
     paths, out = defense_reports(tmp_path)
     block = (ROOT / "train.sh").read_text().split('[[ "${DRY_RUN:-0}" == 1 ]] && exit 0\n', 1)[1]
     shim = tmp_path / "shim" / "matplotlib"
@@ -30,10 +30,13 @@ def test_train_sh_summary_writes_the_comparison_and_ends_with_one_line_on_missin
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     lines = r.stdout.strip().splitlines()
     assert lines[-1] == NO_FIGURES and not [line for line in lines[:-1] if "matplotlib" in line]
-    assert lines[-2] == f"train.sh: results in {out}: summary.md sweep.md worst_case.md timing.md (and each seed's: " \
-                        "seed*/eval/report.md)"
+    assert lines[-2].split() == [f"{paths[0].parent}/report.md", "one", "seed's", "report,", "every", "row", "(the",
+                                 "others:", f"{paths[1].parent}/report.md)"]  # (outside OUT: whole)
+    assert [line.split()[0] for line in lines[-7:-2]] == ["files", *(f"{out}/{f}" for f in ("summary.md", "sweep.md",
+                                                                                            "worst_case.md", "timing.md"))]
+    assert lines[-10].startswith("verdict: patcher held to k=10") and not [line for line in lines if "|" in line]
     assert (out / "sweep.md").read_text().startswith("# 3 models compared: sft, patcher, base")
-    assert "| patcher | 0.0 ± 0.0 | 20.0 ± 10.0 |" in r.stdout and not list(out.glob("*.png"))
+    assert "| patcher | 0.0 ± 0.0 | 20.0 ± 10.0 |" in (out / "sweep.md").read_text() and not list(out.glob("*.png"))
 
 
 def test_cpu_threads_stay_within_the_free_cores(monkeypatch, capsys):
@@ -62,5 +65,6 @@ def test_cpu_threads_stay_within_the_free_cores(monkeypatch, capsys):
     called = []  # and every program's main() applies it
     monkeypatch.setattr(patcher, "cpu_threads", lambda: called.append(1))
     with pytest.raises(SystemExit):
-        patcher.main(run_fn=lambda args: None, parse=lambda: Namespace(debug=False, out="unused", check=True))
+        patcher.main(run_fn=lambda args: None, parse=lambda: Namespace(debug=False, out="unused", check=True),
+                     check_fn=lambda args: None)
     assert called == [1]

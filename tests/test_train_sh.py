@@ -22,9 +22,12 @@ PAPER_DATA = {"MODEL": "/models/Qwen2.5-1.5B-Instruct", "SAFE_DATA": "d_safe.jso
 
 
 
-def dry_run(root=ROOT, **env):
-    """The commands train.sh (of the project at `root`) would run: [(nproc, script, {flag: value or True}, [words])]."""
+def dry_run(root=ROOT, preflight=False, **env):
+    """The commands train.sh (of the project at `root`) would run: [(nproc, script, {flag: value or True}, [words])].
+    Without `preflight`, as a nested train.sh (TRAIN_SH_NESTED): the commands only, none of the checks that refuse
+    input before a run (test_refusals.py tests those), which start every stage's program (seconds each)."""
     env = {k: v for k, v in os.environ.items() if not k.isupper() or k in ("PATH", "HOME", "PATCHER_ASSETS")} | env
+    env |= {} if preflight else {"TRAIN_SH_NESTED": "1"}
     r = subprocess.run(["bash", str(root / "train.sh")], env={**env, "DRY_RUN": "1"}, capture_output=True, text=True, cwd=root)
     if r.returncode:
         raise subprocess.CalledProcessError(r.returncode, r.args, r.stdout, r.stderr)
@@ -109,9 +112,9 @@ def test_every_flag_of_the_programs_reaches_them_from_its_variable(tmp_path):
     """Every flag of every program's parser (read from the parser, not from a list) set as its variable reaches the
     command of each defense that takes it, and no other; the flags train.sh sets itself excepted."""
     own_align = {"model", "safe-data", "unsafe-data", "out", "seed", "mode", "resume", "save-every", "plan", "plan-world",
-                 "plan-memory"}  # the memory plans: train.sh plans every stage itself
+                 "plan-memory", "check"}  # the memory plans: train.sh plans every stage itself
     own_eval = {"model", "out", "seed", "attack-data", "eval-data", "benign-data", "gsm8k", "summarize", "sweep",
-                "worst-case", "check", "plan", "plan-world", "plan-memory"}
+                "worst-case", "verdict", "check", "plan", "plan-world", "plan-memory"}
     parser = patcher.get_parser()
     align, par, ev = parser_flags(parser), parser_flags(parallel.get_parser()), parser_flags(evaluate.get_parser())
     env = {k.replace("-", "_").upper(): "1" if kind == "switch" else "7" for p in (align, par, ev) for k, kind in p.items()
@@ -233,17 +236,16 @@ def test_no_module_imports_one_that_imports_it_back():
 
 
 def test_a_bad_attack_suite_stops_train_sh_before_any_alignment(tmp_path):
-    """eval.py --check runs before the first alignment: a suite line it cannot run is named at once, not after hours."""
-    (tmp_path / "model").mkdir()
-    data = tmp_path / "d.jsonl"
-    data.write_text('{"prompt": "p", "response": "r"}\n')
+    """eval.py --check runs before the first stage (on the demo's toy world, made outside OUT): a suite line it cannot
+    run is named at once, not after hours, naming ATTACKS, and OUT is not even made."""
     (tmp_path / "suite.txt").write_text("fine --eval-at 0,5\nbroken --attack-lr -2\n")
     env = {k: v for k, v in os.environ.items() if not k.isupper() or k in ("PATH", "HOME")}
     r = subprocess.run(["bash", str(ROOT / "train.sh")], cwd=ROOT, capture_output=True, text=True, env={
-        **env, "MODEL": str(tmp_path / "model"), "SAFE_DATA": str(data), "UNSAFE_DATA": str(data), "ATTACK_DATA": str(data),
-        "EVAL_DATA": f"e={data}", "ATTACKS": str(tmp_path / "suite.txt"), "OUT": str(tmp_path / "out")})
-    assert r.returncode != 0 and "attack 'broken': argument --attack-lr: must be a finite number > 0" in r.stdout + r.stderr
-    assert sorted(p.name for p in (tmp_path / "out" / "seed0").iterdir()) == ["check.log", "eval"]  # nothing aligned
+        **env, "SEEDS": "0", "ATTACKS": str(tmp_path / "suite.txt"), "OUT": str(tmp_path / "out")})
+    assert r.returncode == 2 and r.stdout == "" and len(r.stderr.splitlines()) == 1 and r.stderr.startswith(
+        f"train.sh: ATTACKS {tmp_path}/suite.txt:2: attack 'broken': argument --attack-lr: must be a finite number > 0"), \
+        r.stderr
+    assert not (tmp_path / "out").exists()  # nothing aligned, nothing written
 
 
 def test_help_shows_defaults_but_not_empty_ones():
