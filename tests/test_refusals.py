@@ -1,11 +1,9 @@
 """Nothing a user types is silently ignored, and a run ends saying what it found. train.sh refuses a mistake before
 anything is trained or written, in one line naming the variable the user set (DRY_RUN=1 the same way), and leaves the
 variables of shells, CI systems and pytest alone; a mistyped flag of a program is one line with the flag it meant;
-the verdict a run ends with comes from the reports; a whole (tiny) demo run prints no table and names only files that
-exist. Each refusal stops before the first stage: seconds, with the flag lists asked once (flag_lists)."""
+the verdict a run ends with comes from the reports (a whole demo run's console: tests/test_restart.py). Each refusal stops before the first stage: seconds, with the flag lists asked once (flag_lists)."""
 import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -72,10 +70,10 @@ MISTAKES = {
     "no patcher stage": (lambda t: {"ALPHA": "0.3", "SWEEP": "mode=vaccine"}, "train.sh: ALPHA: no stage", "--alpha"),
     "a swept value": (lambda t: {"SWEEP": "mode=sft,pacther"}, "train.sh: SWEEP=mode=sft,pacther: --mode: invalid",
                       "did you mean patcher?"),
+    "a missing D_safe": (lambda t: {k: v for k, v in real_data(config_dir(t)).items() if k != "SAFE_DATA"},
+                         "train.sh: MODEL is set, so set SAFE_DATA too", "unset MODEL for the demo"),
     "a model that is not there": (lambda t: real_data(t / "nope"), f"train.sh: MODEL ", "not a directory"),
-    "a model without config.json": (lambda t: real_data(t), "train.sh: MODEL ", "no config.json"),
     "a number that is not one": (lambda t: {"LR": "abc"}, "train.sh: LR: ", "'abc'"),
-    "a count below one": (lambda t: {"INNER_STEPS": "-1"}, "train.sh: INNER_STEPS: ", "-1"),
     "an eval.py value": (lambda t: {"ATTACK_LR": "-2"}, "train.sh: ATTACK_LR: ", "-2"),
     "a broken D_safe": (lambda t: real_data(config_dir(t), SAFE_DATA=broken_jsonl(t)), "train.sh: SAFE_DATA ", "broken.jsonl:2: invalid JSON"),
 }
@@ -83,7 +81,7 @@ MISTAKES = {
 
 # every mistake as a run, and DRY_RUN=1 on one of each kind (the variables, the flags' checks, the data's)
 @pytest.mark.parametrize("mistake,dry", [(m, "0") for m in MISTAKES] +
-                         [(m, "1") for m in ("a typo", "a swept value", "a broken D_safe")])
+                         [(m, "1") for m in ("a typo", "a swept value")])
 def test_a_mistake_is_refused_in_one_line_naming_its_variable_before_anything_is_written(mistake, dry, tmp_path,
                                                                                           flag_lists):
     env, start, says = MISTAKES[mistake]
@@ -146,25 +144,3 @@ def test_the_verdict_is_which_model_held_to_which_budget(tmp_path):
     assert lines[2] == f"the numbers: {out}/worst_case.md (per budget and attack), sweep.md (side by side), " \
                        "summary.md (every metric)"
     assert all((out / f).is_file() for f in ("summary.md", "sweep.md", "worst_case.md"))
-
-
-def test_a_tiny_demo_run_ends_with_the_verdict_and_files_that_exist(tmp_path, flag_lists, demo_base):
-    """./train.sh end to end on one seed of the demo with tiny step counts (its base model: the session's): stage lines
-    i/n, no table row on the console, a verdict, and every file it says to open there."""
-    out = tmp_path / "out"
-    (out / "seed0" / "demo").mkdir(parents=True)
-    shutil.copytree(demo_base, out / "seed0" / "demo" / "base")  # (the demo's first stage finds it made)
-    suite = tmp_path / "suite.txt"  # demo-small.txt's two attacks, two steps each
-    suite.write_text("harmful --eval-at 0,2\npoisoned --attack-benign-data $TOY/attack_benign.jsonl --poison-ratio 0.2 "
-                     "--attack-samples 16 --eval-at 0,2\n")
-    r = train_sh(tmp_path, flag_lists, WARMUP_STEPS="2", ROUNDS="1", INNER_STEPS="2", DEFEND_STEPS="2", LIMIT="8",
-                 ATTACKS=str(suite))
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    lines = r.stdout.splitlines()
-    assert [line.split(":")[0] for line in lines if line.startswith("== stage")] == [f"== stage {i}/4" for i in (1, 2, 3, 4)]
-    assert not [line for line in lines if line.lstrip().startswith("|")], r.stdout
-    verdict = next(i for i, line in enumerate(lines) if line.startswith("verdict: "))
-    assert lines[verdict + 1].startswith("worst case = ") and lines[verdict + 2].startswith("the numbers: ")
-    assert lines[verdict + 3] == "files to open:"
-    files = [line.split()[0] for line in lines[verdict + 4:] if line.startswith("  ")]
-    assert len(files) == 5 and all(os.path.isfile(f) for f in files), files

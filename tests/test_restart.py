@@ -104,7 +104,7 @@ def report_rows(out):
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
-    """The demo's experiment run once without a stop, (its OUT, what its judge was asked). While it runs, a second
+    """The demo's experiment run once without a stop, (its OUT, what its judge was asked, its console). While it runs, a second
     train.sh into the same OUT is refused at once (while the first still runs, not once it is done); this first one
     then finishes untouched."""
     out, judge = tmp_path_factory.mktemp("uninterrupted") / "run", CountingJudge()
@@ -117,10 +117,11 @@ def uninterrupted(tmp_path_factory):
         second = subprocess.run(["bash", str(ROOT / "train.sh")], cwd=ROOT, env=env, capture_output=True, text=True)
         assert second.returncode == 1 and "is in use by" in second.stderr, second.stderr
         assert first.poll() is None, "the second train.sh was answered only once the first had finished"
-        assert first.wait(600) == 0, first.stdout.read()[-3000:]
+        console = first.communicate(timeout=600)[0]
+        assert first.returncode == 0, console[-3000:]
     finally:
         judge.close()
-    return out, judge.counts
+    return out, judge.counts, console
 
 
 @pytest.mark.xdist_group("uninterrupted")  # one worker runs the module fixture, not both
@@ -128,7 +129,7 @@ def test_train_sh_killed_anywhere_continues_to_the_report_of_an_uninterrupted_ru
     """kill -9 during an alignment, during an attack, during generation and while judging, each time run again:
     the report equals an uninterrupted run's, no finished alignment is trained again, every (prompt, answer) reaches
     the judge exactly once over all the runs (besides the one check request each run that evaluates starts with)."""
-    ref, ref_counts = uninterrupted
+    ref, ref_counts, _ = uninterrupted
     judge = CountingJudge()
     try:
         out, marker = tmp_path / "run", tmp_path / "generating"
@@ -685,3 +686,24 @@ def test_saved_answers_are_judged_again_by_another_judge_without_generating(tmp_
     finally:
         first.close()
         second.close()
+
+
+@pytest.mark.xdist_group("uninterrupted")
+def test_train_sh_ends_with_a_verdict_and_names_only_files_that_exist(uninterrupted):
+    """The demo run's console: stage lines i/n, no table row (the tables are in files), three lines of verdict, and
+    every file it says to open there; every file the README's Quick start promises from ./train.sh too (runs/compare/
+    is OUT's default)."""
+    out, _, console = uninterrupted
+    lines = console.splitlines()
+    assert [line.split(":")[0] for line in lines if line.startswith("== stage")] == [f"== stage {i}/4" for i in range(1, 5)]
+    assert not [line for line in lines if line.lstrip().startswith("|")], console
+    verdict = next(i for i, line in enumerate(lines) if line.startswith("verdict: "))
+    assert lines[verdict + 1].startswith("worst case = ") and lines[verdict + 2].startswith("the numbers: ")
+    assert lines[verdict + 3] == "files to open:"
+    files = [line.split()[0] for line in lines[verdict + 4:] if line.startswith("  ")]
+    assert len(files) == 5 and all(os.path.isfile(f) for f in files), files
+    from test_readme import quick_start_files
+    named_at, names = quick_start_files("./train.sh")
+    assert named_at == "runs/compare/" and "OUT=${OUT:-runs/compare}" in (ROOT / "train.sh").read_text()
+    assert {"summary.md", "sweep.md", "sweep.png", "timing.md"} <= set(names), names
+    assert not [n for n in names if not list(out.glob(n))], names
