@@ -100,6 +100,7 @@ OWN_EVAL+=" plan plan-world plan-memory"  # the memory plans: train.sh plans eve
 SETTINGS="PRESET MODEL SAFE_DATA UNSAFE_DATA ATTACK_DATA ATTACK_BENIGN_DATA EVAL_DATA BENIGN_DATA GSM8K SCHEME NPROC
   EVAL_NPROC PARALLEL_NPROC PLAN_MEMORY SKIP_MEMORY_CHECK ATTACKS SEEDS OUT SWEEP EVAL_BASE SFT_RESET_OPTIMIZER SAVE_EVERY
   DRY_RUN SAFETY TASK NOT_SETTINGS"
+SETTINGS=${SETTINGS//$'\n'/ }  # one line: " $SETTINGS " == *" NAME "* finds each name, the last of a line too
 # variables of the shell, Python, the libraries, launchers and CI systems (shell patterns; Azure Pipelines: SYSTEM_*,
 # AGENT_*, BUILD_*): never taken for a mistyped setting, however they look
 ALLOWED="PATH HOME USER LOGNAME SHELL TERM TERM_* COLORTERM LANG LANGUAGE LC_* TZ PWD OLDPWD SHLVL TMPDIR TMP TEMP CI

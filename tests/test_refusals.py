@@ -95,7 +95,9 @@ def test_a_mistake_is_refused_in_one_line_naming_its_variable_before_anything_is
 def test_the_environment_of_a_ci_runner_and_a_shell_is_left_alone(tmp_path, flag_lists):
     """The variables CI_ENV, with pytest's own (this process's), are no mistake: DRY_RUN=1 prints the commands, with
     every stage checked, and writes nothing."""
-    r = train_sh(tmp_path, flag_lists, DRY_RUN="1", **{k: v for k, v in os.environ.items() if k.startswith("PYTEST")})
+    settings = {"SAVE_EVERY": "5", "SFT_RESET_OPTIMIZER": "1", "EVAL_BASE": "1"}  # train.sh's own, each ending a line
+    r = train_sh(tmp_path, flag_lists, DRY_RUN="1", **settings,
+                 **{k: v for k, v in os.environ.items() if k.startswith("PYTEST")})
     assert r.returncode == 0, r.stderr[-2000:]
     assert [line.split()[1] for line in r.stdout.splitlines() if line.startswith("python ")] == \
            ["patcher.py", "patcher.py", "patcher.py", "eval.py"]
