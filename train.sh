@@ -645,7 +645,16 @@ plan_stages() {  # plan_stages VAR...: every stage whose number of processes one
 }
 # The preflight, before anything runs or is written, DRY_RUN=1 too (it writes in $work only): a variable no stage
 # uses, then every stage's --check, then the memory plans. (A nested train.sh: the run that started it checked them.)
-[[ -n ${TRAIN_SH_NESTED:-} ]] || { unused_check; check_stages; }
+# A rerun whose commands are its first run's (OUT/plan.txt) was checked by that run: its checks are not run again.
+plan_of() {  # this run's commands (DRY_RUN=1, OUT spelled $OUT, so that a moved OUT is the same run)
+  TRAIN_SH_LISTS=$LISTS TRAIN_SH_NESTED=1 DRY_RUN=1 bash "$0" | grep -v '^== ' | sed "s|$OUT|\$OUT|g"
+}
+plan=
+if [[ -z ${TRAIN_SH_NESTED:-} && "${DRY_RUN:-0}" == 0 && -f $OUT/plan.txt ]]; then plan=$(plan_of) || plan=; fi
+if [[ -z ${TRAIN_SH_NESTED:-} ]]; then
+  unused_check
+  [[ -n $plan && $plan == "$(cat "$OUT/plan.txt")" ]] || check_stages
+fi
 # Variables left to the memory plans (the paper presets' NPROC, EVAL_NPROC, PARALLEL_NPROC) are resolved first: the
 # commands this run is identified by name them (DRY_RUN=1 resolves them too, reading only the config and the data).
 resolve=$(for v in NPROC PARALLEL_NPROC EVAL_NPROC; do [[ ${!v} != plan ]] || echo "$v"; done)
@@ -667,7 +676,7 @@ if [[ "${DRY_RUN:-0}" == 0 ]]; then
   # This run is its commands (DRY_RUN=1; OUT spelled $OUT, so that a moved OUT is the same run): an OUT that holds
   # another run's is refused, naming what changed, so that results of two settings are never mixed. The flags that
   # do not change what a program computes (--list-flags: "same"; --resume, --save-every, the judge) may change.
-  plan=$(TRAIN_SH_LISTS=$LISTS TRAIN_SH_NESTED=1 DRY_RUN=1 bash "$0" | grep -v '^== ' | sed "s|$OUT|\$OUT|g")
+  [[ -n $plan ]] || plan=$(plan_of)
   rerun=$([[ -f $OUT/plan.txt ]] && echo 1 || echo 0)
   if [[ $rerun == 1 ]] && ! python - "$OUT/plan.txt" <(printf '%s\n' "$plan") "$LISTS"/* >&2 <<'PY'
 import shlex, sys
