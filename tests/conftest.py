@@ -100,3 +100,39 @@ def with_base(out, base):
     out.mkdir(parents=True, exist_ok=True)
     shutil.copytree(base, out / "base")
     return out
+
+
+# The suite's longest tests, by their --durations on 2 cores (30-130 s each; the rest take seconds). pytest-xdist hands
+# tests out in collection order, so a long one collected last can leave one worker busy long after the other is done:
+# these go first, the xdist_group chain (one worker, several minutes) before them. Only the order changes.
+LONGEST = ("test_a_fifth_defense_and_another_attacker_need_no_edit_beyond_their_own",
+           "test_gpu_check_runs_on_the_cpu_at_tiny_shapes", "test_guard_judge_end_to_end",
+           "test_a_clone_alone_runs_the_smollm2_preset_and_test",
+           "test_the_readmes_quick_start_on_a_clone_writes_every_file_it_names",
+           "test_the_used_by_commands_on_eight_ranks_equal_one_process", "test_real_smollm2_end_to_end",
+           "test_the_plan_matches_the_measured_peak_of_every_defense_program_and_world",
+           "test_parallel_takes_every_inherited_flag_as_patcher_does", "test_two_ranks_lora_and_full_match_one_process",
+           "test_two_nodes_run_both_programs")
+
+
+# Tests that another test runs again, whole, on a copy of the project: where both are selected, the copy's run is the
+# one kept (the same assertions on the same code, plus the copy's own), so the suite runs each once. Run alone, each
+# runs as usual. {the test that runs them: what it runs}
+RUN_IN_A_COPY = {
+    "test_fork.py::test_a_fifth_defense_and_another_attacker_need_no_edit_beyond_their_own":  # the whole flag suite
+        ("test_flags.py::", "test_train_sh.py::test_every_flag_of_the_programs_reaches_them_from_its_variable"),
+    "test_clone.py::test_a_clone_alone_runs_the_smollm2_preset_and_test": ("test_patcher.py::test_real_smollm2_end_to_end",),
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    names = {item.nodeid.split("/")[-1] for item in items}
+    again = tuple(n for runner, ran in RUN_IN_A_COPY.items() if runner in names for n in ran)
+    copied = [item for item in items if again and item.nodeid.split("/")[-1].startswith(again)]
+    if copied:
+        config.hook.pytest_deselected(items=copied)
+        items[:] = [item for item in items if item not in copied]
+
+    def rank(item):
+        return 0 if item.get_closest_marker("xdist_group") else 1 if item.originalname in LONGEST else 2
+    items.sort(key=rank)  # stable: the order within each rank is pytest's

@@ -3,6 +3,7 @@
 assets folder."""
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -100,3 +101,51 @@ def test_a_clone_alone_runs_the_smollm2_preset_and_test(tmp_path):
     paths = [Path(s) for s in strings(recorded) if s.startswith("/")]
     assert Path(recorded["safe_data"]) in paths and Path(recorded["inputs"]["unsafe_data"]["path"]) in paths
     assert_inside(paths, clone, ASSETS, basetemp)
+
+
+def test_the_readmes_quick_start_on_a_clone_writes_every_file_it_names(tmp_path, demo_base):
+    """The Quick start's four commands, run in a clone with the fewest steps (its demo base model: the session's, as
+    a second run finds it made; the test suite collected, not run): every file the README says each writes, and
+    every file `--help` names for it, is there, and train.sh's "files to open" too."""
+    from test_readme import quick_start_files, section
+    block = section("Quick start")
+    commands = [line.split("  #")[0].strip() for line in block[block.index("```bash") + 1:block.index("```")]]
+    assert [c.split()[:3] for c in commands] == [["pip", "install", "-r"], ["python", "patcher.py"], ["./train.sh"],
+                                                 ["pip", "install", "-r"]], commands
+    clone = tmp_path / "patcher"
+    clone_into(clone)
+    env = clean_env(OMP_NUM_THREADS="1")
+    run = lambda argv, **more: subprocess.run(argv, cwd=clone, env={**env, **more}, capture_output=True, text=True,
+                                              timeout=300)
+    r = run([sys.executable, "-m", "pip", "install", "--dry-run", "--no-index", "-r", "requirements.txt"])
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]  # (installed here: nothing to fetch)
+
+    out, named = quick_start_files("python patcher.py")
+    shutil.copytree(demo_base, clone / out / "base")
+    few = ["--warmup-steps", "1", "--rounds", "1", "--inner-steps", "1", "--defend-steps", "1", "--save-every", "2"]
+    r = run([sys.executable, "patcher.py", *few])
+    assert r.returncode == 0 and "demo: training" not in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]
+    helped = run([sys.executable, "patcher.py", "--help"]).stdout
+    helped = " ".join(helped.split("run directory:", 1)[1].split("\n  --")[0].split())  # --out's help
+    names = named + [w for w in (w.strip(",") for w in helped.split()) if re.fullmatch(r"\w+/|\w+\.\w+", w)]
+    assert {"final/", "metrics.jsonl", "config.json", "checkpoints/"} <= set(names), names
+    assert not [n for n in names if not (clone / out / n).exists()], names
+
+    out, named = quick_start_files("./train.sh")
+    (clone / out / "seed0" / "demo").mkdir(parents=True)
+    shutil.copytree(demo_base, clone / out / "seed0" / "demo" / "base")
+    suite = tmp_path / "suite.txt"  # the demo suite's two attacks, two steps each
+    suite.write_text("harmful --eval-at 0,2\npoisoned --attack-benign-data $TOY/attack_benign.jsonl --poison-ratio 0.2 "
+                     "--attack-samples 16 --eval-at 0,2\n")
+    r = run(["./train.sh"], SEEDS="0", WARMUP_STEPS="2", ROUNDS="1", INNER_STEPS="2", DEFEND_STEPS="2", LIMIT="8",
+            ATTACKS=str(suite))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    opened = [line.split()[0] for line in r.stdout.split("files to open:\n")[1].splitlines() if line.startswith("  ")]
+    helped = run(["./train.sh", "--help"]).stdout  # the outputs its help names: OUT/NAME
+    names = named + [n.removeprefix("OUT/") for n in re.findall(r"OUT/[\w*/]+\.(?:md|png)", helped)]
+    assert {"summary.md", "sweep.md", "timing.md", "worst_case.md"} <= set(names) and len(opened) == 5, (names, opened)
+    assert not [n for n in names if not list((clone / out).glob(n))], names
+    assert all((clone / f).is_file() for f in opened), opened
+
+    r = run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", "tests"])
+    assert r.returncode == 0 and " tests collected" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]

@@ -1,8 +1,7 @@
 """The README as a newcomer reads it: a first screen that fits a screen, lines that fit a terminal, every file and
-figure it names present in the repository, and the files its Quick start promises written where it says
-(`python patcher.py` here; `./train.sh`'s in tests/test_restart.py, on the demo run made there)."""
+figure it names present in the repository. (The Quick start's commands, run on a clone, write every file it names:
+tests/test_clone.py.)"""
 import re
-from pathlib import Path
 
 from conftest import ROOT
 
@@ -19,7 +18,7 @@ def section(title):
 
 def quick_start_files(command):
     """The paths named in the Quick start bullet about `command`, relative to the run directory it names
-    (runs/patcher/ or runs/compare/): what that command promises to write."""
+    (runs/patcher/ or runs/demo/): what that command promises to write."""
     text = " ".join(section("Quick start"))
     bullet = re.search(rf"- `{re.escape(command)}`(.*?)(?= - `|$)", text)
     assert bullet, f"the Quick start has no bullet for {command}"
@@ -49,12 +48,3 @@ def test_every_file_and_figure_the_readme_names_is_in_the_repository():
     missing = sorted(p for p in named if not (ROOT / p.split("::")[0].split(" ")[0]).exists())
     assert not missing and len(named) > 15, (missing, len(named))
     assert (ROOT / "LICENSE").exists() and "@misc{" in README
-
-
-def test_python_patcher_py_writes_what_the_quick_start_says(demo_base):
-    """demo_base's run directory is a patcher.py demo run's (its base model beside)."""
-    out, names = quick_start_files("python patcher.py")
-    assert out == "runs/patcher/" and {"final/", "metrics.jsonl", "config.json"} <= set(names), names
-    run = Path(demo_base).parent
-    missing = [n for n in names if not (run / n).exists()]
-    assert not missing and (run / "final" / "model.safetensors").exists(), missing

@@ -70,11 +70,16 @@ class CountingJudge:
         self.httpd.shutdown()
 
 
-def experiment(out, judge, **env):
-    """The environment of the demo's ./train.sh, one seed, the small suite, judged by `judge` too."""
+def experiment(out, judge, base=None, lists=None, **env):
+    """The environment of the demo's ./train.sh, one seed, the small suite, judged by `judge` too. `base`: the demo's
+    base model of seed 0, put where the run finds it made (its training is another test's); `lists`: the programs'
+    flag lists, asked once (flag_lists)."""
+    if base is not None and not (Path(out) / "seed0" / "demo" / "base").exists():
+        shutil.copytree(base, Path(out) / "seed0" / "demo" / "base")
     keep = {k: v for k, v in os.environ.items() if not k.isupper() or k in ("PATH", "HOME", "PATCHER_ASSETS")}
     return {**keep, "SEEDS": "0", "OUT": str(out), "LIMIT": "10", "ROUNDS": "2", "SAVE_EVERY": "20", "JUDGE": "llm",
-            "JUDGE_URL": judge.url, "JUDGE_MODEL": "judge-1", "PYTHONPATH": str(HOOKS), **env}
+            "JUDGE_URL": judge.url, "JUDGE_MODEL": "judge-1", "PYTHONPATH": str(HOOKS),
+            **({"TRAIN_SH_LISTS": str(lists)} if lists else {}), **env}
 
 
 def train_sh(env, **kw):
@@ -103,13 +108,13 @@ def report_rows(out):
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
+def uninterrupted(tmp_path_factory, demo_base):
     """The demo's experiment run once without a stop, (its OUT, what its judge was asked, its console). While it runs, a second
     train.sh into the same OUT is refused at once (while the first still runs, not once it is done); this first one
     then finishes untouched."""
     out, judge = tmp_path_factory.mktemp("uninterrupted") / "run", CountingJudge()
     try:
-        env = experiment(out, judge)
+        env = experiment(out, judge, demo_base)  # (it asks for the flag lists itself, as a user's run)
         first = train_sh(env)
         while not (out / "seed0" / "sft.log").exists():
             assert first.poll() is None, first.stdout.read()[-3000:]
@@ -125,7 +130,8 @@ def uninterrupted(tmp_path_factory):
 
 
 @pytest.mark.xdist_group("uninterrupted")  # one worker runs the module fixture, not both
-def test_train_sh_killed_anywhere_continues_to_the_report_of_an_uninterrupted_run(tmp_path, uninterrupted):
+def test_train_sh_killed_anywhere_continues_to_the_report_of_an_uninterrupted_run(tmp_path, uninterrupted, demo_base,
+                                                                                  flag_lists):
     """kill -9 during an alignment, during an attack, during generation and while judging, each time run again:
     the report equals an uninterrupted run's, no finished alignment is trained again, every (prompt, answer) reaches
     the judge exactly once over all the runs (besides the one check request each run that evaluates starts with)."""
@@ -133,7 +139,7 @@ def test_train_sh_killed_anywhere_continues_to_the_report_of_an_uninterrupted_ru
     judge = CountingJudge()
     try:
         out, marker = tmp_path / "run", tmp_path / "generating"
-        env = experiment(out, judge)
+        env = experiment(out, judge, demo_base, flag_lists)
         seen = {}
 
         def finished_alignments():
@@ -182,13 +188,13 @@ def test_train_sh_killed_anywhere_continues_to_the_report_of_an_uninterrupted_ru
 
 
 @pytest.mark.xdist_group("uninterrupted")  # one worker runs the module fixture, not both
-def test_train_sh_refuses_other_settings_and_its_programs_end_with_it(tmp_path, uninterrupted):
+def test_train_sh_refuses_other_settings_and_its_programs_end_with_it(tmp_path, uninterrupted, flag_lists):
     """A rerun with other settings into an OUT is refused before anything runs, naming the change; kill -9 of train.sh
     ends the program it ran (each watches its parent), and the next run takes the dead run's lock over."""
     out = shutil.copytree(uninterrupted[0], tmp_path / "run")
     judge = CountingJudge()
     try:
-        env = experiment(out, judge)
+        env = experiment(out, judge, lists=flag_lists)
         again = subprocess.run(["bash", str(ROOT / "train.sh")], cwd=ROOT, env={**env, "INNER_STEPS": "5"},
                                capture_output=True, text=True)
         assert again.returncode == 2 and "seed0/patcher: --inner-steps (unset) (now 5)" in again.stderr, again.stderr
@@ -691,9 +697,8 @@ def test_saved_answers_are_judged_again_by_another_judge_without_generating(tmp_
 @pytest.mark.xdist_group("uninterrupted")
 def test_train_sh_ends_with_a_verdict_and_names_only_files_that_exist(uninterrupted):
     """The demo run's console: stage lines i/n, no table row (the tables are in files), three lines of verdict, and
-    every file it says to open there; every file the README's Quick start promises from ./train.sh too (runs/compare/
-    is OUT's default)."""
-    out, _, console = uninterrupted
+    every file it says to open there."""
+    console = uninterrupted[2]
     lines = console.splitlines()
     assert [line.split(":")[0] for line in lines if line.startswith("== stage")] == [f"== stage {i}/4" for i in range(1, 5)]
     assert not [line for line in lines if line.lstrip().startswith("|")], console
@@ -702,8 +707,3 @@ def test_train_sh_ends_with_a_verdict_and_names_only_files_that_exist(uninterrup
     assert lines[verdict + 3] == "files to open:"
     files = [line.split()[0] for line in lines[verdict + 4:] if line.startswith("  ")]
     assert len(files) == 5 and all(os.path.isfile(f) for f in files), files
-    from test_readme import quick_start_files
-    named_at, names = quick_start_files("./train.sh")
-    assert named_at == "runs/compare/" and "OUT=${OUT:-runs/compare}" in (ROOT / "train.sh").read_text()
-    assert {"summary.md", "sweep.md", "sweep.png", "timing.md"} <= set(names), names
-    assert not [n for n in names if not list(out.glob(n))], names
