@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import ASSETS, ROOT, asset_dir
+from conftest import ASSETS, ROOT, asset_dir, with_base
 
 # Every Python process of the run (pytest and the patcher.py it starts) logs each file it opens under the folder
 # that holds the real repository (its siblings and the repository itself), unless the file is
@@ -121,7 +121,7 @@ def test_the_readmes_quick_start_on_a_clone_writes_every_file_it_names(tmp_path,
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]  # (installed here: nothing to fetch)
 
     out, named = quick_start_files("python patcher.py")
-    shutil.copytree(demo_base, clone / out / "base")
+    with_base(clone / out, demo_base)
     few = ["--warmup-steps", "1", "--rounds", "1", "--inner-steps", "1", "--defend-steps", "1", "--save-every", "2"]
     r = run([sys.executable, "patcher.py", *few])
     assert r.returncode == 0 and "demo: training" not in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]
@@ -132,8 +132,7 @@ def test_the_readmes_quick_start_on_a_clone_writes_every_file_it_names(tmp_path,
     assert not [n for n in names if not (clone / out / n).exists()], names
 
     out, named = quick_start_files("./train.sh")
-    (clone / out / "seed0" / "demo").mkdir(parents=True)
-    shutil.copytree(demo_base, clone / out / "seed0" / "demo" / "base")
+    with_base(clone / out / "seed0" / "demo", demo_base)
     suite = tmp_path / "suite.txt"  # the demo suite's two attacks, two steps each
     suite.write_text("harmful --eval-at 0,2\npoisoned --attack-benign-data $TOY/attack_benign.jsonl --poison-ratio 0.2 "
                      "--attack-samples 16 --eval-at 0,2\n")

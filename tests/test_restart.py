@@ -75,7 +75,7 @@ def experiment(out, judge, base=None, lists=None, **env):
     base model of seed 0, put where the run finds it made (its training is another test's); `lists`: the programs'
     flag lists, asked once (flag_lists)."""
     if base is not None and not (Path(out) / "seed0" / "demo" / "base").exists():
-        shutil.copytree(base, Path(out) / "seed0" / "demo" / "base")
+        with_base(Path(out) / "seed0" / "demo", base)
     keep = {k: v for k, v in os.environ.items() if not k.isupper() or k in ("PATH", "HOME", "PATCHER_ASSETS")}
     return {**keep, "SEEDS": "0", "OUT": str(out), "LIMIT": "10", "ROUNDS": "2", "SAVE_EVERY": "20", "JUDGE": "llm",
             "JUDGE_URL": judge.url, "JUDGE_MODEL": "judge-1", "PYTHONPATH": str(HOOKS),
